@@ -1,0 +1,39 @@
+#pragma once
+// Vocabulary shared by every quantizer policy, and the unquantized storage formats.
+
+#include <type_traits>
+
+#include "../config.hpp"
+
+namespace xquant {
+
+/// Which axis a quantization group runs along.
+enum class Axis {
+  Token,   ///< `group` consecutive channels of one token (per-token quantization).
+  Channel  ///< `group` consecutive tokens of one channel (per-channel quantization).
+};
+
+/// Asymmetric (scale + zero) or symmetric (scale only) uniform quantization.
+enum class Scheme { Asymmetric, Symmetric };
+
+namespace quant {
+
+/// Unquantized storage in fp32 (`Fp32`) or fp16 (`Fp16`): the reference and FP16-KV modes.
+/// They behave as per-token quantizers with no parameters, so every cache and codec accepts them.
+template <class Storage>
+struct Float {
+  static_assert(std::is_same_v<Storage, float> || std::is_same_v<Storage, std::uint16_t>,
+                "xquant::quant::Float: Storage must be float (fp32) or std::uint16_t (fp16 bits)");
+  static constexpr int bits = 8 * sizeof(Storage);
+  static constexpr Axis axis = Axis::Token;
+  static constexpr bool is_float = true;
+  static constexpr int params_per_group = 0;
+  static constexpr index_t code_bytes(index_t width) {
+    return width * static_cast<index_t>(sizeof(Storage));
+  }
+};
+using Fp32 = Float<float>;
+using Fp16 = Float<std::uint16_t>;
+
+}  // namespace quant
+}  // namespace xquant

@@ -1,0 +1,86 @@
+#pragma once
+// Uniform (round-to-nearest) group quantization: the paper's quantizer. Host+device math only;
+// the loops over rows and groups live in the backends (quant/reference.hpp is the scalar one).
+
+#include <cmath>
+
+#include "../core/half.hpp"
+#include "format.hpp"
+#include "packing.hpp"
+
+namespace xquant::quant {
+
+/// Uniform quantizer policy.
+///
+/// \tparam Bits      code width: 2, 3, 4 or 8. Codes are bit-packed densely.
+/// \tparam GroupAxis Axis::Token groups `group` consecutive channels of one token (per-token
+///                   quantization); Axis::Channel groups `group` consecutive tokens of one
+///                   channel (per-channel; newest tokens wait in the fp16 window until a group fills).
+/// \tparam S         Scheme::Asymmetric: scale s = (max-min)/(2^e-1) and zero z = min, both fp16.
+///                   Scheme::Symmetric: s = max|x|/(2^(e-1)-1), fp16, no zero; codes are
+///                   offset by 2^(e-1)-1 so they stay unsigned (2 bits gives levels -s, 0, s).
+///
+/// Codes are computed against the *stored* fp16 scale and zero, so that dequantization is the
+/// exact inverse the encoder assumed: c = clamp(rint((x - z) / s), 0, 2^e-1), x̂ = z + s*c.
+template <int Bits, Axis GroupAxis = Axis::Token, Scheme S = Scheme::Asymmetric>
+struct Uniform {
+  static_assert(Bits == 2 || Bits == 3 || Bits == 4 || Bits == 8,
+                "xquant::quant::Uniform: Bits must be 2, 3, 4 or 8");
+  static constexpr int bits = Bits;
+  static constexpr Axis axis = GroupAxis;
+  static constexpr Scheme scheme = S;
+  static constexpr bool is_float = false;
+  /// fp16 values stored per group: scale and zero, or scale alone.
+  static constexpr int params_per_group = S == Scheme::Asymmetric ? 2 : 1;
+  static constexpr std::uint32_t max_code = (1u << Bits) - 1u;
+  /// Symmetric: largest magnitude level; also the offset that makes codes unsigned.
+  static constexpr int sym_levels = (1 << (Bits - 1)) - 1;
+
+  /// Packed code bytes of one token row of `width` values.
+  static constexpr index_t code_bytes(index_t width) { return packed_bytes<Bits>(width); }
+
+  /// Scale and zero as floats (already fp16-rounded).
+  struct Params {
+    float scale, zero;
+  };
+
+  /// Chooses the group's parameters from its range and stores them as fp16 bits in `out`.
+  /// Returns false when a parameter does not fit fp16 (|value| > 65504): the caller raises.
+  XQ_HOST_DEVICE static bool fit(float lo, float hi, std::uint16_t* out) {
+    if constexpr (S == Scheme::Asymmetric) {
+      out[0] = float_to_half((hi - lo) / static_cast<float>(max_code));
+      out[1] = float_to_half(lo);
+      return half_is_finite(out[0]) && half_is_finite(out[1]);
+    } else {
+      const float amax = (-lo > hi) ? -lo : hi;
+      out[0] = float_to_half(amax / static_cast<float>(sym_levels));
+      return half_is_finite(out[0]);
+    }
+  }
+
+  XQ_HOST_DEVICE static Params load(const std::uint16_t* p) {
+    if constexpr (S == Scheme::Asymmetric) return {half_to_float(p[0]), half_to_float(p[1])};
+    else return {half_to_float(p[0]), 0.0f};
+  }
+
+  /// Code of x under p. A zero scale (constant group) gives code 0 (asym.) or the middle level.
+  XQ_HOST_DEVICE static std::uint8_t encode(float x, Params p) {
+    if constexpr (S == Scheme::Asymmetric) {
+      float t = p.scale > 0.0f ? rintf((x - p.zero) / p.scale) : 0.0f;
+      t = t < 0.0f ? 0.0f : (t > static_cast<float>(max_code) ? static_cast<float>(max_code) : t);
+      return static_cast<std::uint8_t>(t);
+    } else {
+      constexpr float q = static_cast<float>(sym_levels);
+      float t = p.scale > 0.0f ? rintf(x / p.scale) : 0.0f;
+      t = t < -q ? -q : (t > q ? q : t);
+      return static_cast<std::uint8_t>(t + q);
+    }
+  }
+
+  XQ_HOST_DEVICE static float decode(std::uint32_t c, Params p) {
+    if constexpr (S == Scheme::Asymmetric) return mul_add_rn(p.scale, static_cast<float>(c), p.zero);
+    else return p.scale * static_cast<float>(static_cast<int>(c) - sym_levels);
+  }
+};
+
+}  // namespace xquant::quant
