@@ -5,6 +5,7 @@
 #include "config.hpp"
 #include "core/backend.hpp"
 #include "core/error.hpp"
+#include "core/dispatch.hpp"
 #include "core/half.hpp"
 #include "quant/format.hpp"
 #include "quant/packing.hpp"

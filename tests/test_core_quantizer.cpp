@@ -1,0 +1,180 @@
+// Quantizers: the Eigen path against the scalar reference (codes bit for bit, values to 1 ulp),
+// and the reference against float64 math (codes, and the per-element error bound).
+#include <xquant/xquant.hpp>
+
+#include "support.hpp"
+
+using namespace xquant;
+using quant::Uniform;
+
+#define XQ_TOKEN_QUANTIZERS                                                                                   \
+  Uniform<2>, Uniform<3>, Uniform<4>, Uniform<8>, Uniform<2, Axis::Token, Scheme::Symmetric>,                 \
+      Uniform<3, Axis::Token, Scheme::Symmetric>, Uniform<4, Axis::Token, Scheme::Symmetric>,                 \
+      Uniform<8, Axis::Token, Scheme::Symmetric>
+#define XQ_CHANNEL_QUANTIZERS                                                                                 \
+  Uniform<2, Axis::Channel>, Uniform<3, Axis::Channel>, Uniform<4, Axis::Channel>, Uniform<8, Axis::Channel>, \
+      Uniform<3, Axis::Channel, Scheme::Symmetric>, Uniform<4, Axis::Channel, Scheme::Symmetric>
+
+namespace {
+
+struct Quantized {
+  std::vector<std::uint8_t> codes;
+  std::vector<std::uint16_t> params;
+};
+
+// Quantizes `rows` × `width` with backend B. Per-token: rows of width/group groups. Per-channel:
+// consecutive groups of `group` rows (the last may be short), as the cache stores them.
+template <class Q, class B>
+Quantized quantize(const std::vector<float>& x, index_t rows, index_t width, index_t group) {
+  using Ops = quant::QuantOps<B>;
+  Quantized q;
+  q.codes.assign(static_cast<std::size_t>(rows * Q::code_bytes(width)), 0xEE);
+  if constexpr (Q::axis == Axis::Token) {
+    q.params.assign(static_cast<std::size_t>(rows * (width / group) * Q::params_per_group), 0xFFFF);
+    Ops::template quantize_tokens<Q>(x.data(), rows, width, width, group, q.codes.data(), q.params.data());
+  } else {
+    const index_t groups = (rows + group - 1) / group;
+    q.params.assign(static_cast<std::size_t>(groups * width * Q::params_per_group), 0xFFFF);
+    for (index_t g = 0; g < groups; ++g)
+      Ops::template quantize_channels<Q>(x.data() + g * group * width, std::min(group, rows - g * group), width, width,
+                                         q.codes.data() + g * group * Q::code_bytes(width),
+                                         q.params.data() + g * width * Q::params_per_group);
+  }
+  return q;
+}
+
+template <class Q, class B>
+std::vector<float> dequantize(const Quantized& q, index_t rows, index_t width, index_t group) {
+  using Ops = quant::QuantOps<B>;
+  auto out = xqtest::poisoned(static_cast<std::size_t>(rows * width));
+  if constexpr (Q::axis == Axis::Token) {
+    Ops::template dequantize_tokens<Q>(q.codes.data(), q.params.data(), rows, width, group, out.data(), width);
+  } else {
+    for (index_t g = 0; g * group < rows; ++g)
+      Ops::template dequantize_channels<Q>(q.codes.data() + g * group * Q::code_bytes(width),
+                                           q.params.data() + g * width * Q::params_per_group,
+                                           std::min(group, rows - g * group), width, out.data() + g * group * width, width);
+  }
+  return out;
+}
+
+// Shapes: (rows, width, group). Odd widths exercise packing tails; short last channel groups too.
+template <class Q>
+std::vector<std::array<index_t, 3>> shapes() {
+  if constexpr (Q::axis == Axis::Token) return {{7, 256, 32}, {5, 256, 64}, {9, 256, 128}, {4, 111, 37}, {3, 64, 64}};
+  else return {{64, 40, 32}, {128, 33, 64}, {141, 24, 128}, {13, 17, 32}};
+}
+
+// The group of element (r, c) and its members, for the float64 checks.
+template <class Q>
+std::vector<std::size_t> members(index_t r, index_t c, index_t rows, index_t width, index_t group) {
+  std::vector<std::size_t> m;
+  if constexpr (Q::axis == Axis::Token) {
+    for (index_t i = c / group * group; i < (c / group + 1) * group; ++i) m.push_back(static_cast<std::size_t>(r * width + i));
+  } else {
+    for (index_t t = r / group * group; t < std::min(rows, (r / group + 1) * group); ++t)
+      m.push_back(static_cast<std::size_t>(t * width + c));
+  }
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("Eigen quantization matches the scalar reference bit for bit", Q, XQ_TOKEN_QUANTIZERS,
+                   XQ_CHANNEL_QUANTIZERS) {
+  std::uint64_t seed;
+  auto g = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  for (auto [rows, width, group] : shapes<Q>()) {
+    INFO("rows ", rows, " width ", width, " group ", group);
+    // Random activations, and values on a coarse grid, where (x − z)/s often lands exactly on a
+    // tie: rint (ties to even) and round (ties away) differ there.
+    auto x = xqtest::activations(g, rows, width);
+    std::uniform_int_distribution<int> k(-6, 6);
+    for (std::size_t i = 0; i < x.size(); i += 2) x[i] = 0.5f * static_cast<float>(k(g));
+    const auto ref = quantize<Q, backend::Reference>(x, rows, width, group);
+    const auto fast = quantize<Q, backend::Eigen>(x, rows, width, group);
+    REQUIRE(fast.codes == ref.codes);
+    REQUIRE(fast.params == ref.params);
+    const auto a = dequantize<Q, backend::Reference>(ref, rows, width, group);
+    const auto b = dequantize<Q, backend::Eigen>(ref, rows, width, group);
+    REQUIRE(xqtest::all_finite(a));
+    REQUIRE(xqtest::all_finite(b));
+    for (std::size_t i = 0; i < a.size(); ++i) REQUIRE(xqtest::ulp_distance(a[i], b[i]) <= 1);
+  }
+}
+
+TEST_CASE_TEMPLATE("reference quantization agrees with float64 math and meets the error bound", Q, XQ_TOKEN_QUANTIZERS,
+                   XQ_CHANNEL_QUANTIZERS) {
+  std::uint64_t seed;
+  auto g = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  const double levels = Q::scheme == Scheme::Asymmetric ? double(Q::max_code) : double(Q::sym_levels);
+  for (auto [rows, width, group] : shapes<Q>()) {
+    INFO("rows ", rows, " width ", width, " group ", group);
+    const auto x = xqtest::activations(g, rows, width);
+    const auto q = quantize<Q, backend::Reference>(x, rows, width, group);
+    const auto xh = dequantize<Q, backend::Reference>(q, rows, width, group);
+    std::vector<std::uint8_t> codes(static_cast<std::size_t>(width));
+    for (index_t r = 0; r < rows; ++r) {
+      quant::unpack_codes<Q::bits>(q.codes.data() + r * Q::code_bytes(width), width, codes.data());
+      for (index_t c = 0; c < width; ++c) {
+        // Group statistics and stored parameters, in float64.
+        double lo = 1e300, hi = -1e300;
+        for (auto i : members<Q>(r, c, rows, width, group)) lo = std::min(lo, double(x[i])), hi = std::max(hi, double(x[i]));
+        const std::size_t pidx =
+            Q::axis == Axis::Token ? static_cast<std::size_t>((r * (width / group) + c / group) * Q::params_per_group)
+                                   : static_cast<std::size_t>(((r / group) * width + c) * Q::params_per_group);
+        const double sh = half_to_float(q.params[pidx]);
+        const double zh = Q::params_per_group == 2 ? double(half_to_float(q.params[pidx + 1])) : 0.0;
+        const double s = Q::scheme == Scheme::Asymmetric ? (hi - lo) / levels : std::max(-lo, hi) / levels;
+        const double v = x[static_cast<std::size_t>(r * width + c)];
+        // The stored parameters are the fp16 roundings of the exact ones.
+        REQUIRE(std::fabs(sh - s) <= std::ldexp(std::fabs(s), -11) + 6e-8);
+        if (Q::scheme == Scheme::Asymmetric) REQUIRE(std::fabs(zh - lo) <= std::ldexp(std::fabs(lo), -11) + 6e-8);
+        // Code: round((x − z)/s) clamped, in float64; a tie within float rounding may go either way.
+        const double t = Q::scheme == Scheme::Asymmetric ? (v - zh) / sh : v / sh + levels;
+        const double top = Q::scheme == Scheme::Asymmetric ? levels : 2 * levels;
+        const double want = sh > 0 ? std::clamp(std::nearbyint(Q::scheme == Scheme::Asymmetric ? t : t - levels) +
+                                                    (Q::scheme == Scheme::Asymmetric ? 0 : levels), 0.0, top)
+                                   : (Q::scheme == Scheme::Asymmetric ? 0.0 : levels);
+        const bool near_tie = std::fabs(std::fabs(t - std::floor(t)) - 0.5) < 1e-5;
+        if (!near_tie) REQUIRE(double(codes[c]) == want);
+        // Error bound. Rounding to the stored grid costs ≤ sh/2. Storing z in fp16 can push the
+        // lowest values below the grid (clamped at 0: ≤ |zh − lo|), and storing s in fp16 can
+        // shrink the grid's top below the max (clamped: ≤ levels·|s − sh| + |zh − lo|). The float
+        // arithmetic adds a few ulps of the group's magnitude.
+        const double bound = sh / 2 + std::fabs(zh - lo) + levels * std::fabs(s - sh) +
+                             4 * std::ldexp(std::max(std::fabs(lo), std::fabs(hi)), -24);
+        REQUIRE(std::fabs(double(xh[static_cast<std::size_t>(r * width + c)]) - v) <= bound);
+      }
+    }
+  }
+}
+
+TEST_CASE("constant groups quantize exactly and symmetric 2-bit has levels -s, 0, s") {
+  std::vector<float> x(64, 3.25f);
+  const auto q = quantize<Uniform<4>, backend::Eigen>(x, 1, 64, 32);
+  const auto xh = dequantize<Uniform<4>, backend::Eigen>(q, 1, 64, 32);
+  for (float v : xh) CHECK(v == 3.25f);
+  using S2 = Uniform<2, Axis::Token, Scheme::Symmetric>;
+  std::vector<float> y = {-1.0f, -0.4f, 0.1f, 0.9f, 1.0f, 0.6f, -0.6f, 0.0f};
+  const auto qs = quantize<S2, backend::Reference>(y, 1, 8, 8);
+  const auto ys = dequantize<S2, backend::Reference>(qs, 1, 8, 8);
+  const std::vector<float> want = {-1, 0, 0, 1, 1, 1, -1, 0};
+  CHECK(ys == want);
+}
+
+TEST_CASE("values beyond the fp16 range of scale/zero raise ValueError naming X") {
+  std::vector<float> x(32, 1.0f);
+  x[3] = 1e6f;
+  CHECK_THROWS_AS((quantize<Uniform<4>, backend::Eigen>(x, 1, 32, 32)), ValueError);
+  CHECK_THROWS_AS((quantize<Uniform<4>, backend::Reference>(x, 1, 32, 32)), ValueError);
+  CHECK_THROWS_WITH((quantize<Uniform<4>, backend::Eigen>(x, 1, 32, 32)), doctest::Contains("X: a quantization group"));
+}
+
+TEST_CASE("dispatch_bits maps runtime bit widths to types and rejects the rest") {
+  for (int b : {2, 3, 4, 8}) CHECK(dispatch_bits(b, [](auto B) { return int(B); }) == b);
+  for (int b : {0, 1, 5, 6, 7, 16}) CHECK_THROWS_AS(dispatch_bits(b, [](auto B) { return int(B); }), ConfigError);
+  CHECK_THROWS_WITH(dispatch_bits(5, [](auto B) { return int(B); }), "bits: must be 2, 3, 4 or 8, got 5");
+}
