@@ -14,6 +14,7 @@
 #include "backend/eigen/quantize.hpp"
 #include "backend/eigen/linalg.hpp"
 #include "cache/config.hpp"
+#include "cache/snapshot.hpp"
 #include "cache/stream.hpp"
 #include "cache/cache.hpp"
 #include "codec/per_layer.hpp"

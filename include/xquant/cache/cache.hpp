@@ -13,17 +13,47 @@
 //   std::size_t allocated_bytes() const;
 // and a `static constexpr bool values_are_linear` (true when V = value·value_projᵀ exactly, which
 // is what absorbed-value attention needs).
+//
+// Snapshot hooks (needed only by Cache::snapshot / restore / fork; a codec without them still
+// compiles, and those three calls then stop with a static_assert naming the missing hook):
+//   std::string Codec::describe() const;    // codec type, quantizer(s) and every option that
+//                                           // changes what is stored, e.g. "PerLayer<...>{group=128,window=0}"
+//   void State::save(std::size_t seq, snapshot::Writer&) const;  // all of seq's state, in a fixed order
+//   void State::load(std::size_t seq, snapshot::Reader&);        // seq is open and empty
+//   void State::fork(std::size_t src, std::size_t dst);          // dst is open and empty
+// A codec built from cache::Stream gets all three by forwarding to each stream's save/load/fork,
+// in a fixed order (codec/per_layer.hpp: one loop each). Per-sequence codec state that is not in
+// a stream (e.g. a running accumulator) is written with Writer and read back with Reader, whose
+// every read is bounds-checked. On a throw from load or fork the cache closes `seq`/`dst`, so
+// close() must release whatever load/fork took. append must be all or nothing: when it throws,
+// the sequence is as it was (a codec with several streams per layer validates before storing).
 
 #include <cmath>
+#include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../core/backend.hpp"
 #include "../remat/weights.hpp"
 #include "config.hpp"
+#include "snapshot.hpp"
 
 namespace xquant {
 
 using SequenceId = std::size_t;
+
+namespace detail {
+template <class Codec, class State, class = void>
+inline constexpr bool has_snapshot_hooks = false;
+template <class Codec, class State>
+inline constexpr bool has_snapshot_hooks<
+    Codec, State,
+    std::void_t<decltype(std::declval<const Codec&>().describe()),
+                decltype(std::declval<const State&>().save(std::size_t{}, std::declval<snapshot::Writer&>())),
+                decltype(std::declval<State&>().load(std::size_t{}, std::declval<snapshot::Reader&>())),
+                decltype(std::declval<State&>().fork(std::size_t{}, std::size_t{}))>> = true;
+}  // namespace detail
 
 /// \tparam Codec   what each layer stores (codec::PerLayer, ...), with its runtime options
 /// \tparam Backend backend::Eigen (default) or backend::Reference
@@ -99,6 +129,75 @@ class Cache {
     require<ShapeError>(0 <= begin && begin <= end && end <= n, "token range: [", begin, ", ", end,
                         ") must lie within the ", n, " cached tokens");
     return state_.sources(seq, layer, begin, end, w);
+  }
+
+  /// The whole cache of `seq` (every layer, lengths, sealed flags, quantized blocks, fp16
+  /// windows) as bytes: magic, format version, configuration fingerprint, payload, CRC-32
+  /// (cache/snapshot.hpp). Equal contents give equal bytes. Positions are implicit: token t of a
+  /// layer sits at position t.
+  std::vector<std::uint8_t> snapshot(SequenceId seq) const {
+    static_assert(detail::has_snapshot_hooks<Codec, State>,
+                  "xquant::Cache::snapshot: this codec lacks the snapshot hooks (Codec::describe, State::save/load/fork); "
+                  "see the codec interface at the top of xquant/cache/cache.hpp");
+    check_seq(seq);
+    std::vector<std::uint8_t> out;
+    snapshot::Writer w(out);
+    const std::size_t payload = snapshot::begin(w, description());
+    state_.save(seq, w);
+    snapshot::finish(w, payload);
+    return out;
+  }
+
+  /// Restores a snapshot into a new sequence and returns its id. Raises SnapshotError for bytes
+  /// that are not an intact snapshot (bad magic, other version, truncated, checksum mismatch,
+  /// inconsistent contents), ConfigError for a snapshot of a differently configured cache, and
+  /// CapacityError when the pool lacks room; after any error no new sequence exists.
+  SequenceId restore(const std::uint8_t* data, std::size_t size) {
+    static_assert(detail::has_snapshot_hooks<Codec, State>,
+                  "xquant::Cache::restore: this codec lacks the snapshot hooks (Codec::describe, State::save/load/fork); "
+                  "see the codec interface at the top of xquant/cache/cache.hpp");
+    const snapshot::Parsed p = snapshot::parse(data, size);
+    const std::string mine = description();
+    require<ConfigError>(p.description == mine, "snapshot: taken from a cache configured as \"", p.description,
+                         "\", but this cache is \"", mine, "\"");
+    const SequenceId seq = add_sequence();
+    try {
+      snapshot::Reader r(p.payload, p.payload_bytes, static_cast<std::size_t>(p.payload - data));
+      state_.load(seq, r);
+      if (r.remaining() != 0) r.fail("end of payload", ": ", r.remaining(), " bytes left after the last record");
+    } catch (...) {
+      remove_sequence(seq);
+      throw;
+    }
+    return seq;
+  }
+  SequenceId restore(const std::vector<std::uint8_t>& bytes) { return restore(bytes.data(), bytes.size()); }
+
+  /// A new sequence with the same cached contents as `src` (for beam search and parallel
+  /// sampling); the two then grow independently. The fork is a full copy of src's blocks and
+  /// windows, not copy-on-write sharing. CapacityError, creating nothing, when the pool lacks room.
+  SequenceId fork(SequenceId src) {
+    static_assert(detail::has_snapshot_hooks<Codec, State>,
+                  "xquant::Cache::fork: this codec lacks the snapshot hooks (Codec::describe, State::save/load/fork); "
+                  "see the codec interface at the top of xquant/cache/cache.hpp");
+    check_seq(src);
+    const SequenceId dst = add_sequence();
+    try {
+      state_.fork(src, dst);
+    } catch (...) {
+      remove_sequence(dst);
+      throw;
+    }
+    return dst;
+  }
+
+  /// What a snapshot must have been taken from to restore here: the cache geometry (capacity
+  /// excluded) and the codec's description.
+  std::string description() const {
+    const AttentionShape& a = config_.attention;
+    return detail::concat("xquant::Cache{layers=", config_.layers, ",width=", config_.width, ",heads=", a.heads,
+                          ",kv_heads=", a.kv_heads, ",head_dim=", a.head_dim, ",block_tokens=", config_.block_tokens,
+                          "} ", codec_.describe());
   }
 
   const CacheConfig& config() const { return config_; }

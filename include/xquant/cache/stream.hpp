@@ -9,12 +9,14 @@
 // the tokens were chunked into appends.
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "../core/error.hpp"
 #include "../core/half.hpp"
 #include "../quant/ops.hpp"
+#include "snapshot.hpp"
 
 namespace xquant::cache {
 
@@ -108,33 +110,45 @@ class Stream {
   }
 
   /// Appends `n` tokens (rows of `width` floats, row stride `ld`). Values must be finite (the
-  /// cache checks). Throws CapacityError, leaving the stream unchanged, if the pool is too small.
+  /// cache checks). All or nothing: CapacityError (pool too small, or sealed) and ValueError (a
+  /// value or a group's scale/zero outside fp16) leave the stream exactly as it was, down to the
+  /// pool's free list.
   void append(std::size_t id, const float* x, index_t n, index_t ld) {
     Seq& q = seq(id);
     require<CapacityError>(!q.sealed, "sequence ", id, ": sealed sequences accept no more tokens");
     const index_t need = blocks_needed(id, n);
     require<CapacityError>(need <= free_blocks(), "cache capacity: appending ", n, " tokens needs ", need,
                            " more blocks of ", s_.block_tokens, " tokens, but only ", free_blocks(), " are free");
+    bool direct = false;  // straight into blocks, no window
+    if constexpr (Q::is_float || Q::axis == Axis::Token) direct = window_tokens_ == 0;
+    // Window path: once every value fits fp16, flushing cannot fail (a group of finite fp16 values
+    // always has a finite fp16 scale and zero), so check before the first token goes in.
+    if (!direct) check_fp16(x, n, ld);
+    const std::size_t had_blocks = q.blocks.size(), pool_blocks = blocks_.size();
     for (index_t i = 0; i < need; ++i) q.blocks.push_back(take_block());
     if constexpr (Q::is_float || Q::axis == Axis::Token) {
-      if (window_tokens_ == 0) {  // straight into blocks
-        quantize_rows(q, x, n, ld);
+      if (direct) {
+        try {
+          quantize_rows(q, x, n, ld);
+        } catch (...) {
+          untake_blocks(q, had_blocks, pool_blocks);
+          throw;
+        }
         q.length += n;
         q.quantized = q.length;
         return;
       }
     }
     for (index_t i = 0; i < n; ++i) {
-      std::uint16_t* slot = window_row(q, q.length);
-      for (index_t j = 0; j < s_.width; ++j) {
-        slot[j] = float_to_half(x[i * ld + j]);
-        if (!half_is_finite(slot[j])) quant::detail::throw_fp16_range(x[i * ld + j], x[i * ld + j]);
+      if constexpr (Q::is_float || Q::axis == Axis::Token) {
+        // The ring is full: its oldest token is quantized before its slot is reused.
+        if (q.length - q.quantized == window_tokens_) flush(q, 1);
       }
+      std::uint16_t* slot = window_row(q, q.length);
+      for (index_t j = 0; j < s_.width; ++j) slot[j] = float_to_half(x[i * ld + j]);
       ++q.length;
       if constexpr (!Q::is_float && Q::axis == Axis::Channel) {
         if (q.length - q.quantized == s_.group) flush(q, s_.group);
-      } else {
-        if (q.length - q.quantized > s_.window) flush(q, 1);
       }
     }
   }
@@ -173,6 +187,107 @@ class Stream {
     }
   }
 
+  /// Writes sequence `id` as one stream record of a snapshot (snapshot.hpp):
+  ///   u32 tag "XQST", i64 length, i64 quantized, u8 sealed,
+  ///   per block in token order: the packed code rows of its quantized tokens, then their fp16
+  ///     parameters (per-token: one row of parameters per token; per-channel: one row of `width`
+  ///     per group, the last group possibly short after seal),
+  ///   the fp16 rows of the tokens waiting in the window, oldest first.
+  /// Only the sequence's own tokens are written (never stale rows of a reused block), so equal
+  /// contents give equal bytes.
+  void save(std::size_t id, snapshot::Writer& w) const {
+    const Seq& q = seq(id);
+    w.u32(kRecordTag);
+    w.i64(q.length);
+    w.i64(q.quantized);
+    w.u8(q.sealed ? 1 : 0);
+    for (index_t t = 0; t < q.quantized; t += s_.block_tokens) {
+      const index_t rows = std::min(s_.block_tokens, q.quantized - t);
+      const std::uint8_t* blk = block(q, t);
+      w.bytes(blk, static_cast<std::size_t>(rows * code_bytes_));
+      w.u16s(params(blk), static_cast<std::size_t>(params_for(rows)));
+    }
+    for (index_t t = q.quantized; t < q.length; ++t) w.u16s(window_row(q, t), static_cast<std::size_t>(s_.width));
+  }
+
+  /// Reads a record written by save() into sequence `id`, which must be open and empty. Raises
+  /// SnapshotError on a malformed record (inconsistent lengths, non-finite parameters or window
+  /// values, truncation) and CapacityError when the pool lacks room; on error the sequence may
+  /// hold some blocks, and the owner closes it.
+  void load(std::size_t id, snapshot::Reader& r) {
+    Seq& q = seq(id);
+    require<Error>(q.length == 0 && q.blocks.empty(), "sequence ", id, ": load needs an empty sequence");
+    if (r.u32("stream record tag") != kRecordTag) r.fail("stream record tag", ": not the start of a stream record");
+    const index_t length = r.count("stream length", 0, index_t(1) << 40);
+    const index_t quantized = r.count("quantized token count", 0, length);
+    const bool sealed = r.flag("sealed flag");
+    const index_t waiting = length - quantized;
+    if (sealed && waiting != 0) r.fail("sealed flag", ": a sealed stream has no waiting tokens, this one has ", waiting);
+    if constexpr (!Q::is_float && Q::axis == Axis::Channel) {
+      if (!sealed && (quantized % s_.group != 0 || waiting >= s_.group))
+        r.fail("stream lengths", ": ", quantized, " quantized and ", waiting,
+               " waiting tokens do not fit per-channel groups of ", s_.group);
+    } else {
+      if (waiting > window_tokens_)
+        r.fail("stream lengths", ": ", waiting, " waiting tokens exceed the window of ", window_tokens_);
+    }
+    // Every byte the record announces must be there before any block is taken (computed without
+    // a loop over blocks and without overflow, whatever the lengths claim).
+    {
+      const index_t full = quantized / s_.block_tokens, rest = quantized % s_.block_tokens;
+      const auto per_block = static_cast<std::size_t>(s_.block_tokens * code_bytes_ + 2 * params_for(s_.block_tokens));
+      const auto tail = static_cast<std::size_t>(rest * code_bytes_ + 2 * params_for(rest) + waiting * s_.width * 2);
+      if (static_cast<std::size_t>(full) > r.remaining() / per_block) r.need("stream contents", r.remaining() + 1);
+      r.need("stream contents", static_cast<std::size_t>(full) * per_block + tail);
+    }
+    const index_t need = (length + s_.block_tokens - 1) / s_.block_tokens;
+    require<CapacityError>(need <= free_blocks(), "cache capacity: restoring ", length, " tokens needs ", need,
+                           " blocks of ", s_.block_tokens, " tokens, but only ", free_blocks(), " are free");
+    for (index_t i = 0; i < need; ++i) q.blocks.push_back(take_block());
+    for (index_t t = 0; t < quantized; t += s_.block_tokens) {
+      const index_t rows = std::min(s_.block_tokens, quantized - t);
+      std::uint8_t* blk = block(q, t);
+      r.bytes("code rows", blk, static_cast<std::size_t>(rows * code_bytes_));
+      const std::size_t np = static_cast<std::size_t>(params_for(rows));
+      r.u16s("quantization parameters", params(blk), np);
+      if constexpr (Q::is_float) {
+        check_stored_floats(r, blk, rows);
+      } else {
+        for (std::size_t i = 0; i < np; ++i)
+          if (!half_is_finite(params(blk)[i])) r.fail("quantization parameters", ": a scale or zero is not finite");
+      }
+    }
+    for (index_t t = quantized; t < length; ++t) {
+      std::uint16_t* slot = window_row(q, t);
+      r.u16s("window tokens", slot, static_cast<std::size_t>(s_.width));
+      for (index_t j = 0; j < s_.width; ++j)
+        if (!half_is_finite(slot[j])) r.fail("window tokens", ": a waiting value is not finite");
+    }
+    q.length = length;
+    q.quantized = quantized;
+    q.sealed = sealed;
+  }
+
+  /// Makes `dst` (open and empty) a copy of `src`: its own blocks (a full copy, not shared
+  /// copy-on-write), window, lengths and sealed flag. CapacityError, leaving `dst` empty, when the
+  /// pool lacks room.
+  void fork(std::size_t src, std::size_t dst) {
+    require<Error>(src != dst, "fork: source and destination are both sequence ", src);
+    require<Error>(seq(dst).length == 0 && seq(dst).blocks.empty(), "sequence ", dst, ": fork needs an empty destination");
+    const index_t need = static_cast<index_t>(seq(src).blocks.size());
+    require<CapacityError>(need <= free_blocks(), "cache capacity: forking sequence ", src, " needs ", need,
+                           " blocks, but only ", free_blocks(), " are free");
+    for (index_t i = 0; i < need; ++i) seqs_[dst].blocks.push_back(take_block());
+    const Seq& a = seq(src);  // references taken after take_block, which may grow blocks_
+    Seq& b = seq(dst);
+    for (std::size_t i = 0; i < a.blocks.size(); ++i)
+      std::memcpy(blocks_[b.blocks[i]].data(), blocks_[a.blocks[i]].data(), block_bytes_);
+    b.window = a.window;
+    b.length = a.length;
+    b.quantized = a.quantized;
+    b.sealed = a.sealed;
+  }
+
   /// Bytes this stream has allocated: every block ever taken from the pool plus the windows.
   std::size_t allocated_bytes() const {
     std::size_t b = blocks_.size() * block_bytes_;
@@ -204,6 +319,49 @@ class Stream {
     }
     blocks_.emplace_back(block_bytes_);
     return static_cast<index_t>(blocks_.size()) - 1;
+  }
+  static constexpr std::uint32_t kRecordTag = 0x54535158u;  // "XQST" little-endian
+
+  // Returns the blocks taken since the sequence had `had` blocks and the pool `pool` (in reverse
+  // order, so the free list and the pool end exactly as they were).
+  void untake_blocks(Seq& q, std::size_t had, std::size_t pool) {
+    while (q.blocks.size() > had) {
+      const index_t b = q.blocks.back();
+      q.blocks.pop_back();
+      if (static_cast<std::size_t>(b) >= pool && static_cast<std::size_t>(b) + 1 == blocks_.size()) blocks_.pop_back();
+      else free_.push_back(b);
+    }
+  }
+  // Raises ValueError, before anything is stored, if a value does not fit fp16.
+  void check_fp16(const float* x, index_t n, index_t ld) const {
+    for (index_t i = 0; i < n; ++i)
+      for (index_t j = 0; j < s_.width; ++j)
+        if (!half_is_finite(float_to_half(x[i * ld + j])))
+          throw ValueError(xquant::detail::concat("X: token ", i, " of the appended chunk, channel ", j, " is ",
+                                                  x[i * ld + j], ", outside the fp16 range (|value| <= 65504) of the "
+                                                  "window that recent tokens wait in; rescale the activations"));
+  }
+  // fp16 values of the parameters of `rows` quantized tokens that start a block.
+  index_t params_for(index_t rows) const {
+    if constexpr (Q::is_float) return 0;
+    else if constexpr (Q::axis == Axis::Token) return rows * params_per_row();
+    else return (rows + s_.group - 1) / s_.group * s_.width * Q::params_per_group;
+  }
+  // Unquantized streams: every stored value read from a snapshot must be finite.
+  void check_stored_floats(snapshot::Reader& r, const std::uint8_t* blk, index_t rows) const {
+    for (index_t i = 0; i < rows * s_.width; ++i) {
+      bool ok;
+      if constexpr (Q::bits == 32) {
+        float f;
+        std::memcpy(&f, blk + 4 * i, 4);
+        ok = std::isfinite(f);
+      } else {
+        std::uint16_t h;
+        std::memcpy(&h, blk + 2 * i, 2);
+        ok = half_is_finite(h);
+      }
+      if (!ok) r.fail("stored values", ": a value is not finite");
+    }
   }
   index_t params_per_row() const {
     if constexpr (Q::is_float) return 0;

@@ -2,9 +2,11 @@
 // XQuant codec: every layer caches Q(X), its quantized attention input; attention gets
 // K = RoPE(X̂·Wkᵀ) and V = X̂·Wvᵀ back from it (DESIGN.md §1).
 
+#include <string>
 #include <vector>
 
 #include "../cache/config.hpp"
+#include "../cache/snapshot.hpp"
 #include "../cache/stream.hpp"
 #include "../remat/weights.hpp"
 
@@ -22,6 +24,12 @@ struct PerLayer {
 
   /// V is a linear map of the cached tensor, so attention may weight X̂ by the softmax first.
   static constexpr bool values_are_linear = true;
+
+  /// Snapshot hook: the codec type and every option that changes what is stored.
+  std::string describe() const {
+    if constexpr (Q::is_float) return "PerLayer<" + snapshot::describe_quantizer<Q>() + ">";
+    else return xquant::detail::concat("PerLayer<", snapshot::describe_quantizer<Q>(), ">{group=", group, ",window=", window, "}");
+  }
 
   template <class Backend>
   class State {
@@ -57,6 +65,17 @@ struct PerLayer {
       dequantize(seq, layer, begin, end, scratch_.data(), d);
       const RowsView x{scratch_.data(), n, d, d};
       return {x, x, Projection{w.wk, dkv, d, w.bk}, Projection{w.wv, dkv, d, w.bv}};
+    }
+
+    /// Snapshot hooks: one stream record per layer, in layer order.
+    void save(std::size_t seq, snapshot::Writer& w) const {
+      for (const auto& s : streams_) s.save(seq, w);
+    }
+    void load(std::size_t seq, snapshot::Reader& r) {
+      for (auto& s : streams_) s.load(seq, r);
+    }
+    void fork(std::size_t src, std::size_t dst) {
+      for (auto& s : streams_) s.fork(src, dst);
     }
 
     std::size_t allocated_bytes() const {
