@@ -1,0 +1,429 @@
+#pragma once
+// Decode attention (one new query token per sequence, GQA) on the GPU.
+//
+// attend_absorbed — over the quantized cache, with absorbed values. A block takes one sequence,
+//   one KV head and a run of 128-token tiles. Per tile: K = X̂_tile·Wk_headᵀ through the fused
+//   dequantize + tensor-core mainloop (kept in shared memory), RoPE at each token's position,
+//   scores for the head's query heads, online softmax, and acc_h += p_h·X̂_tile. K and V are
+//   never written to device memory. A second kernel merges the blocks' partial softmax sums and
+//   projects once per head: o_h = (acc_h / l_h)·Wv_hᵀ + bv_h.
+// attend_kv — the same decode attention over materialized K (post-RoPE) and V in bf16 or fp16:
+//   the baseline (FP16 KV cache, or materialize-then-attend).
+//
+// Queries arrive before RoPE; the query of sequence b sits at position length(b)−1 and attends
+// to tokens [0, length(b)). Head size 128, up to 8 query heads per KV head.
+
+#include <cub/warp/warp_reduce.cuh>
+
+#include "../../cache/config.hpp"
+#include "remat.cuh"
+
+namespace xquant::cuda {
+
+/// Scratch of the decode kernels (partial softmax sums per split); grows on demand.
+struct DecodeWorkspace {
+  DeviceBuffer<float> acc, ml, q;
+};
+
+namespace detail {
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+namespace attn {
+inline constexpr int kDh = 128, kMaxGroup = 8, kTile = 128, kKsLd = kDh + 4;
+}
+
+/// qr[b][h][:] = RoPE(q[b][h][:], length(b) − 1) / sqrt(Dh).
+__global__ void rope_queries_kernel(const float* __restrict__ q, index_t ldq, int heads, const int* __restrict__ length,
+                                    const float* cos, const float* sin, float* __restrict__ qr) {
+  const int b = blockIdx.y, h = blockIdx.x, p = threadIdx.x;  // p: pair index
+  const index_t pos = length[b] - 1;
+  const float scale = rsqrtf(static_cast<float>(attn::kDh));
+  const float* x = q + b * ldq + h * attn::kDh;
+  const float c = cos[pos * (attn::kDh / 2) + p], s = sin[pos * (attn::kDh / 2) + p];
+  float* y = qr + (static_cast<index_t>(b) * heads + h) * attn::kDh;
+  y[2 * p] = (x[2 * p] * c - x[2 * p + 1] * s) * scale;
+  y[2 * p + 1] = (x[2 * p] * s + x[2 * p + 1] * c) * scale;
+}
+
+struct SplitArgs {
+  int heads, hpg, splits, tiles_per_split;
+};
+
+template <class QK, class QV>
+__global__ void __launch_bounds__(gemm::THREADS, 1)
+    absorbed_decode_kernel(StreamView<QK> vk, StreamView<QV> vv, const bf16* __restrict__ wk, index_t ldwk, index_t nk,
+                           const float* __restrict__ qr, const float* cos, const float* sin, SplitArgs sa,
+                           float* __restrict__ part_acc, float* __restrict__ part_ml) {
+  using namespace gemm;
+  using WarpReduce = cub::WarpReduce<float>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int split = blockIdx.x, g = blockIdx.y, b = blockIdx.z, hpg = sa.hpg;
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32, wm = warp >> 2, wn = warp & 3;
+  const index_t wv_width = vv.width;
+  float* Ks = reinterpret_cast<float*>(smem);  // [128][kKsLd], aliases the mainloop's stages
+  float* accS = reinterpret_cast<float*>(smem + kSmemBytes);  // [hpg][wv_width]
+  float* S = accS + hpg * wv_width;                             // [hpg][128] scores, then weights
+  float* qS = S + hpg * attn::kTile;                            // [hpg][128]
+  float* stat = qS + hpg * attn::kDh;                           // m[8], l[8], alpha[8]
+  auto* red = reinterpret_cast<typename WarpReduce::TempStorage*>(stat + 3 * attn::kMaxGroup);
+
+  const index_t len = vk.length[b];
+  const index_t qk = StreamView<QK>::quantized(len, vk.group), qv = StreamView<QV>::quantized(len, vv.group);
+  const index_t ntiles = (len + attn::kTile - 1) / attn::kTile;
+  const index_t tile0 = static_cast<index_t>(split) * sa.tiles_per_split;
+  const index_t tile1 = tile0 + sa.tiles_per_split < ntiles ? tile0 + sa.tiles_per_split : ntiles;
+
+  for (index_t i = t; i < hpg * wv_width; i += THREADS) accS[i] = 0.0f;
+  for (int i = t; i < hpg * attn::kDh; i += THREADS)
+    qS[i] = qr[(static_cast<index_t>(b) * sa.heads + g * hpg) * attn::kDh + i];
+  if (t < attn::kMaxGroup) {
+    stat[t] = -INFINITY;
+    stat[attn::kMaxGroup + t] = 0.0f;
+  }
+  __syncthreads();
+
+  for (index_t tile = tile0; tile < tile1; ++tile) {
+    const index_t base = tile * attn::kTile;
+    const index_t ntok = len - base < attn::kTile ? len - base : attn::kTile;
+    FragC acc[4][2];
+    const index_t tok = base + (t >> 1);
+    fused_mainloop<QK>(vk, b, tok, tok < len, qk, wk, ldwk, static_cast<index_t>(g) * attn::kDh, nk, vk.width, smem, acc);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        nvcuda::wmma::store_matrix_sync(Ks + (wm * 64 + i * 16) * attn::kKsLd + wn * 32 + j * 16, acc[i][j], attn::kKsLd,
+                                        nvcuda::wmma::mem_row_major);
+    __syncthreads();
+
+    // Scores: warp w takes tokens w*16 .. w*16+15; lane takes pairs lane and lane+32.
+    for (int r = warp * 16; r < warp * 16 + 16; ++r) {
+      const index_t pos = base + r;
+      float part[attn::kMaxGroup];
+#pragma unroll
+      for (int j = 0; j < attn::kMaxGroup; ++j) part[j] = 0.0f;
+      if (r < ntok) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int p = lane + 32 * h;
+          const float2 k = *reinterpret_cast<const float2*>(Ks + r * attn::kKsLd + 2 * p);
+          const float c = cos[pos * (attn::kDh / 2) + p], s = sin[pos * (attn::kDh / 2) + p];
+          const float k0 = k.x * c - k.y * s, k1 = k.x * s + k.y * c;
+#pragma unroll
+          for (int j = 0; j < attn::kMaxGroup; ++j)
+            if (j < hpg) part[j] += qS[j * attn::kDh + 2 * p] * k0 + qS[j * attn::kDh + 2 * p + 1] * k1;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < attn::kMaxGroup; ++j)
+        if (j < hpg) {
+          const float sum = WarpReduce(red[warp]).Sum(part[j]);
+          if (lane == 0) S[j * attn::kTile + r] = r < ntok ? sum : -INFINITY;
+        }
+    }
+    __syncthreads();
+
+    // Online softmax: warp j updates head j's running max and sum, turns scores into weights.
+    if (warp < hpg) {
+      float* s = S + warp * attn::kTile;
+      float mx = -INFINITY;
+      for (int r = lane; r < attn::kTile; r += 32) mx = fmaxf(mx, s[r]);
+      mx = __shfl_sync(0xffffffffu, WarpReduce(red[warp]).Reduce(mx, MaxOp{}), 0);
+      const float m_old = stat[warp], m_new = fmaxf(m_old, mx);
+      float sum = 0.0f;
+      for (int r = lane; r < attn::kTile; r += 32) {
+        const float p = r < ntok ? __expf(s[r] - m_new) : 0.0f;
+        s[r] = p;
+        sum += p;
+      }
+      sum = WarpReduce(red[warp]).Sum(sum);
+      if (lane == 0) {
+        const float alpha = __expf(m_old - m_new);  // 0 on the first tile (m_old = -inf)
+        stat[warp] = m_new;
+        stat[attn::kMaxGroup + warp] = stat[attn::kMaxGroup + warp] * alpha + sum;
+        stat[2 * attn::kMaxGroup + warp] = alpha;
+      }
+    }
+    __syncthreads();
+
+    // acc_j = alpha_j·acc_j + Σ_r p_j[r]·X̂_v[r]: thread per 8 columns, registers per chunk.
+    for (index_t c8 = t; c8 * 8 < wv_width; c8 += THREADS) {
+      float a[attn::kMaxGroup][8];
+#pragma unroll
+      for (int j = 0; j < attn::kMaxGroup; ++j)
+        if (j < hpg) {
+          const float al = stat[2 * attn::kMaxGroup + j];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) a[j][i] = accS[j * wv_width + c8 * 8 + i] * al;
+        }
+      for (int r = 0; r < ntok; ++r) {
+        float x[8];
+        dequant8(vv, b, base + r, c8 * 8, qv, x);
+#pragma unroll
+        for (int j = 0; j < attn::kMaxGroup; ++j)
+          if (j < hpg) {
+            const float p = S[j * attn::kTile + r];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) a[j][i] = fmaf(p, x[i], a[j][i]);
+          }
+      }
+#pragma unroll
+      for (int j = 0; j < attn::kMaxGroup; ++j)
+        if (j < hpg)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) accS[j * wv_width + c8 * 8 + i] = a[j][i];
+    }
+    __syncthreads();
+  }
+
+  // Partial results of this split: acc (unnormalized), running max and sum.
+  for (int j = 0; j < hpg; ++j) {
+    const index_t slot = (static_cast<index_t>(b) * sa.heads + g * hpg + j) * sa.splits + split;
+    for (index_t c = t; c < wv_width; c += THREADS) part_acc[slot * wv_width + c] = accS[j * wv_width + c];
+    if (t == 0) {
+      part_ml[2 * slot] = stat[j];
+      part_ml[2 * slot + 1] = stat[attn::kMaxGroup + j];
+    }
+  }
+}
+
+/// Merges the splits of (b, h): y = Σ_s e^{m_s−M}·acc_s / Σ_s e^{m_s−M}·l_s, then
+/// out = y·Wᵀ + bias (W: the head's Dh rows; nullptr: out = y, width Dh).
+__global__ void combine_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml, int heads, int hpg,
+                               int splits, index_t width, const bf16* __restrict__ w, index_t ldw,
+                               const float* __restrict__ bias, float* __restrict__ out, index_t ldo) {
+  extern __shared__ __align__(16) float y[];  // [width]
+  __shared__ float wts[1024];
+  const int h = blockIdx.x, b = blockIdx.y, g = h / hpg, t = threadIdx.x, warp = t / 32, lane = t % 32;
+  const index_t slot0 = (static_cast<index_t>(b) * heads + h) * splits;
+  float M = -INFINITY;
+  for (int s = 0; s < splits; ++s) M = fmaxf(M, part_ml[2 * (slot0 + s)]);
+  float L = 0.0f;
+  for (int s = t; s < splits; s += blockDim.x) wts[s] = part_ml[2 * (slot0 + s)] == -INFINITY ? 0.0f : __expf(part_ml[2 * (slot0 + s)] - M);
+  __syncthreads();
+  for (int s = 0; s < splits; ++s) L += wts[s] * part_ml[2 * (slot0 + s) + 1];
+  const float inv = 1.0f / L;
+  for (index_t c = t; c < width; c += blockDim.x) {
+    float acc = 0.0f;
+    for (int s = 0; s < splits; ++s) acc += wts[s] * part_acc[(slot0 + s) * width + c];
+    y[c] = acc * inv;
+  }
+  __syncthreads();
+  float* o = out + b * ldo + h * attn::kDh;
+  if (!w) {
+    for (int i = t; i < attn::kDh; i += blockDim.x) o[i] = y[i];
+    return;
+  }
+  for (int i = warp; i < attn::kDh; i += blockDim.x / 32) {
+    const bf16* row = w + (static_cast<index_t>(g) * attn::kDh + i) * ldw;
+    float acc = 0.0f;
+    for (index_t c = lane * 8; c < width; c += 256) {
+      const uint4 u = __ldg(reinterpret_cast<const uint4*>(row + c));
+      const bf16* e = reinterpret_cast<const bf16*>(&u);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc = fmaf(__bfloat162float(e[k]), y[c + k], acc);
+    }
+#pragma unroll
+    for (int o2 = 16; o2 >= 1; o2 >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o2);
+    if (lane == 0) o[i] = acc + (bias ? bias[g * attn::kDh + i] : 0.0f);
+  }
+}
+
+/// Decode attention over materialized K, V (T = bf16 or fp16): block (split, kv head, sequence),
+/// 4 warps; a warp takes one token at a time, a lane 4 of its 128 dimensions.
+template <class T>
+__global__ void __launch_bounds__(128) kv_decode_kernel(const T* __restrict__ K, const T* __restrict__ V, index_t ld,
+                                                        index_t seq_rows, index_t len, const float* __restrict__ qr,
+                                                        SplitArgs sa, index_t chunk, float* __restrict__ part_acc,
+                                                        float* __restrict__ part_ml) {
+  const int split = blockIdx.x, g = blockIdx.y, b = blockIdx.z, hpg = sa.hpg;
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+  __shared__ float red[4][attn::kMaxGroup][attn::kDh + 2];
+  float q[attn::kMaxGroup][4], acc[attn::kMaxGroup][4], m[attn::kMaxGroup], l[attn::kMaxGroup];
+#pragma unroll
+  for (int j = 0; j < attn::kMaxGroup; ++j) {
+    m[j] = -INFINITY;
+    l[j] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      acc[j][i] = 0.0f;
+      q[j][i] = j < hpg ? qr[(static_cast<index_t>(b) * sa.heads + g * hpg + j) * attn::kDh + lane * 4 + i] : 0.0f;
+    }
+  }
+  const index_t t0 = split * chunk, t1 = t0 + chunk < len ? t0 + chunk : len;
+  const T* Kb = K + static_cast<index_t>(b) * seq_rows * ld + g * attn::kDh + lane * 4;
+  const T* Vb = V + static_cast<index_t>(b) * seq_rows * ld + g * attn::kDh + lane * 4;
+  for (index_t tok = t0 + warp; tok < t1; tok += 4) {
+    const uint2 ku = __ldg(reinterpret_cast<const uint2*>(Kb + tok * ld));
+    const uint2 vu = __ldg(reinterpret_cast<const uint2*>(Vb + tok * ld));
+    const T* ke = reinterpret_cast<const T*>(&ku);
+    const T* ve = reinterpret_cast<const T*>(&vu);
+    float k[4], v[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) k[i] = to_float(ke[i]), v[i] = to_float(ve[i]);
+#pragma unroll
+    for (int j = 0; j < attn::kMaxGroup; ++j)
+      if (j < hpg) {
+        float s = q[j][0] * k[0] + q[j][1] * k[1] + q[j][2] * k[2] + q[j][3] * k[3];
+#pragma unroll
+        for (int o = 16; o >= 1; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        const float mn = fmaxf(m[j], s), al = __expf(m[j] - mn), p = __expf(s - mn);
+        l[j] = l[j] * al + p;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[j][i] = acc[j][i] * al + p * v[i];
+        m[j] = mn;
+      }
+  }
+  // Merge the 4 warps.
+#pragma unroll
+  for (int j = 0; j < attn::kMaxGroup; ++j)
+    if (j < hpg) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[warp][j][lane * 4 + i] = acc[j][i];
+      if (lane == 0) red[warp][j][attn::kDh] = m[j], red[warp][j][attn::kDh + 1] = l[j];
+    }
+  __syncthreads();
+  for (int j = 0; j < hpg; ++j) {
+    float M = -INFINITY;
+    for (int w = 0; w < 4; ++w) M = fmaxf(M, red[w][j][attn::kDh]);
+    const index_t slot = (static_cast<index_t>(b) * sa.heads + g * hpg + j) * sa.splits + split;
+    float L = 0.0f, a = 0.0f;
+    for (int w = 0; w < 4; ++w) {
+      const float mw = red[w][j][attn::kDh];
+      const float f = mw == -INFINITY ? 0.0f : __expf(mw - M);
+      L += f * red[w][j][attn::kDh + 1];
+      a += f * red[w][j][t];
+    }
+    part_acc[slot * attn::kDh + t] = a;
+    if (t == 0) part_ml[2 * slot] = M, part_ml[2 * slot + 1] = L;
+  }
+}
+
+inline void check_attention(const AttentionShape& a) {
+  require<ConfigError>(a.head_dim == attn::kDh, "CUDA decode attention: head_dim must be 128, got ", a.head_dim);
+  require<ConfigError>(a.kv_heads > 0 && a.heads % a.kv_heads == 0 && a.heads / a.kv_heads <= attn::kMaxGroup,
+                       "CUDA decode attention: heads must be a multiple of kv_heads with at most ", attn::kMaxGroup,
+                       " query heads per KV head, got ", a.heads, " and ", a.kv_heads);
+}
+
+/// Splits so that about two blocks per multiprocessor are in flight.
+inline int pick_splits(index_t blocks_per_split, index_t max_splits) {
+  int dev = 0, sms = 132;
+  XQ_CUDA_CHECK(cudaGetDevice(&dev));
+  XQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  index_t s = (2 * sms + blocks_per_split - 1) / blocks_per_split;
+  s = s < 1 ? 1 : (s > max_splits ? max_splits : s);
+  return static_cast<int>(s < 1024 ? s : 1024);
+}
+
+inline void rope_queries(const float* q, index_t ldq, int batch, const AttentionShape& a, const int* length,
+                         const DeviceRope& rope, DecodeWorkspace& ws, cudaStream_t stream) {
+  require<ConfigError>(rope.head_dim() == a.head_dim, "rope: head_dim ", rope.head_dim(), " differs from ", a.head_dim);
+  ws.q.reserve(static_cast<std::size_t>(batch * a.heads * a.head_dim));
+  rope_queries_kernel<<<dim3(static_cast<unsigned>(a.heads), static_cast<unsigned>(batch)), attn::kDh / 2, 0, stream>>>(
+      q, ldq, static_cast<int>(a.heads), length, rope.cos(), rope.sin(), ws.q.data());
+  check_launch("rope_queries_kernel");
+}
+
+}  // namespace detail
+
+/// Value/key weights of one layer for the absorbed decode, bf16 row-major (out × in).
+struct DecodeWeights {
+  const bf16* wk = nullptr;  ///< dkv × keys.width
+  index_t ldwk = 0;          ///< 0: keys.width
+  const bf16* wv = nullptr;  ///< dkv × values.width
+  index_t ldwv = 0;          ///< 0: values.width
+  const float* bv = nullptr; ///< dkv, optional (a key bias only shifts scores and is dropped)
+};
+
+/// Decode attention with absorbed values over a quantized cache.
+/// \tparam QK, QV quantizers of the key-side and value-side streams: the same stream (XQuant:
+///                both are X) or two (latent codec: X·Uk and X·Uv, weights ΣBᵀ).
+/// \param q   batch × H·Dh floats (row stride ldq, 0: H·Dh), before RoPE
+/// \param out batch × H·Dh floats (row stride ldo, 0: H·Dh): the heads' outputs
+template <class QK, class QV>
+void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& values, const AttentionShape& a,
+                     const DecodeWeights& w, const DeviceRope& rope, const float* q, float* out, DecodeWorkspace& ws,
+                     cudaStream_t stream, index_t ldq = 0, index_t ldo = 0, int splits = 0) {
+  detail::check_attention(a);
+  const auto &ks = keys.shape(), &vs = values.shape();
+  const int B = ks.batch;
+  const int hpg = static_cast<int>(a.heads / a.kv_heads);
+  require<ShapeError>(vs.batch == B, "attend_absorbed: key and value streams hold ", B, " and ", vs.batch, " sequences");
+  require<ShapeError>(w.wk && w.wv && q && out, "attend_absorbed: wk, wv, q and out must not be null");
+  require<ConfigError>(ks.width % detail::gemm::BK == 0, "attend_absorbed: key width must be a multiple of 64, got ", ks.width);
+  require<ConfigError>(QK::axis == Axis::Channel || ks.group >= 32, "attend_absorbed: per-token key groups must be >= 32");
+  index_t maxlen = 0;
+  for (int b = 0; b < B; ++b) {
+    require<ShapeError>(keys.length(b) >= 1 && keys.length(b) == values.length(b), "attend_absorbed: sequence ", b,
+                        " has ", keys.length(b), " key-side and ", values.length(b), " value-side tokens (need equal, >= 1)");
+    require<ConfigError>(keys.length(b) <= rope.max_positions(), "attend_absorbed: sequence ", b,
+                         " is longer than the RoPE table");
+    maxlen = std::max(maxlen, keys.length(b));
+  }
+  ldq = ldq ? ldq : a.q_width();
+  ldo = ldo ? ldo : a.q_width();
+  const index_t tiles = (maxlen + detail::attn::kTile - 1) / detail::attn::kTile;
+  if (splits <= 0) splits = detail::pick_splits(B * a.kv_heads, tiles);
+  const int tps = static_cast<int>((tiles + splits - 1) / splits);
+  splits = static_cast<int>((tiles + tps - 1) / tps);
+  const std::size_t smem = detail::gemm::kSmemBytes +
+                           sizeof(float) * (hpg * vs.width + 2 * hpg * 128 + 3 * detail::attn::kMaxGroup) + 8 * 64;
+  require<ConfigError>(smem <= 227 * 1024, "attend_absorbed: ", hpg, " heads per KV head × value width ", vs.width,
+                       " need ", smem, " bytes of shared memory (at most 227 KB)");
+  const std::size_t slots = static_cast<std::size_t>(B) * a.heads * splits;
+  ws.acc.reserve(slots * vs.width);
+  ws.ml.reserve(slots * 2);
+  detail::rope_queries(q, ldq, B, a, keys.view().length, rope, ws, stream);
+
+  auto kernel = detail::absorbed_decode_kernel<QK, QV>;
+  XQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const detail::SplitArgs sa{static_cast<int>(a.heads), hpg, splits, tps};
+  kernel<<<dim3(static_cast<unsigned>(splits), static_cast<unsigned>(a.kv_heads), static_cast<unsigned>(B)),
+           detail::gemm::THREADS, smem, stream>>>(keys.view(), values.view(), w.wk, w.ldwk ? w.ldwk : ks.width,
+                                                  a.kv_width(), ws.q.data(), rope.cos(), rope.sin(), sa, ws.acc.data(),
+                                                  ws.ml.data());
+  check_launch("absorbed_decode_kernel");
+  require<ConfigError>(splits <= 1024, "attend_absorbed: too many splits");
+  detail::combine_kernel<<<dim3(static_cast<unsigned>(a.heads), static_cast<unsigned>(B)), 256,
+                           sizeof(float) * vs.width, stream>>>(ws.acc.data(), ws.ml.data(), static_cast<int>(a.heads), hpg,
+                                                               splits, vs.width, w.wv, w.ldwv ? w.ldwv : vs.width, w.bv,
+                                                               out, ldo);
+  check_launch("combine_kernel");
+}
+
+/// Decode attention over materialized K (post-RoPE) and V (T = bf16 or fp16): token t of
+/// sequence b is row b·seq_rows + t (row stride ld elements, head g at columns g·Dh); every
+/// sequence has `len` tokens and its query sits at position len−1. `length` is a device array
+/// of `batch` ints equal to len (queries are rotated at length−1).
+template <class T>
+void attend_kv(const T* K, const T* V, index_t ld, index_t seq_rows, int batch, index_t len, const int* length,
+               const AttentionShape& a, const DeviceRope& rope, const float* q, float* out, DecodeWorkspace& ws,
+               cudaStream_t stream, index_t ldq = 0, index_t ldo = 0, int splits = 0) {
+  static_assert(detail::is_input_type<T>, "attend_kv: K and V must be bf16 or fp16");
+  detail::check_attention(a);
+  require<ShapeError>(K && V && q && out && length, "attend_kv: null pointer");
+  require<ShapeError>(ld >= a.kv_width() && ld % 4 == 0 && len >= 1 && seq_rows >= len, "attend_kv: bad ld/len/seq_rows");
+  ldq = ldq ? ldq : a.q_width();
+  ldo = ldo ? ldo : a.q_width();
+  const int hpg = static_cast<int>(a.heads / a.kv_heads);
+  if (splits <= 0) splits = detail::pick_splits(batch * a.kv_heads, (len + 127) / 128);
+  const index_t chunk = ((len + splits - 1) / splits + 31) / 32 * 32;
+  splits = static_cast<int>((len + chunk - 1) / chunk);
+  const std::size_t slots = static_cast<std::size_t>(batch) * a.heads * splits;
+  ws.acc.reserve(slots * a.head_dim);
+  ws.ml.reserve(slots * 2);
+  detail::rope_queries(q, ldq, batch, a, length, rope, ws, stream);
+  const detail::SplitArgs sa{static_cast<int>(a.heads), hpg, splits, 0};
+  detail::kv_decode_kernel<T><<<dim3(static_cast<unsigned>(splits), static_cast<unsigned>(a.kv_heads),
+                                     static_cast<unsigned>(batch)), 128, 0, stream>>>(K, V, ld, seq_rows, len, ws.q.data(),
+                                                                                     sa, chunk, ws.acc.data(), ws.ml.data());
+  check_launch("kv_decode_kernel");
+  detail::combine_kernel<<<dim3(static_cast<unsigned>(a.heads), static_cast<unsigned>(batch)), 128,
+                           sizeof(float) * a.head_dim, stream>>>(ws.acc.data(), ws.ml.data(), static_cast<int>(a.heads),
+                                                                 hpg, splits, a.head_dim, nullptr, 0, nullptr, out, ldo);
+  check_launch("combine_kernel");
+}
+
+}  // namespace xquant::cuda

@@ -1,0 +1,101 @@
+#pragma once
+// Device memory owned by RAII buffers (plain cudaMalloc, never managed memory) and a cuBLAS
+// handle bound to a stream.
+
+#include <cstddef>
+#include <utility>
+
+#include <cuda_bf16.h>
+
+#include "error.cuh"
+
+namespace xquant::cuda {
+
+/// `n` elements of T in device memory. Moves, never copies. Contents are uninitialized.
+template <class T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(std::size_t n) { resize(n); }
+  ~DeviceBuffer() { release(); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      p_ = std::exchange(o.p_, nullptr);
+      n_ = std::exchange(o.n_, 0);
+    }
+    return *this;
+  }
+
+  /// Reallocates to exactly `n` elements (contents are lost). Synchronizes like cudaMalloc.
+  void resize(std::size_t n) {
+    if (n == n_) return;
+    release();
+    if (n) XQ_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p_), n * sizeof(T)));
+    n_ = n;
+  }
+  /// Grows to at least `n` elements.
+  void reserve(std::size_t n) {
+    if (n > n_) resize(n);
+  }
+
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+  std::size_t size() const { return n_; }
+  std::size_t bytes() const { return n_ * sizeof(T); }
+
+  void upload(const T* host, std::size_t n, cudaStream_t s) {
+    require<ShapeError>(n <= n_, "upload: ", n, " elements do not fit a buffer of ", n_);
+    XQ_CUDA_CHECK(cudaMemcpyAsync(p_, host, n * sizeof(T), cudaMemcpyHostToDevice, s));
+  }
+  void download(T* host, std::size_t n, cudaStream_t s) const {
+    require<ShapeError>(n <= n_, "download: ", n, " elements exceed a buffer of ", n_);
+    XQ_CUDA_CHECK(cudaMemcpyAsync(host, p_, n * sizeof(T), cudaMemcpyDeviceToHost, s));
+  }
+  /// Fills every byte with `byte` (tests poison outputs with 0xff: NaN in every float type).
+  void fill_bytes(int byte, cudaStream_t s) { XQ_CUDA_CHECK(cudaMemsetAsync(p_, byte, bytes(), s)); }
+
+ private:
+  void release() noexcept {
+    if (p_) cudaFree(p_);
+    p_ = nullptr;
+    n_ = 0;
+  }
+  T* p_ = nullptr;
+  std::size_t n_ = 0;
+};
+
+/// A cuBLAS handle. Calls that take it set the stream first, so it follows the stream-ordered API.
+class Cublas {
+ public:
+  Cublas() { XQ_CUBLAS_CHECK(cublasCreate(&h_)); }
+  ~Cublas() {
+    if (h_) cublasDestroy(h_);
+  }
+  Cublas(const Cublas&) = delete;
+  Cublas& operator=(const Cublas&) = delete;
+  cublasHandle_t on(cudaStream_t s) {
+    XQ_CUBLAS_CHECK(cublasSetStream(h_, s));
+    return h_;
+  }
+
+ private:
+  cublasHandle_t h_ = nullptr;
+};
+
+/// C = A·Bᵀ in bf16 with fp32 accumulation through cuBLAS. Row-major A (M × K, lda),
+/// B (N × K, ldb: nn.Linear's layout), C (M × N, ldc).
+inline void gemm_bf16_nt(Cublas& blas, index_t M, index_t N, index_t K, const __nv_bfloat16* A, index_t lda,
+                         const __nv_bfloat16* B, index_t ldb, __nv_bfloat16* C, index_t ldc, cudaStream_t stream) {
+  const float one = 1.0f, zero = 0.0f;
+  // Row-major C = A·Bᵀ is column-major Cᵀ = B·Aᵀ: B enters transposed, A as is.
+  XQ_CUBLAS_CHECK(cublasGemmEx(blas.on(stream), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(N), static_cast<int>(M),
+                               static_cast<int>(K), &one, B, CUDA_R_16BF, static_cast<int>(ldb), A, CUDA_R_16BF,
+                               static_cast<int>(lda), &zero, C, CUDA_R_16BF, static_cast<int>(ldc), CUBLAS_COMPUTE_32F,
+                               CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace xquant::cuda

@@ -1,0 +1,212 @@
+#pragma once
+// Quantize/append and dequantize kernels for a device stream. The math is the CPU quantizer's
+// own (quant::Uniform<...>::fit / encode / decode and quant::pack_codes, all XQ_HOST_DEVICE), so
+// codes and fp16 parameters equal quant::QuantOps<backend::Reference>'s bit for bit.
+//
+// Work split: one thread per chunk of 8 consecutive values of a row (16-byte input loads, one
+// packed store of Bits bytes). Per-token groups of G values are G/8 consecutive lanes; their
+// min/max is a butterfly over those lanes. Per-channel groups: one thread per 8 channels walks
+// the G tokens of the group (coalesced across threads).
+
+#include "common.cuh"
+
+namespace xquant::cuda {
+
+/// Where the kernels find one stream's storage (device pointers, passed by value).
+/// Layout, for `batch` sequences of up to `capacity` tokens, each sequence contiguous:
+///   codes   [batch][capacity][code_bytes]                     packed rows, as the CPU stream's
+///   params  Axis::Token:   [batch][capacity][width/group][ppg]  fp16 bits
+///           Axis::Channel: [batch][capacity/group][width][ppg]
+///   window  Axis::Channel: [batch][group][width] fp16 bits: the newest tokens of the unfilled group
+///   length  [batch] tokens appended (device mirror of the host count)
+template <class Q>
+struct StreamView {
+  std::uint8_t* codes = nullptr;
+  std::uint16_t* params = nullptr;
+  std::uint16_t* window = nullptr;
+  int* length = nullptr;
+  index_t width = 0, group = 0, capacity = 0, code_bytes = 0;
+  int batch = 0;
+
+  XQ_HOST_DEVICE std::uint8_t* row(index_t seq, index_t tok) const { return codes + (seq * capacity + tok) * code_bytes; }
+  /// Parameters of the group holding (tok, channel j).
+  XQ_HOST_DEVICE std::uint16_t* param(index_t seq, index_t tok, index_t j) const {
+    if constexpr (Q::axis == Axis::Token)
+      return params + ((seq * capacity + tok) * (width / group) + j / group) * Q::params_per_group;
+    else
+      return params + ((seq * (capacity / group) + tok / group) * width + j) * Q::params_per_group;
+  }
+  XQ_HOST_DEVICE std::uint16_t* window_row(index_t seq, index_t tok) const {
+    return window + (seq * group + tok % group) * width;
+  }
+  /// Tokens of a sequence with codes (per-channel: the whole groups; per-token: all of them).
+  XQ_HOST_DEVICE static index_t quantized(index_t len, index_t group) {
+    if constexpr (Q::axis == Axis::Channel) return len - len % group;
+    else return len;
+  }
+};
+
+namespace detail {
+
+/// Status bits raised by kernels (read back by DeviceStream::check).
+enum : unsigned { kNonFinite = 1u, kFp16Range = 2u };
+
+/// Destination of input row r: sequence seq0 + r / rows_per_seq, token length[seq] + r % rows_per_seq.
+struct RowMap {
+  int seq0 = 0;
+  index_t rows_per_seq = 1;
+};
+
+template <class Q, class T>
+__global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, const T* __restrict__ x, index_t ld,
+                                                              index_t rows, RowMap map, unsigned* status) {
+  const index_t r = blockIdx.x;
+  const index_t chunk = static_cast<index_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const bool active = r < rows && chunk * 8 < v.width;
+  float x8[8];
+  float lo = INFINITY, hi = -INFINITY;
+  bool finite = true;
+  if (active) {
+    load8(x + r * ld + chunk * 8, x8);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      finite &= isfinite(x8[i]);
+      lo = x8[i] < lo ? x8[i] : lo;  // the CPU's comparisons, not fminf (same result on finite input)
+      hi = x8[i] > hi ? x8[i] : hi;
+    }
+  }
+  segment_minmax(lo, hi, static_cast<int>(v.group / 8));
+  if (!active) return;
+  const index_t seq = map.seq0 + r / map.rows_per_seq;
+  const index_t tok = v.length[seq] + r % map.rows_per_seq;
+  std::uint16_t p[2] = {0, 0};
+  const bool ok = Q::fit(lo, hi, p);
+  if (!finite) atomicOr(status, kNonFinite);
+  if (!ok) atomicOr(status, kFp16Range);
+  const index_t j = chunk * 8;
+  if (j % v.group == 0) {
+    std::uint16_t* dst = v.param(seq, tok, j);
+#pragma unroll
+    for (int k = 0; k < Q::params_per_group; ++k) dst[k] = p[k];
+  }
+  const auto P = Q::load(p);
+  std::uint8_t c[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) c[i] = Q::encode(x8[i], P);
+  store_chunk<Q::bits>(v.row(seq, tok) + chunk * Q::bits, pack8<Q::bits>(c));
+}
+
+/// Value of an input or window element after the trip through fp16 that every windowed token takes.
+template <class T>
+__device__ __forceinline__ float via_half(T v) { return half_to_float(float_to_half(to_float(v))); }
+__device__ __forceinline__ float via_half(std::uint16_t h) { return half_to_float(h); }
+
+/// Copies rows into the per-channel fp16 window (checking that they fit fp16).
+template <class Q, class T>
+__global__ void window_store_kernel(StreamView<Q> v, const T* __restrict__ x, index_t ld, index_t rows, RowMap map,
+                                    unsigned* status) {
+  const index_t r = blockIdx.x;
+  const index_t seq = map.seq0 + r / map.rows_per_seq;
+  const index_t tok = v.length[seq] + r % map.rows_per_seq;
+  for (index_t j = threadIdx.x; j < v.width; j += blockDim.x) {
+    const std::uint16_t h = float_to_half(to_float(x[r * ld + j]));
+    if (!half_is_finite(h)) atomicOr(status, kNonFinite);
+    v.window_row(seq, tok)[j] = h;
+  }
+}
+
+/// Quantizes whole per-channel groups: group gi of the launch covers source rows
+/// [gi*G, gi*G+G) (row stride ld) and lands at tokens first_tok + gi*G of sequence `seq`.
+template <class Q, class S>
+__global__ void __launch_bounds__(128) quantize_channels_kernel(StreamView<Q> v, const S* __restrict__ src, index_t ld,
+                                                                index_t seq, index_t first_tok, unsigned* status) {
+  const index_t chunk = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (chunk * 8 >= v.width) return;
+  const index_t G = v.group, gi = blockIdx.y, j = chunk * 8;
+  const S* base = src + gi * G * ld + j;
+  float lo[8], hi[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) lo[i] = hi[i] = via_half(base[i]);
+  for (index_t r = 1; r < G; ++r)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float x = via_half(base[r * ld + i]);
+      lo[i] = x < lo[i] ? x : lo[i];
+      hi[i] = x > hi[i] ? x : hi[i];
+    }
+  const index_t tok0 = first_tok + gi * G;
+  typename Q::Params P[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    std::uint16_t* p = v.param(seq, tok0, j + i);
+    std::uint16_t q[2] = {0, 0};
+    if (!Q::fit(lo[i], hi[i], q)) atomicOr(status, kFp16Range);
+#pragma unroll
+    for (int k = 0; k < Q::params_per_group; ++k) p[k] = q[k];
+    P[i] = Q::load(q);
+  }
+  for (index_t r = 0; r < G; ++r) {
+    std::uint8_t c[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) c[i] = Q::encode(via_half(base[r * ld + i]), P[i]);
+    store_chunk<Q::bits>(v.row(seq, tok0 + r) + chunk * Q::bits, pack8<Q::bits>(c));
+  }
+}
+
+__global__ void add_length_kernel(int* length, int seq0, int count, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < count) length[seq0 + i] += n;
+}
+
+/// Value of (seq, tok, j..j+7) of a stream: from codes, or (per-channel, newest tokens) the window.
+template <class Q>
+__device__ __forceinline__ void dequant8(const StreamView<Q>& v, index_t seq, index_t tok, index_t j, index_t quantized,
+                                         float (&out)[8]) {
+  if constexpr (Q::axis == Axis::Channel) {
+    if (tok >= quantized) {
+      const std::uint16_t* w = v.window_row(seq, tok) + j;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) out[i] = half_to_float(w[i]);
+      return;
+    }
+  }
+  const std::uint64_t w = load_chunk<Q::bits>(v.row(seq, tok) + (j / 8) * Q::bits);
+  constexpr std::uint32_t mask = Q::max_code;
+  if constexpr (Q::axis == Axis::Token) {
+    const auto P = Q::load(v.param(seq, tok, j));
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = Q::decode(static_cast<std::uint32_t>(w >> (i * Q::bits)) & mask, P);
+  } else {
+    const std::uint16_t* p = v.param(seq, tok, j);
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      out[i] = Q::decode(static_cast<std::uint32_t>(w >> (i * Q::bits)) & mask, Q::load(p + i * Q::params_per_group));
+  }
+}
+
+/// Rows [begin, end) of every sequence -> bf16 rows, sequence-major (the simple remat path's A).
+template <class Q, class O>
+__global__ void dequantize_kernel(StreamView<Q> v, index_t begin, index_t count, O* __restrict__ out, index_t ldo) {
+  const index_t r = blockIdx.x;  // output row: seq * count + (tok - begin)
+  const index_t seq = r / count, tok = begin + r % count;
+  const index_t quantized = StreamView<Q>::quantized(v.length[seq], v.group);
+  for (index_t c = threadIdx.x; c * 8 < v.width; c += blockDim.x) {
+    float x[8];
+    dequant8(v, seq, tok, c * 8, quantized, x);
+    alignas(16) O o[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if constexpr (std::is_same_v<O, float>) o[i] = x[i];
+      else o[i] = __float2bfloat16_rn(x[i]);
+    }
+    if constexpr (std::is_same_v<O, float>) {
+      *reinterpret_cast<float4*>(out + r * ldo + c * 8) = *reinterpret_cast<float4*>(o);
+      *reinterpret_cast<float4*>(out + r * ldo + c * 8 + 4) = *reinterpret_cast<float4*>(o + 4);
+    } else {
+      *reinterpret_cast<uint4*>(out + r * ldo + c * 8) = *reinterpret_cast<uint4*>(o);
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace xquant::cuda

@@ -1,0 +1,213 @@
+#pragma once
+// DeviceStream<Q>: one layer's quantized tensor (X, or a latent X·U) for a batch of sequences on
+// the GPU. Appends are stream-ordered (prefill chunks or one decode token per sequence); value
+// errors found by the kernels (non-finite input, a group whose scale or zero overflows fp16) are
+// recorded on the device and raised as ValueError by check().
+
+#include <algorithm>
+#include <vector>
+
+#include "memory.cuh"
+#include "quantize.cuh"
+
+namespace xquant::cuda {
+
+/// Geometry of a device stream.
+struct DeviceStreamShape {
+  int batch = 1;           ///< sequences
+  index_t capacity = 0;    ///< tokens per sequence (a multiple of `group` for per-channel groups)
+  index_t width = 0;       ///< values per token (a multiple of 8)
+  index_t group = 128;     ///< group size; 8, 16, 32, 64, 128 or 256
+};
+
+/// \tparam Q quant::Uniform<Bits, Axis, Scheme>: the CPU quantizer whose codes this stream holds.
+template <class Q>
+class DeviceStream {
+  static_assert(!Q::is_float, "xquant::cuda::DeviceStream: Q must be a quant::Uniform quantizer");
+
+ public:
+  using quantizer = Q;
+
+  explicit DeviceStream(const DeviceStreamShape& s) : s_(s) {
+    require<ConfigError>(s.batch > 0, "batch: must be positive, got ", s.batch);
+    require<ConfigError>(s.capacity > 0, "capacity: must be positive, got ", s.capacity);
+    require<ConfigError>(s.width > 0 && s.width % 8 == 0, "width: the CUDA backend needs a positive multiple of 8, got ",
+                         s.width);
+    require<ConfigError>(s.group >= 8 && s.group <= 256 && (s.group & (s.group - 1)) == 0,
+                         "group: the CUDA backend supports 8, 16, 32, 64, 128 or 256, got ", s.group);
+    if constexpr (Q::axis == Axis::Token)
+      require<ConfigError>(s.width % s.group == 0, "group: must divide the width ", s.width, ", got ", s.group);
+    else
+      require<ConfigError>(s.capacity % s.group == 0, "capacity: must be a multiple of the per-channel group ", s.group,
+                           ", got ", s.capacity);
+    code_bytes_ = Q::code_bytes(s.width);
+    const index_t rows = s.batch * s.capacity;
+    codes_.resize(static_cast<std::size_t>(rows * code_bytes_));
+    const index_t groups_per_row = Q::axis == Axis::Token ? s.width / s.group : 0;
+    params_.resize(static_cast<std::size_t>(Q::axis == Axis::Token ? rows * groups_per_row * Q::params_per_group
+                                                                   : (rows / s.group) * s.width * Q::params_per_group));
+    if constexpr (Q::axis == Axis::Channel) window_.resize(static_cast<std::size_t>(s.batch * s.group * s.width));
+    length_.resize(static_cast<std::size_t>(s.batch));
+    status_.resize(1);
+    XQ_CUDA_CHECK(cudaMemset(length_.data(), 0, length_.bytes()));
+    XQ_CUDA_CHECK(cudaMemset(status_.data(), 0, status_.bytes()));
+    host_len_.assign(static_cast<std::size_t>(s.batch), 0);
+  }
+
+  const DeviceStreamShape& shape() const { return s_; }
+  index_t length(int seq) const { return host_len_.at(static_cast<std::size_t>(seq)); }
+  index_t code_bytes() const { return code_bytes_; }
+  /// Device bytes of codes + parameters (+ window) this stream holds.
+  std::size_t allocated_bytes() const { return codes_.bytes() + params_.bytes() + window_.bytes(); }
+
+  StreamView<Q> view() const {
+    StreamView<Q> v;
+    v.codes = const_cast<std::uint8_t*>(codes_.data());
+    v.params = const_cast<std::uint16_t*>(params_.data());
+    v.window = const_cast<std::uint16_t*>(window_.data());
+    v.length = const_cast<int*>(length_.data());
+    v.width = s_.width;
+    v.group = s_.group;
+    v.capacity = s_.capacity;
+    v.code_bytes = code_bytes_;
+    v.batch = s_.batch;
+    return v;
+  }
+  const DeviceBuffer<std::uint8_t>& codes() const { return codes_; }
+  const DeviceBuffer<std::uint16_t>& params() const { return params_; }
+
+  /// Appends `n` tokens (a prefill chunk, or one decode token) of `width` bf16/fp16 values to
+  /// sequence `seq` (device rows with stride `ld` elements, 16-byte aligned).
+  template <class T>
+  void append(int seq, const T* x, index_t n, index_t ld, cudaStream_t stream) {
+    require<ShapeError>(seq >= 0 && seq < s_.batch, "seq: must be in [0, ", s_.batch, "), got ", seq);
+    check_rows(x, n, ld);
+    if (n == 0) return;
+    require<CapacityError>(host_len_[seq] + n <= s_.capacity, "sequence ", seq, ": appending ", n, " tokens to ",
+                           host_len_[seq], " exceeds the capacity ", s_.capacity);
+    append_rows(seq, 1, x, n, ld, stream);
+  }
+
+  /// Appends one token to every sequence (a decode step): row b of `x` goes to sequence b.
+  template <class T>
+  void append_all(const T* x, index_t ld, cudaStream_t stream) {
+    check_rows(x, s_.batch, ld);
+    for (int b = 0; b < s_.batch; ++b)
+      require<CapacityError>(host_len_[b] + 1 <= s_.capacity, "sequence ", b, " is full (capacity ", s_.capacity, ")");
+    append_rows(0, s_.batch, x, 1, ld, stream);
+  }
+
+  /// Fills codes, parameters and window with `byte` (tests poison storage before appending).
+  void fill_storage(int byte, cudaStream_t stream) {
+    codes_.fill_bytes(byte, stream);
+    params_.fill_bytes(byte, stream);
+    if (window_.size()) window_.fill_bytes(byte, stream);
+  }
+
+  /// Forgets every sequence's tokens (storage is kept).
+  void clear(cudaStream_t stream) {
+    XQ_CUDA_CHECK(cudaMemsetAsync(length_.data(), 0, length_.bytes(), stream));
+    host_len_.assign(host_len_.size(), 0);
+  }
+
+  /// Synchronizes `stream` and raises ValueError if an append met a non-finite value or a group
+  /// whose scale or zero does not fit fp16 (the codes written for it are then meaningless).
+  void check(cudaStream_t stream) {
+    unsigned st = 0;
+    XQ_CUDA_CHECK(cudaMemcpyAsync(&st, status_.data(), sizeof st, cudaMemcpyDeviceToHost, stream));
+    XQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (st) XQ_CUDA_CHECK(cudaMemsetAsync(status_.data(), 0, sizeof st, stream));
+    require<ValueError>(!(st & detail::kNonFinite), "X: a value is NaN or Inf (or overflows fp16)");
+    require<ValueError>(!(st & detail::kFp16Range),
+                        "X: a quantization group's scale or zero does not fit fp16 (|value| <= 65504); rescale the activations");
+  }
+
+ private:
+  template <class T>
+  void check_rows(const T* x, index_t n, index_t ld) const {
+    static_assert(detail::is_input_type<T>, "DeviceStream::append: x must be bf16 (__nv_bfloat16) or fp16 (__half)");
+    require<ShapeError>(n >= 0, "n: must be non-negative, got ", n);
+    require<ShapeError>(n == 0 || x != nullptr, "x: null pointer");
+    require<ShapeError>(ld >= s_.width && ld % 8 == 0, "ld: must be at least the width ", s_.width,
+                        " and a multiple of 8 (16-byte rows), got ", ld);
+    require<ShapeError>(reinterpret_cast<std::uintptr_t>(x) % 16 == 0, "x: must be 16-byte aligned");
+  }
+
+  // `count` sequences from seq0, n tokens each, rows of x in sequence-major order.
+  template <class T>
+  void append_rows(int seq0, int count, const T* x, index_t n, index_t ld, cudaStream_t stream) {
+    const StreamView<Q> v = view();
+    const index_t rows = count * n;
+    if constexpr (Q::axis == Axis::Token) {
+      const dim3 grid(static_cast<unsigned>(rows), detail::blocks_for(s_.width / 8, 128));
+      detail::quantize_tokens_kernel<Q, T><<<grid, 128, 0, stream>>>(v, x, ld, rows, detail::RowMap{seq0, n},
+                                                                      status_.data());
+      check_launch("quantize_tokens_kernel");
+    } else {
+      const index_t G = s_.group;
+      if (count > 1) {  // one token per sequence: through the windows, then flush the full ones
+        launch_window(v, x, ld, rows, detail::RowMap{seq0, 1}, stream);
+        bump(seq0, count, 1, stream);
+        for (int b = seq0; b < seq0 + count; ++b) {
+          ++host_len_[b];
+          if (host_len_[b] % G == 0) launch_flush(v, v.window_row(b, 0), s_.width, b, host_len_[b] - G, 1, stream);
+        }
+        return;
+      }
+      // One sequence: top up the open group through the window, whole groups straight from x.
+      const int b = seq0;
+      index_t done = 0;
+      const index_t open = host_len_[b] % G;
+      if (open) {
+        const index_t k = std::min(n, G - open);
+        launch_window(v, x, ld, k, detail::RowMap{b, k}, stream);
+        bump(b, 1, static_cast<int>(k), stream);
+        host_len_[b] += k;
+        done = k;
+        if (host_len_[b] % G == 0) launch_flush(v, v.window_row(b, 0), s_.width, b, host_len_[b] - G, 1, stream);
+      }
+      const index_t whole = (n - done) / G;
+      if (whole) {
+        launch_flush(v, x + done * ld, ld, b, host_len_[b], whole, stream);
+        bump(b, 1, static_cast<int>(whole * G), stream);
+        host_len_[b] += whole * G;
+        done += whole * G;
+      }
+      if (done < n) {
+        launch_window(v, x + done * ld, ld, n - done, detail::RowMap{b, n - done}, stream);
+        bump(b, 1, static_cast<int>(n - done), stream);
+        host_len_[b] += n - done;
+      }
+      return;
+    }
+    bump(seq0, count, static_cast<int>(n), stream);
+    for (int b = seq0; b < seq0 + count; ++b) host_len_[b] += n;
+  }
+
+  template <class T>
+  void launch_window(const StreamView<Q>& v, const T* x, index_t ld, index_t rows, detail::RowMap map, cudaStream_t stream) {
+    detail::window_store_kernel<Q, T><<<static_cast<unsigned>(rows), 256, 0, stream>>>(v, x, ld, rows, map, status_.data());
+    check_launch("window_store_kernel");
+  }
+  template <class S>
+  void launch_flush(const StreamView<Q>& v, const S* src, index_t ld, int seq, index_t first_tok, index_t groups,
+                    cudaStream_t stream) {
+    const dim3 grid(detail::blocks_for(s_.width / 8, 128), static_cast<unsigned>(groups));
+    detail::quantize_channels_kernel<Q, S><<<grid, 128, 0, stream>>>(v, src, ld, seq, first_tok, status_.data());
+    check_launch("quantize_channels_kernel");
+  }
+  void bump(int seq0, int count, int n, cudaStream_t stream) {
+    detail::add_length_kernel<<<detail::blocks_for(count, 128), 128, 0, stream>>>(length_.data(), seq0, count, n);
+    check_launch("add_length_kernel");
+  }
+
+  DeviceStreamShape s_;
+  index_t code_bytes_ = 0;
+  DeviceBuffer<std::uint8_t> codes_;
+  DeviceBuffer<std::uint16_t> params_, window_;
+  DeviceBuffer<int> length_;
+  DeviceBuffer<unsigned> status_;
+  std::vector<index_t> host_len_;
+};
+
+}  // namespace xquant::cuda

@@ -1,0 +1,133 @@
+// GPU quantize/append against the scalar CPU reference: same codes and fp16 parameters bit for
+// bit, for every bit width, both groupings and both schemes, bf16 and fp16 inputs, prefill
+// chunks, single tokens and batched decode steps.
+
+#include "cuda_support.cuh"
+
+namespace xq = xquant;
+namespace xc = xquant::cuda;
+using xq::Axis;
+using xq::Scheme;
+using xq::index_t;
+
+namespace {
+
+template <class Q, class T>
+void check_append(index_t group) {
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  INFO("seed ", seed, " bits ", Q::bits, " group ", group, (Q::axis == Axis::Token ? " per-token" : " per-channel"),
+       (std::is_same_v<T, xc::bf16> ? " bf16" : " fp16"));
+  const int B = 3;
+  const index_t width = 512, cap = 384;
+  cudaStream_t s = nullptr;
+  xc::DeviceStream<Q> st({B, cap, width, group});
+  st.fill_storage(0xff, s);  // poison
+
+  std::vector<std::vector<float>> rows(B);  // what each sequence received, as the device sees it
+  auto chunk = [&](int b, index_t n) {
+    auto x = xqcuda::round_to<T>(xqtest::activations(rng, static_cast<std::size_t>(n), width));
+    auto d = xqcuda::to_device<T>(x);
+    st.append(b, d.data(), n, width, s);
+    rows[b].insert(rows[b].end(), x.begin(), x.end());
+  };
+  auto step = [&]() {
+    auto x = xqcuda::round_to<T>(xqtest::activations(rng, B, width));
+    auto d = xqcuda::to_device<T>(x);
+    st.append_all(d.data(), width, s);
+    for (int b = 0; b < B; ++b) rows[b].insert(rows[b].end(), x.begin() + b * width, x.begin() + (b + 1) * width);
+  };
+  chunk(0, 300);
+  chunk(1, 70);
+  for (int i = 0; i < 60; ++i) chunk(1, 1);
+  chunk(2, 125);
+  for (int i = 0; i < 5; ++i) step();
+  st.check(s);
+
+  const auto codes = xqcuda::to_host(st.codes());
+  const auto params = xqcuda::to_host(st.params());
+  const index_t cb = Q::code_bytes(width);
+  using Ops = xq::quant::QuantOps<xq::backend::Reference>;
+  for (int b = 0; b < B; ++b) {
+    const index_t len = st.length(b);
+    REQUIRE(static_cast<std::size_t>(len * width) == rows[b].size());
+    CAPTURE(b);
+    if constexpr (Q::axis == Axis::Token) {
+      const index_t G = width / group * Q::params_per_group;
+      std::vector<std::uint8_t> c(static_cast<std::size_t>(len * cb));
+      std::vector<std::uint16_t> p(static_cast<std::size_t>(len * G));
+      Ops::quantize_tokens<Q>(rows[b].data(), len, width, width, group, c.data(), p.data());
+      CHECK(std::equal(c.begin(), c.end(), codes.begin() + b * cap * cb));
+      CHECK(std::equal(p.begin(), p.end(), params.begin() + b * cap * G));
+    } else {
+      std::vector<float> h(rows[b]);
+      for (float& v : h) v = xq::round_to_half(v);
+      std::vector<std::uint8_t> c(static_cast<std::size_t>(group * cb));
+      std::vector<std::uint16_t> p(static_cast<std::size_t>(width * Q::params_per_group));
+      for (index_t t = 0; t + group <= len; t += group) {
+        CAPTURE(t);
+        Ops::quantize_channels<Q>(h.data() + t * width, group, width, width, c.data(), p.data());
+        CHECK(std::equal(c.begin(), c.end(), codes.begin() + (b * cap + t) * cb));
+        CHECK(std::equal(p.begin(), p.end(), params.begin() + ((b * cap + t) / group) * width * Q::params_per_group));
+      }
+    }
+  }
+  // Dequantized values (window tokens included) equal the CPU's bit for bit.
+  index_t common = cap;
+  for (int b = 0; b < B; ++b) common = std::min(common, st.length(b));
+  xc::DeviceBuffer<float> out(static_cast<std::size_t>(B * common * width));
+  out.fill_bytes(0xff, s);
+  xc::dequantize(st, 0, common, out.data(), width, s);
+  const auto got = xqcuda::to_host(out);
+  for (int b = 0; b < B; ++b) {
+    const auto ref = xqcuda::reference_xhat<Q>(rows[b], common, width, group);
+    index_t bad = 0;
+    for (index_t i = 0; i < common * width; ++i)
+      bad += !(got[b * common * width + i] == ref[i]);  // NaN (unwritten) counts as bad
+    CHECK_MESSAGE(bad == 0, "sequence ", b, ": ", bad, " dequantized values differ");
+  }
+}
+
+template <class Q>
+void check_all() {
+  XQ_REQUIRE_DEVICE();
+  for (index_t g : {index_t(32), index_t(128)}) {
+    const index_t group = Q::axis == Axis::Token ? g : g;  // per-channel: 32 and 128 tokens
+    check_append<Q, xc::bf16>(group);
+    check_append<Q, xc::fp16>(group);
+  }
+}
+
+}  // namespace
+
+#define XQ_QUANTIZERS(A, S)                                                                             \
+  xq::quant::Uniform<2, A, S>, xq::quant::Uniform<3, A, S>, xq::quant::Uniform<4, A, S>, \
+      xq::quant::Uniform<8, A, S>
+
+TEST_CASE_TEMPLATE("cuda quantize/append matches the CPU reference bit for bit", Q,
+                   XQ_QUANTIZERS(Axis::Token, Scheme::Asymmetric), XQ_QUANTIZERS(Axis::Token, Scheme::Symmetric),
+                   XQ_QUANTIZERS(Axis::Channel, Scheme::Asymmetric), XQ_QUANTIZERS(Axis::Channel, Scheme::Symmetric)) {
+  check_all<Q>();
+}
+
+TEST_CASE("cuda stream rejects bad geometry before touching the device") {
+  using Q = xq::quant::Uniform<4>;
+  CHECK_THROWS_AS(xc::DeviceStream<Q>({1, 128, 100, 32}), xq::ConfigError);   // width % 8
+  CHECK_THROWS_AS(xc::DeviceStream<Q>({1, 128, 512, 96}), xq::ConfigError);   // group not a power of two
+  CHECK_THROWS_AS(xc::DeviceStream<Q>({0, 128, 512, 128}), xq::ConfigError);  // batch
+  using C = xq::quant::Uniform<4, Axis::Channel>;
+  CHECK_THROWS_AS(xc::DeviceStream<C>({1, 100, 512, 128}), xq::ConfigError);  // capacity % group
+}
+
+TEST_CASE("cuda append reports values that cannot be quantized") {
+  XQ_REQUIRE_DEVICE();
+  using Q = xq::quant::Uniform<4>;
+  xc::DeviceStream<Q> st({1, 16, 64, 32});
+  std::vector<float> x(64, 1.0f);
+  x[3] = 1e30f;  // bf16 holds it, an fp16 zero/scale cannot
+  auto d = xqcuda::to_device<xc::bf16>(x);
+  st.append(0, d.data(), 1, 64, nullptr);
+  CHECK_THROWS_AS(st.check(nullptr), xq::ValueError);
+  CHECK_THROWS_AS(st.append(0, d.data(), 1, 60, nullptr), xq::ShapeError);  // ld < width
+  CHECK_THROWS_AS(st.append(0, d.data(), 100, 64, nullptr), xq::CapacityError);
+}
