@@ -46,6 +46,7 @@ struct QuantOps<backend::Reference> {
   static void quantize_channels(const float* x, index_t rows, index_t ld, index_t width,
                                 std::uint8_t* codes, std::uint16_t* params) {
     static_assert(!Q::is_float && Q::axis == Axis::Channel, "quantize_channels needs a per-channel quantizer");
+    if (rows <= 0 || width <= 0) return;
     for (index_t j = 0; j < width; ++j) {
       float lo = x[j], hi = x[j];
       for (index_t r = 1; r < rows; ++r) {
