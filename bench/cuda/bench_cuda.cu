@@ -1,0 +1,378 @@
+// GPU benchmarks of the CUDA backend, each with its baseline in the same binary:
+//   append  — quantize + append a prefill chunk, as a fraction of a device-to-device copy of X;
+//   remat   — fused dequantize + GEMM + RoPE vs cuBLAS bf16 GEMM on an unquantized X (and the
+//             simple dequantize-then-cuBLAS path);
+//   decode  — attention with absorbed values vs materialize-then-attend, and vs FP16-KV attention.
+// Shapes: Llama-2-7B layer (d 4096, 32 × 128, MHA), Llama-3.1-8B (8 KV heads) with X cached, and
+// Llama-3.1-8B with the latent codec (X·Uk per channel, X·Uv per token, width 1024). Batch 1 and
+// 8, 4k and 32k cached tokens, 4- and 2-bit. Times are medians of CUDA-event timings after warm-up.
+// At exit a markdown table of the ratios is printed (and written to $XQ_BENCH_MD if set).
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <xquant/cuda.cuh>
+
+namespace xq = xquant;
+namespace xc = xquant::cuda;
+using xq::index_t;
+using U4 = xq::quant::Uniform<4>;
+using U2 = xq::quant::Uniform<2>;
+using C4 = xq::quant::Uniform<4, xq::Axis::Channel>;
+using C2 = xq::quant::Uniform<2, xq::Axis::Channel>;
+
+namespace {
+
+// ---- random device data (never zeros) -------------------------------------------------------
+__device__ float hash_normalish(std::uint64_t i, std::uint32_t seed) {
+  std::uint64_t z = i * 0x9E3779B97F4A7C15ull + seed;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  const float a = static_cast<float>(z & 0xffffff) / 16777216.0f, b = static_cast<float>((z >> 24) & 0xffffff) / 16777216.0f;
+  return (a + b - 1.0f) * 2.45f;  // mean 0, variance ~1
+}
+template <class T>
+__global__ void fill_kernel(T* p, std::size_t n, std::uint32_t seed, float scale) {
+  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
+    const float v = hash_normalish(i, seed) * scale;
+    if constexpr (std::is_same_v<T, float>) p[i] = v;
+    else if constexpr (std::is_same_v<T, xc::bf16>) p[i] = __float2bfloat16_rn(v);
+    else p[i] = __float2half_rn(v);
+  }
+}
+template <class T>
+xc::DeviceBuffer<T> random_buffer(std::size_t n, float scale = 1.0f) {
+  static std::uint32_t seed = 1234;
+  xc::DeviceBuffer<T> b(n);
+  fill_kernel<T><<<1024, 256>>>(b.data(), n, ++seed, scale);
+  xc::check_launch("fill_kernel");
+  return b;
+}
+
+// ---- timing -----------------------------------------------------------------------------------
+struct Timer {
+  cudaEvent_t a, b;
+  Timer() {
+    XQ_CUDA_CHECK(cudaEventCreate(&a));
+    XQ_CUDA_CHECK(cudaEventCreate(&b));
+  }
+  ~Timer() {
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+  }
+};
+/// Runs `f` under Google Benchmark's loop with CUDA-event timing; returns the median in ms.
+double time_it(benchmark::State& state, const std::function<void()>& f, int warmup = 3) {
+  Timer t;
+  for (int i = 0; i < warmup; ++i) f();
+  XQ_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<double> ms;
+  for (auto _ : state) {
+    XQ_CUDA_CHECK(cudaEventRecord(t.a));
+    f();
+    XQ_CUDA_CHECK(cudaEventRecord(t.b));
+    XQ_CUDA_CHECK(cudaEventSynchronize(t.b));
+    float e = 0;
+    XQ_CUDA_CHECK(cudaEventElapsedTime(&e, t.a, t.b));
+    state.SetIterationTime(e / 1e3);
+    ms.push_back(e);
+  }
+  std::sort(ms.begin(), ms.end());
+  const double med = ms.empty() ? 0.0 : ms[ms.size() / 2];
+  state.counters["median_us"] = med * 1e3;
+  return med;
+}
+
+std::map<std::string, double> g_ms;  // benchmark name -> median ms
+
+struct Shape {
+  const char* name;
+  index_t d, H, Hkv;
+  bool latent;
+  index_t key_width() const { return latent ? Hkv * 128 : d; }
+};
+const Shape kShapes[] = {{"L2-7B", 4096, 32, 32, false}, {"L3.1-8B", 4096, 32, 8, false}, {"L3.1-8B-latent", 4096, 32, 8, true}};
+
+std::string key(const char* what, const Shape& s, int B, index_t L, int bits) {
+  std::ostringstream os;
+  os << what << "/" << s.name << "/B" << B << "/L" << L / 1024 << "k/" << bits << "b";
+  return os.str();
+}
+
+// ---- append -----------------------------------------------------------------------------------
+template <class Q>
+void bench_append(benchmark::State& st, int B, index_t L, index_t width, std::string name) {
+  auto x = random_buffer<xc::bf16>(static_cast<std::size_t>(L * width));
+  xc::DeviceStream<Q> s({B, L, width, 128});
+  const double ms = time_it(st, [&] {
+    s.clear(nullptr);
+    for (int b = 0; b < B; ++b) s.append(b, x.data(), L, width, nullptr);
+  });
+  const double bytes = static_cast<double>(B) * L * (width * 2 + Q::code_bytes(width) + (width / 128) * 4);
+  st.counters["GB/s"] = bytes / ms / 1e6;
+  g_ms[name] = ms;
+}
+void bench_copy(benchmark::State& st, int B, index_t L, index_t width, std::string name) {
+  auto x = random_buffer<xc::bf16>(static_cast<std::size_t>(L * width));
+  xc::DeviceBuffer<xc::bf16> y(static_cast<std::size_t>(B * L * width));
+  const double ms = time_it(st, [&] {
+    for (int b = 0; b < B; ++b)
+      XQ_CUDA_CHECK(cudaMemcpyAsync(y.data() + b * L * width, x.data(), x.bytes(), cudaMemcpyDeviceToDevice, nullptr));
+  });
+  st.counters["GB/s"] = 2.0 * B * x.bytes() / ms / 1e6;
+  g_ms[name] = ms;
+}
+template <class Q>
+void bench_decode_append(benchmark::State& st, int B, index_t width, std::string name) {
+  auto x = random_buffer<xc::bf16>(static_cast<std::size_t>(B * width));
+  xc::DeviceStream<Q> s({B, 4096, width, 128});
+  const double ms = time_it(st, [&] {
+    if (s.length(0) == 4096) s.clear(nullptr);
+    s.append_all(x.data(), width, nullptr);
+  });
+  g_ms[name] = ms;
+}
+
+// ---- caches for remat and decode ---------------------------------------------------------------
+template <class QK, class QV>
+struct Cache {
+  std::unique_ptr<xc::DeviceStream<QK>> k;
+  std::unique_ptr<xc::DeviceStream<QV>> v;  // latent only
+  xc::DeviceStream<QV>& values() { return v ? *v : reinterpret_cast<xc::DeviceStream<QV>&>(*k); }
+};
+template <class QK, class QV>
+Cache<QK, QV> make_cache(const Shape& s, int B, index_t L) {
+  Cache<QK, QV> c;
+  const index_t w = s.key_width();
+  auto x = random_buffer<xc::bf16>(static_cast<std::size_t>(L * w));
+  c.k = std::make_unique<xc::DeviceStream<QK>>(xc::DeviceStreamShape{B, L, w, 128});
+  for (int b = 0; b < B; ++b) c.k->append(b, x.data(), L, w, nullptr);
+  if (s.latent) {
+    auto y = random_buffer<xc::bf16>(static_cast<std::size_t>(L * w));
+    c.v = std::make_unique<xc::DeviceStream<QV>>(xc::DeviceStreamShape{B, L, w, 128});
+    for (int b = 0; b < B; ++b) c.v->append(b, y.data(), L, w, nullptr);
+  }
+  XQ_CUDA_CHECK(cudaDeviceSynchronize());
+  return c;
+}
+
+xc::Cublas& blas() {
+  static xc::Cublas b;
+  return b;
+}
+const xc::DeviceRope& rope() {
+  static xc::DeviceRope r(xq::Rope(128, 32768, 500000.0));
+  return r;
+}
+
+// ---- remat GEMM -----------------------------------------------------------------------------
+template <class QK, class QV>
+void bench_remat(benchmark::State& st, Shape s, int B, index_t L, int mode, std::string name) {
+  const index_t w = s.key_width(), N = s.Hkv * 128, M = B * L;
+  auto W = random_buffer<xc::bf16>(static_cast<std::size_t>(N * w), 0.02f);
+  xc::DeviceBuffer<xc::bf16> out(static_cast<std::size_t>(M * N));
+  const xc::RematOperand op{W.data(), N, 0, nullptr, &rope()};
+  double ms;
+  if (mode == 2) {  // cuBLAS on an unquantized X of the same shape
+    auto X = random_buffer<xc::bf16>(static_cast<std::size_t>(M * w));
+    ms = time_it(st, [&] { xc::gemm_bf16_nt(blas(), M, N, w, X.data(), w, W.data(), w, out.data(), N, nullptr); });
+  } else {
+    auto c = make_cache<QK, QV>(s, B, L);
+    xc::DeviceBuffer<xc::bf16> scratch;
+    if (mode == 0) ms = time_it(st, [&] { xc::remat_fused(*c.k, 0, L, op, out.data(), N, nullptr); });
+    else ms = time_it(st, [&] { xc::remat_simple(*c.k, 0, L, op, out.data(), N, blas(), scratch, nullptr); });
+  }
+  st.counters["TFLOP/s"] = 2.0 * M * N * w / ms / 1e9;
+  g_ms[name] = ms;
+}
+
+// ---- decode attention -------------------------------------------------------------------------
+template <class QK, class QV>
+void bench_decode(benchmark::State& st, Shape s, int B, index_t L, int mode, std::string name) {
+  const xq::AttentionShape a{s.H, s.Hkv, 128};
+  const index_t dkv = a.kv_width(), wk = s.key_width();
+  auto q = random_buffer<float>(static_cast<std::size_t>(B * a.q_width()));
+  xc::DeviceBuffer<float> out(static_cast<std::size_t>(B * a.q_width()));
+  xc::DecodeWorkspace ws;
+  xc::DeviceBuffer<int> lens(static_cast<std::size_t>(B));
+  std::vector<int> hl(static_cast<std::size_t>(B), static_cast<int>(L));
+  lens.upload(hl.data(), hl.size(), nullptr);
+  double ms;
+  if (mode == 2) {  // FP16 KV cache
+    auto K = random_buffer<xc::fp16>(static_cast<std::size_t>(B * L * dkv));
+    auto V = random_buffer<xc::fp16>(static_cast<std::size_t>(B * L * dkv));
+    ms = time_it(st, [&] {
+      xc::attend_kv(K.data(), V.data(), dkv, L, B, L, lens.data(), a, rope(), q.data(), out.data(), ws, nullptr);
+    });
+  } else {
+    auto c = make_cache<QK, QV>(s, B, L);
+    auto Wk = random_buffer<xc::bf16>(static_cast<std::size_t>(dkv * wk), 0.02f);
+    auto Wv = random_buffer<xc::bf16>(static_cast<std::size_t>(dkv * wk), 0.02f);
+    if (mode == 0) {
+      ms = time_it(st, [&] {
+        xc::attend_absorbed(*c.k, c.values(), a, xc::DecodeWeights{Wk.data(), 0, Wv.data(), 0, nullptr}, rope(), q.data(),
+                            out.data(), ws, nullptr);
+      });
+    } else {  // materialize K and V (fused remat), then attend
+      xc::DeviceBuffer<xc::bf16> K(static_cast<std::size_t>(B * L * dkv)), V(K.size());
+      ms = time_it(st, [&] {
+        xc::remat_fused(*c.k, 0, L, xc::RematOperand{Wk.data(), dkv, 0, nullptr, &rope()}, K.data(), dkv, nullptr);
+        xc::remat_fused(c.values(), 0, L, xc::RematOperand{Wv.data(), dkv}, V.data(), dkv, nullptr);
+        xc::attend_kv(K.data(), V.data(), dkv, L, B, L, lens.data(), a, rope(), q.data(), out.data(), ws, nullptr);
+      });
+    }
+  }
+  g_ms[name] = ms;
+}
+
+template <class QK, class QV>
+void register_shape(const Shape& s, int bits) {
+  for (int B : {1, 8})
+    for (index_t L : {index_t(4096), index_t(32768)}) {
+      const int it_big = (B * L >= 8 * 32768) ? 5 : 15;
+      for (int mode = 0; mode < 3; ++mode) {
+        if (mode == 2 && bits == 2) continue;  // baselines do not depend on the bit width
+        static const char* rn[] = {"remat_fused", "remat_simple", "remat_cublas"};
+        const std::string n = key(rn[mode], s, B, L, mode == 2 ? 16 : bits);
+        benchmark::RegisterBenchmark(n.c_str(), bench_remat<QK, QV>, s, B, L, mode, n)
+            ->UseManualTime()->Iterations(it_big)->Unit(benchmark::kMicrosecond);
+      }
+      for (int mode = 0; mode < 3; ++mode) {
+        if (mode == 2 && bits == 2) continue;
+        static const char* dn[] = {"decode_absorbed", "decode_materialize", "decode_fp16kv"};
+        const std::string n = key(dn[mode], s, B, L, mode == 2 ? 16 : bits);
+        benchmark::RegisterBenchmark(n.c_str(), bench_decode<QK, QV>, s, B, L, mode, n)
+            ->UseManualTime()->Iterations(it_big)->Unit(benchmark::kMicrosecond);
+      }
+    }
+}
+
+template <class Q>
+void register_append(int bits) {
+  for (index_t width : {index_t(4096), index_t(1024)})
+    for (int B : {1, 8})
+      for (index_t L : {index_t(4096), index_t(32768)}) {
+        std::ostringstream os;
+        os << "/w" << width << "/B" << B << "/L" << L / 1024 << "k";
+        const std::string n = "append" + os.str() + "/" + std::to_string(bits) + "b";
+        benchmark::RegisterBenchmark(n.c_str(), bench_append<Q>, B, L, width, n)
+            ->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+        if (bits == 4) {
+          const std::string c = "copy" + os.str();
+          benchmark::RegisterBenchmark(c.c_str(), bench_copy, B, L, width, c)
+              ->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+        }
+      }
+  for (int B : {1, 8}) {
+    const std::string n = "append_token/w4096/B" + std::to_string(B) + "/" + std::to_string(bits) + "b";
+    benchmark::RegisterBenchmark(n.c_str(), bench_decode_append<Q>, B, index_t(4096), n)
+        ->UseManualTime()->Iterations(200)->Unit(benchmark::kMicrosecond);
+  }
+}
+
+std::string fmt(double v, int prec = 2) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.*f", prec, v);
+  return buf;
+}
+double get(const std::string& k) {
+  auto it = g_ms.find(k);
+  return it == g_ms.end() ? 0.0 : it->second;
+}
+
+std::string table() {
+  std::ostringstream os;
+  cudaDeviceProp p{};
+  XQ_CUDA_CHECK(cudaGetDeviceProperties(&p, 0));
+  os << "Device: " << p.name << " (" << p.multiProcessorCount << " SMs)\n\n";
+  os << "Quantize + append (prefill chunks, bf16 X in), bandwidth as a fraction of a device-to-device copy "
+        "of X (target >= 0.7):\n\n| width | B | tokens/seq | copy GB/s | 4-bit GB/s | 4-bit frac | 2-bit GB/s | 2-bit frac |\n|---|---|---|---|---|---|---|---|\n";
+  for (index_t width : {index_t(4096), index_t(1024)})
+    for (int B : {1, 8})
+      for (index_t L : {index_t(4096), index_t(32768)}) {
+        std::ostringstream sfx;
+        sfx << "/w" << width << "/B" << B << "/L" << L / 1024 << "k";
+        const double c = get("copy" + sfx.str());
+        const double copy_gbs = 2.0 * B * L * width * 2 / c / 1e6;
+        os << "| " << width << " | " << B << " | " << L / 1024 << "k | " << fmt(copy_gbs, 0);
+        for (int bits : {4, 2}) {
+          const double t = get("append" + sfx.str() + "/" + std::to_string(bits) + "b");
+          const double bytes = static_cast<double>(B) * L * (width * 2 + width * bits / 8 + (width / 128) * 4);
+          const double gbs = bytes / t / 1e6;
+          os << " | " << fmt(gbs, 0) << " | " << fmt(gbs / copy_gbs);
+        }
+        os << " |\n";
+      }
+  os << "\nSingle decode token append (all sequences, d=4096): ";
+  for (int B : {1, 8})
+    for (int bits : {4, 2})
+      os << "B" << B << "/" << bits << "b " << fmt(get("append_token/w4096/B" + std::to_string(B) + "/" + std::to_string(bits) + "b") * 1e3, 1) << " us; ";
+  os << "\n\nRemat GEMM K = RoPE(X̂·Wkᵀ) over all cached tokens (M = B·L, K = width, N = dkv); times in ms; "
+        "fraction = cuBLAS bf16 time on unquantized X / fused time (target >= 0.9):\n\n"
+        "| shape | B | L | cuBLAS bf16 | TFLOP/s | fused 4b | frac | fused 2b | frac | simple 4b | simple 2b |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n";
+  for (const Shape& s : kShapes)
+    for (int B : {1, 8})
+      for (index_t L : {index_t(4096), index_t(32768)}) {
+        const double cb = get(key("remat_cublas", s, B, L, 16));
+        const double fl = 2.0 * B * L * s.key_width() * s.Hkv * 128;
+        const double f4 = get(key("remat_fused", s, B, L, 4)), f2 = get(key("remat_fused", s, B, L, 2));
+        os << "| " << s.name << " | " << B << " | " << L / 1024 << "k | " << fmt(cb, 3) << " | " << fmt(fl / cb / 1e9, 0)
+           << " | " << fmt(f4, 3) << " | " << fmt(cb / f4) << " | " << fmt(f2, 3) << " | " << fmt(cb / f2) << " | "
+           << fmt(get(key("remat_simple", s, B, L, 4)), 3) << " | " << fmt(get(key("remat_simple", s, B, L, 2)), 3)
+           << " |\n";
+      }
+  os << "\nDecode attention (one query token per sequence); times in ms. absorbed/materialize target <= 0.6; "
+        "materialize = fused remat of K and V to bf16 + attention over them; FP16 KV = attention over an fp16 "
+        "K/V cache of the same context:\n\n"
+        "| shape | B | L | FP16 KV | materialize 4b | absorbed 4b | abs/mat | abs/fp16kv | materialize 2b | absorbed 2b | abs/mat | abs/fp16kv |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  for (const Shape& s : kShapes)
+    for (int B : {1, 8})
+      for (index_t L : {index_t(4096), index_t(32768)}) {
+        const double kv = get(key("decode_fp16kv", s, B, L, 16));
+        os << "| " << s.name << " | " << B << " | " << L / 1024 << "k | " << fmt(kv, 3);
+        for (int bits : {4, 2}) {
+          const double m = get(key("decode_materialize", s, B, L, bits)), ab = get(key("decode_absorbed", s, B, L, bits));
+          os << " | " << fmt(m, 3) << " | " << fmt(ab, 3) << " | " << fmt(ab / m) << " | " << fmt(ab / kv, 1);
+        }
+        os << " |\n";
+      }
+  return os.str();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (xc::device_count() == 0) {
+    std::printf("SKIPPED: no CUDA device\n");
+    return 0;
+  }
+  register_append<U4>(4);
+  register_append<U2>(2);
+  register_shape<U4, U4>(kShapes[0], 4);
+  register_shape<U2, U2>(kShapes[0], 2);
+  register_shape<U4, U4>(kShapes[1], 4);
+  register_shape<U2, U2>(kShapes[1], 2);
+  register_shape<C4, U4>(kShapes[2], 4);
+  register_shape<C2, U2>(kShapes[2], 2);
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  const std::string t = table();
+  std::printf("\n%s\n", t.c_str());
+  if (const char* f = std::getenv("XQ_BENCH_MD")) std::ofstream(f) << t;
+  return 0;
+}

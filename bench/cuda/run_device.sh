@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds the CUDA backend's tests and benches for sm_90a, runs every GPU test, then the benches.
+# Logs go to $OUT (or ./device-out). Usage: bench/cuda/run_device.sh [benchmark_filter]
+# Dependencies (Eigen, doctest, Google Benchmark) are taken from the system, or from a prefix
+# in $XQ_DEPS (CMAKE_PREFIX_PATH) when the machine lacks them.
+set -o pipefail
+OUT=${OUT:-$PWD/device-out}
+mkdir -p "$OUT"
+BUILD=${BUILD:-build-device}
+FILTER=${1:-.}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+nvcc --version | tail -1
+PREFIX=()
+[ -n "$XQ_DEPS" ] && PREFIX=(-DCMAKE_PREFIX_PATH="$XQ_DEPS") && export LD_LIBRARY_PATH="$XQ_DEPS/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH"
+cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DXQUANT_BUILD_EXAMPLES=OFF -DXQUANT_ENABLE_CUDA=ON \
+  -DCMAKE_CUDA_ARCHITECTURES=OFF -DCMAKE_CUDA_FLAGS="-gencode=arch=compute_90a,code=sm_90a -Xptxas -warn-spills" \
+  "${PREFIX[@]}" > "$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
+cmake --build "$BUILD" -j16 --target test_cuda_quantize test_cuda_remat test_cuda_attention bench_cuda \
+  > "$OUT/build.log" 2>&1 || { grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
+grep -iE "spill|warning" "$OUT/build.log" | sort -u | head -20
+rc=0
+for t in "$BUILD"/tests/cuda/test_cuda_*; do
+  [ -x "$t" ] || continue
+  echo "== $(basename "$t")"
+  "$t" 2>&1 | tee -a "$OUT/tests.log" | grep -E "SKIPPED|ERROR|FAILED|test cases|assertions|Status" || true
+  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+done
+[ "${SKIP_BENCH:-0}" = 1 ] && exit $rc
+XQ_BENCH_MD="$OUT/bench_table.md" "$BUILD"/bench/cuda/bench_cuda --benchmark_filter="$FILTER" \
+  --benchmark_counters_tabular=true > "$OUT/bench.log" 2>&1
+brc=$?
+cat "$OUT/bench_table.md" 2>/dev/null || tail -40 "$OUT/bench.log"
+exit $(( rc | brc ))

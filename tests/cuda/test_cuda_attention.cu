@@ -1,0 +1,132 @@
+// Decode attention on the GPU — absorbed values over the quantized cache, and attention over
+// materialized K/V — against a float64 CPU reference (GQA and MHA, unequal sequence lengths,
+// XQuant's single stream and the latent codec's two streams).
+
+#include "cuda_support.cuh"
+
+namespace xq = xquant;
+namespace xc = xquant::cuda;
+using xq::Axis;
+using xq::index_t;
+
+namespace {
+
+std::vector<float> bf(std::vector<float> v) { return xqcuda::round_to<xc::bf16>(std::move(v)); }
+
+/// Float64 decode attention of sequence rows: K = RoPE(X̂k·Wkᵀ), V = X̂v·Wvᵀ + bv; query at len−1.
+std::vector<double> reference(const std::vector<float>& xk, index_t wk_in, const std::vector<float>& xv, index_t wv_in,
+                              const std::vector<float>& wk, const std::vector<float>& wv, const std::vector<float>& bv,
+                              const std::vector<float>& q, index_t len, const xq::AttentionShape& a) {
+  const index_t dkv = a.kv_width();
+  auto K = xqtest::project64(std::vector<float>(xk.begin(), xk.begin() + len * wk_in), wk.data(), len, wk_in, dkv);
+  xqtest::rope64(K, len, a.kv_heads, a.head_dim, 0);
+  auto V = xqtest::project64(std::vector<float>(xv.begin(), xv.begin() + len * wv_in), wv.data(), len, wv_in, dkv);
+  for (index_t r = 0; r < len; ++r)
+    for (index_t j = 0; j < dkv; ++j) V[r * dkv + j] += bv[j];
+  std::vector<double> qd(q.begin(), q.end());
+  xqtest::rope64(qd, 1, a.heads, a.head_dim, len - 1);
+  return xqtest::attention64(qd, K, V, 1, len, a.heads, a.kv_heads, a.head_dim);
+}
+
+/// QK/QV: quantizers of the key-side and value-side streams; latent: two streams of width dkv.
+template <class QK, class QV>
+void check_decode(const xq::AttentionShape& a, bool latent) {
+  XQ_REQUIRE_DEVICE();
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  INFO("seed ", seed, " H ", a.heads, " Hkv ", a.kv_heads, latent ? " latent" : " xquant");
+  const int B = 3;
+  const std::vector<index_t> lens = {300, 77, 129};
+  const index_t d = 512, dkv = a.kv_width(), wk_in = latent ? dkv : d, wv_in = latent ? dkv : d, cap = 384;
+  cudaStream_t s = nullptr;
+  xc::DeviceStream<QK> ks({B, cap, wk_in, 128});
+  xc::DeviceStream<QV> vs({B, cap, wv_in, 128});
+  std::vector<std::vector<float>> xk(B), xv(B);
+  for (int b = 0; b < B; ++b) {
+    auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, lens[b], wk_in));
+    auto dx = xqcuda::to_device<xc::bf16>(x);
+    ks.append(b, dx.data(), lens[b] - 1, wk_in, s);
+    ks.append(b, dx.data() + (lens[b] - 1) * wk_in, 1, wk_in, s);  // the decode token
+    xk[b] = xqcuda::reference_xhat<QK>(x, lens[b], wk_in, 128);
+    if (latent) {
+      auto y = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, lens[b], wv_in));
+      auto dy = xqcuda::to_device<xc::bf16>(y);
+      vs.append(b, dy.data(), lens[b], wv_in, s);
+      xv[b] = xqcuda::reference_xhat<QV>(y, lens[b], wv_in, 128);
+    } else {
+      vs.append(b, dx.data(), lens[b], wv_in, s);
+      xv[b] = xqcuda::reference_xhat<QV>(x, lens[b], wv_in, 128);
+    }
+  }
+  ks.check(s);
+  vs.check(s);
+  const auto wk = bf(xqtest::randn(rng, static_cast<std::size_t>(dkv * wk_in), 0.05f));
+  const auto wv = bf(xqtest::randn(rng, static_cast<std::size_t>(dkv * wv_in), 0.05f));
+  const auto bv = xqtest::randn(rng, static_cast<std::size_t>(dkv));
+  const auto q = xqtest::randn(rng, static_cast<std::size_t>(B * a.q_width()));
+  auto dwk = xqcuda::to_device<xc::bf16>(wk), dwv = xqcuda::to_device<xc::bf16>(wv);
+  xc::DeviceBuffer<float> dbv(bv.size()), dq(q.size()), out(q.size());
+  dbv.upload(bv.data(), bv.size(), s);
+  dq.upload(q.data(), q.size(), s);
+  const xq::Rope rope(a.head_dim, 1024);
+  const xc::DeviceRope drope(rope);
+  xc::DecodeWorkspace ws;
+
+  std::vector<double> ref;
+  for (int b = 0; b < B; ++b) {
+    const std::vector<float> qb(q.begin() + b * a.q_width(), q.begin() + (b + 1) * a.q_width());
+    auto r = reference(bf(xk[b]), wk_in, xv[b], wv_in, wk, wv, bv, qb, lens[b], a);
+    ref.insert(ref.end(), r.begin(), r.end());
+  }
+  for (int splits : {0, 1, 3}) {
+    CAPTURE(splits);
+    out.fill_bytes(0xff, s);
+    xc::attend_absorbed(ks, vs, a, xc::DecodeWeights{dwk.data(), 0, dwv.data(), 0, dbv.data()}, drope, dq.data(),
+                        out.data(), ws, s, 0, 0, splits);
+    const auto got = xqcuda::to_host(out);
+    CHECK(xqtest::all_finite(got));
+    CHECK(xqtest::rel_error(got, ref) < 1e-2);
+  }
+  // Materialize-then-attend over the same cache (equal lengths only): compare with the reference too.
+  if (!latent) {
+    const index_t n = 77;
+    xc::DeviceStream<QK> one({1, cap, d, 128});
+    auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, n, d));
+    auto dx = xqcuda::to_device<xc::bf16>(x);
+    one.append(0, dx.data(), n, d, s);
+    xc::DeviceBuffer<xc::bf16> K(n * dkv), V(n * dkv);
+    xc::remat_fused(one, 0, n, xc::RematOperand{dwk.data(), dkv, 0, nullptr, &drope}, K.data(), dkv, s);
+    xc::remat_fused(one, 0, n, xc::RematOperand{dwv.data(), dkv, 0, dbv.data(), nullptr}, V.data(), dkv, s);
+    xc::DeviceBuffer<int> len(1);
+    const int nl = static_cast<int>(n);
+    len.upload(&nl, 1, s);
+    out.fill_bytes(0xff, s);
+    xc::attend_kv(K.data(), V.data(), dkv, n, 1, n, len.data(), a, drope, dq.data(), out.data(), ws, s);
+    auto got = xqcuda::to_host(out, static_cast<std::size_t>(a.q_width()));
+    const auto xh = xqcuda::reference_xhat<QK>(x, n, d, 128);
+    const std::vector<float> q0(q.begin(), q.begin() + a.q_width());
+    const auto r = reference(bf(xh), d, bf(xh), d, wk, wv, bv, q0, n, a);
+    CHECK(xqtest::all_finite(got));
+    CHECK(xqtest::rel_error(got, r) < 1e-2);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cuda decode attention, absorbed values: GQA (4 query heads per KV head), 4-bit") {
+  check_decode<xq::quant::Uniform<4>, xq::quant::Uniform<4>>({8, 2, 128}, false);
+}
+TEST_CASE("cuda decode attention, absorbed values: MHA, 2-bit") {
+  check_decode<xq::quant::Uniform<2>, xq::quant::Uniform<2>>({4, 4, 128}, false);
+}
+TEST_CASE("cuda decode attention, absorbed values: latent codec (X·Uk per channel, X·Uv per token)") {
+  check_decode<xq::quant::Uniform<4, Axis::Channel>, xq::quant::Uniform<4>>({8, 2, 128}, true);
+}
+TEST_CASE("cuda decode attention rejects unsupported head sizes") {
+  XQ_REQUIRE_DEVICE();
+  xc::DeviceStream<xq::quant::Uniform<4>> st({1, 128, 512, 128});
+  xc::DecodeWorkspace ws;
+  const xc::DeviceRope rope(xq::Rope(64, 16));
+  CHECK_THROWS_AS(xc::attend_absorbed(st, st, {4, 4, 64}, xc::DecodeWeights{}, rope, nullptr, nullptr, ws, nullptr),
+                  xq::ConfigError);
+}
