@@ -1,0 +1,37 @@
+#pragma once
+// Small helpers shared by the codecs that keep several streams per layer (codec/latent.hpp,
+// codec/kivi.hpp): an append must either store its tokens in every stream or in none.
+
+#include <Eigen/Core>
+
+#include "../cache/stream.hpp"
+#include "../core/half.hpp"
+#include "../quant/ops.hpp"
+
+namespace xquant::codec::detail {
+
+/// Throws CapacityError unless every stream can take `n` more tokens of sequence `seq`.
+template <class... Streams>
+void require_room(std::size_t seq, index_t n, const Streams&... streams) {
+  const auto check = [&](const auto& s) {
+    const index_t need = s.blocks_needed(seq, n);
+    require<CapacityError>(need <= s.free_blocks(), "cache capacity: appending ", n, " tokens needs ", need,
+                           " more blocks of ", s.shape().block_tokens, " tokens, but only ", s.free_blocks(),
+                           " are free");
+  };
+  (check(streams), ...);
+}
+
+/// Throws ValueError if a value of x (n values) does not fit fp16, before any stream sees it.
+inline void require_fp16_range(const float* x, index_t n) {
+  // |x| < 65520 is exactly the range that rounds to a finite fp16 (65520 ties to 65536 = Inf).
+  if (n == 0 || ::Eigen::Map<const ::Eigen::ArrayXf>(x, n).abs().maxCoeff() < 65520.0f) return;
+  for (index_t i = 0; i < n; ++i)
+    if (!half_is_finite(float_to_half(x[i]))) quant::detail::throw_fp16_range(x[i], x[i]);
+}
+
+/// Quantizers whose stream may hold values in fp16 (windows, scales and zeros): all but Fp32.
+template <class Q>
+inline constexpr bool passes_fp16 = !(Q::is_float && Q::bits == 32);
+
+}  // namespace xquant::codec::detail
