@@ -4,8 +4,12 @@
 // caches of this project (XQuant) store a quantized X and rematerialize K = RoPE(X·Wkᵀ) and
 // V = X·Wvᵀ from it, so the cache owns the K/V computation. A cache is therefore constructed with a
 // reference to the loaded Model (see model.hpp: Model::layer(l).wk / .wv, Model::rope()).
-// One AttentionCache instance holds one sequence.
+// One AttentionCache instance holds one sequence. Implementations: xquant_attention.hpp (the
+// library's caches, every --cache mode but one) and fp32_attention.hpp (a plain fp32 K/V cache,
+// kept as an independent check of the library path).
 #pragma once
+
+#include <cstddef>
 
 namespace llm {
 
@@ -22,13 +26,12 @@ struct AttentionCache {  // one sequence
   // Start a new sequence (a new ppl window, a new generation).
   virtual void reset() = 0;
 
-  // Called by Model::forward once after a *prefill* chunk (the caller says which chunks are
-  // prefills: a ppl window, a generation prompt) has been appended to every layer, and before the
-  // next chunk or reset(). Hook for a cache to seal partial groups (e.g. quantize a last, partially
-  // filled token group that it kept in full precision while the prompt was streaming in). It is not
-  // called after single-token decode steps. Work done here cannot change the outputs already
-  // written for the prefill chunk; it only affects later chunks of the same sequence.
-  virtual void finish_prefill() {}
+  // Bytes the cache has allocated (all layers; storage blocks and fp16 windows), and of those the
+  // bytes an empty sequence already holds (its fp16 windows), for the memory table.
+  virtual std::size_t allocated_bytes() const = 0;
+  virtual std::size_t empty_bytes() const = 0;
+  // Tokens of the current sequence held in layer 0.
+  virtual long tokens() const = 0;
 };
 
 }  // namespace llm

@@ -197,7 +197,7 @@ inline Checkpoint load_checkpoint(const std::string& path) {
   for (auto& l : ck.layers) l.w2 = take(D * H);
   for (auto& l : ck.layers) l.w3 = take(H * D);
   ck.rms_final = take(D);
-  take(S * HS / 2);  // freq_cis_real: RoPE is recomputed (see rope.hpp), as run.c does
+  take(S * HS / 2);  // freq_cis_real: RoPE is recomputed (xquant::Rope), as run.c does
   take(S * HS / 2);  // freq_cis_imag
   ck.wcls = c.shared_classifier ? ck.token_embedding : take(V * D);
   ck.n_params = n_floats - S * HS;

@@ -1,8 +1,9 @@
 // model.hpp — the Llama forward pass (llama2.c architecture) in fp32 with Eigen.
 //
 // Pre-norm blocks: x += Wo·attn(RMSNorm(x)); x += W2·(silu(W1·h) ⊙ W3·h) with h = RMSNorm(x);
-// RMSNorm eps 1e-5, no biases, GQA, tied or untied classifier. RoPE lives in the attention cache
-// (rope.hpp), because the cache rebuilds K from X.
+// RMSNorm eps 1e-5, no biases, GQA, tied or untied classifier. RoPE is the library's xquant::Rope
+// (llama2.c's interleaved-pair convention), applied inside the attention cache, because the cache
+// rebuilds K from X; the model only owns the table so that every cache shares one.
 //
 // forward() runs a CHUNK of tokens layer by layer: a whole ppl window as one prefill, or one token
 // per call when generating. Attention goes through AttentionCache, which receives the normalized
@@ -17,7 +18,8 @@
 #include "attention_cache.hpp"
 #include "checkpoint.hpp"
 #include "eigen_types.hpp"
-#include "rope.hpp"
+#include <xquant/config.hpp>  // index_t (remat/rope.hpp does not include it itself)
+#include <xquant/remat/rope.hpp>
 
 namespace llm {
 
@@ -64,7 +66,7 @@ class Model {
   const ConstMatMap& token_embedding() const { return token_embedding_; }  // vocab × dim
   const ConstVecMap& rms_final() const { return rms_final_; }              // dim
   const ConstMatMap& classifier() const { return wcls_; }                  // vocab × dim
-  const Rope& rope() const { return rope_; }
+  const xquant::Rope& rope() const { return rope_; }
   std::int64_t n_params() const { return ck_.n_params; }
 
   // Row-wise RMSNorm: out.row(i) = x.row(i) / sqrt(mean(x.row(i)²) + eps) ⊙ w.
@@ -76,10 +78,10 @@ class Model {
     }
   }
 
-  // Run n tokens through the model, appending them to `cache` (their positions continue the
-  // cache's sequence). Returns logits: n × vocab (All), 1 × vocab for the last token (Last), or an
-  // empty matrix (None). `prefill` makes forward call cache.finish_prefill() once at the end.
-  RowMatrixXf forward(const int* tokens, int n, AttentionCache& cache, Logits which, bool prefill) const {
+  // Run n tokens through the model as one chunk, appending them to `cache` (their positions
+  // continue the cache's sequence). Returns logits: n × vocab (All), 1 × vocab for the last token
+  // (Last), or an empty matrix (None).
+  RowMatrixXf forward(const int* tokens, int n, AttentionCache& cache, Logits which) const {
     const Config& c = ck_.config;
     if (n <= 0) throw std::runtime_error("forward: empty chunk");
     RowMatrixXf x(n, c.dim);
@@ -102,7 +104,6 @@ class Model {
       h1.array() = h1.array() / (1.0f + (-h1.array()).exp()) * h3.array();  // silu(w1 x) * w3 x
       x.noalias() += h1 * w.w2.transpose();
     }
-    if (prefill) cache.finish_prefill();
     if (which == Logits::None) return RowMatrixXf();
     if (which == Logits::Last) {
       RowMatrixXf last = x.bottomRows(1);
@@ -121,7 +122,7 @@ class Model {
   ConstVecMap rms_final_;
   ConstMatMap wcls_;
   std::vector<LayerWeights> layers_;
-  Rope rope_;
+  xquant::Rope rope_;
 };
 
 }  // namespace llm
