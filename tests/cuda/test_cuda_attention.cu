@@ -34,7 +34,8 @@ void check_decode(const xq::AttentionShape& a, bool latent) {
   XQ_REQUIRE_DEVICE();
   std::uint64_t seed;
   auto rng = xqtest::make_rng(seed);
-  INFO("seed ", seed, " H ", a.heads, " Hkv ", a.kv_heads, latent ? " latent" : " xquant");
+  const std::string what = latent ? " latent" : " xquant";
+  INFO("seed ", seed, " H ", a.heads, " Hkv ", a.kv_heads, what);
   const int B = 3;
   const std::vector<index_t> lens = {300, 77, 129};
   const index_t d = 512, dkv = a.kv_width(), wk_in = latent ? dkv : d, wv_in = latent ? dkv : d, cap = 384;

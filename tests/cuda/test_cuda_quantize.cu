@@ -16,8 +16,10 @@ template <class Q, class T>
 void check_append(index_t group) {
   std::uint64_t seed;
   auto rng = xqtest::make_rng(seed);
-  INFO("seed ", seed, " bits ", Q::bits, " group ", group, (Q::axis == Axis::Token ? " per-token" : " per-channel"),
-       (std::is_same_v<T, xc::bf16> ? " bf16" : " fp16"));
+  const std::string what = std::string(Q::axis == Axis::Token ? " per-token" : " per-channel") +
+                           (Q::scheme == Scheme::Symmetric ? " symmetric" : " asymmetric") +
+                           (std::is_same_v<T, xc::bf16> ? " bf16" : " fp16");
+  INFO("seed ", seed, " bits ", Q::bits, " group ", group, what);
   const int B = 3;
   const index_t width = 512, cap = 384;
   cudaStream_t s = nullptr;
@@ -80,7 +82,7 @@ void check_append(index_t group) {
   xc::dequantize(st, 0, common, out.data(), width, s);
   const auto got = xqcuda::to_host(out);
   for (int b = 0; b < B; ++b) {
-    const auto ref = xqcuda::reference_xhat<Q>(rows[b], common, width, group);
+    const auto ref = xqcuda::reference_xhat<Q>(rows[b], st.length(b), width, group);  // first `common` rows used
     index_t bad = 0;
     for (index_t i = 0; i < common * width; ++i)
       bad += !(got[b * common * width + i] == ref[i]);  // NaN (unwritten) counts as bad

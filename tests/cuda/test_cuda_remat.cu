@@ -18,7 +18,8 @@ void check_remat(index_t group) {
   XQ_REQUIRE_DEVICE();
   std::uint64_t seed;
   auto rng = xqtest::make_rng(seed);
-  INFO("seed ", seed, " bits ", Q::bits, " group ", group, (Q::axis == Axis::Token ? " per-token" : " per-channel"));
+  const std::string what = Q::axis == Axis::Token ? " per-token" : " per-channel";
+  INFO("seed ", seed, " bits ", Q::bits, " group ", group, what);
   const int B = 2;
   const index_t width = 512, cap = 384, len = 320, begin = 37, end = 300, count = end - begin;
   cudaStream_t s = nullptr;

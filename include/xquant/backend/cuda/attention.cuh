@@ -157,6 +157,7 @@ __global__ void __launch_bounds__(gemm::THREADS, 1)
 #pragma unroll
           for (int i = 0; i < 8; ++i) a[j][i] = accS[j * wv_width + c8 * 8 + i] * al;
         }
+#pragma unroll 4
       for (int r = 0; r < ntok; ++r) {
         float x[8];
         dequant8(vv, b, base + r, c8 * 8, qv, x);

@@ -42,7 +42,10 @@ __device__ __forceinline__ std::uint32_t pack_bf16x2(float lo, float hi) {
 template <class Q>
 struct ALoader {
   static constexpr int kWords = Q::bits;  // 32 codes of Bits bits fill Bits 32-bit words
+  static constexpr int kParamVecs = Q::axis == Axis::Channel ? 32 * Q::params_per_group / 8 : 1;
   std::uint32_t w[kWords];
+  std::uint32_t prm[1];     // per-token: the row's (scale, zero) for this k-step
+  uint4 pv[kParamVecs];     // per-channel: 32 columns' parameters
   const std::uint8_t* row = nullptr;  // codes of this row
   index_t seq = 0, tok = 0;
   bool valid = false, windowed = false;
@@ -55,8 +58,17 @@ struct ALoader {
     row = valid ? v.row(seq, tok) : nullptr;
   }
   /// Issues the code loads for columns [k0, k0+32) of this thread's row.
-  __device__ void fetch(index_t k0) {
+  __device__ void fetch(const StreamView<Q>& v, index_t k0) {
     if (!valid || windowed) return;
+    // Group parameters travel with the codes, so the dequantize step never waits on memory.
+    const std::uint16_t* pp = v.param(seq, tok, k0);
+    if constexpr (Q::axis == Axis::Token) {
+      if constexpr (Q::params_per_group == 2) prm[0] = __ldg(reinterpret_cast<const std::uint32_t*>(pp));
+      else prm[0] = __ldg(pp);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kParamVecs; ++i) pv[i] = __ldg(reinterpret_cast<const uint4*>(pp) + i);
+    }
     const std::uint8_t* p = row + (k0 / 8) * Q::bits;
     if constexpr (kWords == 4) {
       const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
@@ -89,15 +101,12 @@ struct ALoader {
 #pragma unroll
       for (int i = 0; i < 16; ++i) out[i] = pack_bf16x2(half_to_float(h[2 * i]), half_to_float(h[2 * i + 1]));
     } else if constexpr (Q::axis == Axis::Token) {
-      const auto P = Q::load(v.param(seq, tok, k0));
+      const std::uint16_t pr[2] = {static_cast<std::uint16_t>(prm[0]), static_cast<std::uint16_t>(prm[0] >> 16)};
+      const auto P = Q::load(pr);
 #pragma unroll
       for (int i = 0; i < 16; ++i) out[i] = pack_bf16x2(Q::decode(code(2 * i), P), Q::decode(code(2 * i + 1), P));
     } else {
-      const std::uint16_t* p = v.param(seq, tok, k0);
-      std::uint16_t pr[32 * Q::params_per_group];
-#pragma unroll
-      for (int i = 0; i < 32 * Q::params_per_group / 8; ++i)
-        *reinterpret_cast<uint4*>(pr + 8 * i) = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      const std::uint16_t* pr = reinterpret_cast<const std::uint16_t*>(pv);
 #pragma unroll
       for (int i = 0; i < 16; ++i)
         out[i] = pack_bf16x2(Q::decode(code(2 * i), Q::load(pr + (2 * i) * Q::params_per_group)),
@@ -144,7 +153,7 @@ __device__ void fused_mainloop(const StreamView<Q>& v, index_t seq, index_t tok,
   ALoader<Q> a;
   a.init(v, seq, tok, valid, quantized);
   const index_t KT = K / BK;
-  a.fetch((t & 1) * 32);
+  a.fetch(v, (t & 1) * 32);
   load_b_tile(W, ldw, n0, N, 0, sB(0));
   cp_async_commit();
   a.store(v, (t & 1) * 32, a_dst0);
@@ -152,7 +161,7 @@ __device__ void fused_mainloop(const StreamView<Q>& v, index_t seq, index_t tok,
   for (index_t kt = 0; kt < KT; ++kt) {
     const bool more = kt + 1 < KT;
     if (more) {
-      a.fetch((kt + 1) * BK + (t & 1) * 32);
+      a.fetch(v, (kt + 1) * BK + (t & 1) * 32);
       load_b_tile(W, ldw, n0, N, (kt + 1) * BK, sB(s ^ 1));
       cp_async_commit();
       cp_async_wait<1>();
