@@ -93,6 +93,8 @@ TEST_CASE_TEMPLATE("Eigen quantization matches the scalar reference bit for bit"
     std::uniform_int_distribution<int> k(-6, 6);
     for (std::size_t i = 0; i < x.size(); i += 2) x[i] = 0.5f * static_cast<float>(k(g));
     const auto ref = quantize<Q, backend::Reference>(x, rows, width, group);
+    // The policy's storage formula is exactly what the operations wrote.
+    CHECK(Q::storage_bytes(rows, width, group) == index_t(ref.codes.size() + 2 * ref.params.size()));
     const auto fast = quantize<Q, backend::Eigen>(x, rows, width, group);
     REQUIRE(fast.codes == ref.codes);
     REQUIRE(fast.params == ref.params);

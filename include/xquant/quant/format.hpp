@@ -31,6 +31,10 @@ struct Float {
   static constexpr index_t code_bytes(index_t width) {
     return width * static_cast<index_t>(sizeof(Storage));
   }
+  /// Exact storage of `tokens` tokens (no parameters; `group` is ignored).
+  static constexpr index_t storage_bytes(index_t tokens, index_t width, index_t /*group*/ = 0) {
+    return tokens * code_bytes(width);
+  }
 };
 using Fp32 = Float<float>;
 using Fp16 = Float<std::uint16_t>;

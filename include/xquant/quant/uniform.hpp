@@ -39,6 +39,14 @@ struct Uniform {
   /// Packed code bytes of one token row of `width` values.
   static constexpr index_t code_bytes(index_t width) { return packed_bytes<Bits>(width); }
 
+  /// Exact storage of `tokens` tokens of `width` values in groups of `group`: packed codes plus
+  /// fp16 parameters (per token: width/group groups per token; per channel: one row of `width`
+  /// per started group of tokens).
+  static constexpr index_t storage_bytes(index_t tokens, index_t width, index_t group) {
+    const index_t groups = GroupAxis == Axis::Token ? tokens * (width / group) : (tokens + group - 1) / group * width;
+    return tokens * code_bytes(width) + groups * params_per_group * 2;
+  }
+
   /// Scale and zero as floats (already fp16-rounded).
   struct Params {
     float scale, zero;
