@@ -340,6 +340,13 @@ TEST_CASE("a crafted payload with a valid checksum is still checked field by fie
     reseal(b);
     expect(b, "truncated");
   }
+  {
+    auto b = bytes;  // one byte too many after the last layer's record
+    b.insert(b.end() - 4, 0);
+    for (int i = 0; i < 8; ++i) b[24 + i] = static_cast<std::uint8_t>((b.size() - 4 - payload) >> (8 * i));
+    reseal(b);
+    expect(b, "bytes left after the last record");
+  }
   CHECK(dst.add_sequence() == 0);
   // Capacity: a pool with room for fewer blocks than the snapshot needs.
   CacheT small(config(32), TokenWindow::codec());  // one block of 32; 40 tokens need two
