@@ -133,3 +133,38 @@ TEST_CASE("cuda append reports values that cannot be quantized") {
   CHECK_THROWS_AS(st.append(0, d.data(), 1, 60, nullptr), xq::ShapeError);  // ld < width
   CHECK_THROWS_AS(st.append(0, d.data(), 100, 64, nullptr), xq::CapacityError);
 }
+
+TEST_CASE("cuda append: a long prefill chunk (several grid-stride passes) matches the CPU bit for bit") {
+  XQ_REQUIRE_DEVICE();
+  using Q = xq::quant::Uniform<4>;
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  const index_t width = 512, n = 20000, group = 64;
+  cudaStream_t s = nullptr;
+  xc::DeviceStream<Q> st({2, n, width, group});
+  st.fill_storage(0xff, s);
+  auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, static_cast<std::size_t>(n), width));
+  auto d = xqcuda::to_device<xc::bf16>(x);
+  st.append(1, d.data(), n, width, s);
+  st.check(s);
+  const auto codes = xqcuda::to_host(st.codes());
+  const auto params = xqcuda::to_host(st.params());
+  const index_t cb = Q::code_bytes(width), G = width / group * Q::params_per_group;
+  std::vector<std::uint8_t> c(static_cast<std::size_t>(n * cb));
+  std::vector<std::uint16_t> p(static_cast<std::size_t>(n * G));
+  xq::quant::QuantOps<xq::backend::Reference>::quantize_tokens<Q>(x.data(), n, width, width, group, c.data(), p.data());
+  CHECK(std::equal(c.begin(), c.end(), codes.begin() + n * cb));
+  CHECK(std::equal(p.begin(), p.end(), params.begin() + n * G));
+  // Dequantize both halves of the range in one call (one grid, several passes) vs the reference.
+  xc::DeviceBuffer<float> out(static_cast<std::size_t>(n * width));
+  out.fill_bytes(0xff, s);
+  xc::DeviceStream<Q> one({1, n, width, group});
+  one.append(0, d.data(), n, width, s);
+  xc::dequantize(one, 0, n, out.data(), width, s);
+  const auto got = xqcuda::to_host(out);
+  const auto ref = xqcuda::reference_xhat<Q>(x, n, width, group);
+  index_t bad = 0;
+  for (index_t i = 0; i < n * width; ++i) bad += !(got[i] == ref[i]);
+  CHECK(bad == 0);
+}

@@ -27,21 +27,23 @@ struct StreamView {
   int* length = nullptr;
   index_t width = 0, group = 0, capacity = 0, code_bytes = 0;
   int batch = 0;
+  int group_shift = 0;  ///< log2(group): groups are powers of two, so indexing uses shifts, not 64-bit division
 
   XQ_HOST_DEVICE std::uint8_t* row(index_t seq, index_t tok) const { return codes + (seq * capacity + tok) * code_bytes; }
   /// Parameters of the group holding (tok, channel j).
   XQ_HOST_DEVICE std::uint16_t* param(index_t seq, index_t tok, index_t j) const {
     if constexpr (Q::axis == Axis::Token)
-      return params + ((seq * capacity + tok) * (width / group) + j / group) * Q::params_per_group;
+      return params + ((seq * capacity + tok) * (width >> group_shift) + (j >> group_shift)) * Q::params_per_group;
     else
-      return params + ((seq * (capacity / group) + tok / group) * width + j) * Q::params_per_group;
+      return params + ((seq * (capacity >> group_shift) + (tok >> group_shift)) * width + j) * Q::params_per_group;
   }
   XQ_HOST_DEVICE std::uint16_t* window_row(index_t seq, index_t tok) const {
-    return window + (seq * group + tok % group) * width;
+    return window + (seq * group + (tok & (group - 1))) * width;
   }
   /// Tokens of a sequence with codes (per-channel: the whole groups; per-token: all of them).
+  /// `group` is a power of two.
   XQ_HOST_DEVICE static index_t quantized(index_t len, index_t group) {
-    if constexpr (Q::axis == Axis::Channel) return len - len % group;
+    if constexpr (Q::axis == Axis::Channel) return len - (len & (group - 1));
     else return len;
   }
 };
@@ -84,7 +86,7 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
   if (!finite) atomicOr(status, kNonFinite);
   if (!ok) atomicOr(status, kFp16Range);
   const index_t j = chunk * 8;
-  if (j % v.group == 0) {
+  if ((j & (v.group - 1)) == 0) {
     std::uint16_t* dst = v.param(seq, tok, j);
 #pragma unroll
     for (int k = 0; k < Q::params_per_group; ++k) dst[k] = p[k];
@@ -177,33 +179,45 @@ __device__ __forceinline__ void dequant8(const StreamView<Q>& v, index_t seq, in
 #pragma unroll
     for (int i = 0; i < 8; ++i) out[i] = Q::decode(static_cast<std::uint32_t>(w >> (i * Q::bits)) & mask, P);
   } else {
-    const std::uint16_t* p = v.param(seq, tok, j);
+    // The 8 channels' parameters are 8·ppg consecutive fp16 values, 16-byte aligned (j % 8 == 0).
+    uint4 pv[Q::params_per_group];
+#pragma unroll
+    for (int k = 0; k < Q::params_per_group; ++k) pv[k] = __ldg(reinterpret_cast<const uint4*>(v.param(seq, tok, j)) + k);
+    const std::uint16_t* p = reinterpret_cast<const std::uint16_t*>(pv);
 #pragma unroll
     for (int i = 0; i < 8; ++i)
       out[i] = Q::decode(static_cast<std::uint32_t>(w >> (i * Q::bits)) & mask, Q::load(p + i * Q::params_per_group));
   }
 }
 
-/// Rows [begin, end) of every sequence -> bf16 rows, sequence-major (the simple remat path's A).
+/// Rows [begin, begin+count) of every sequence -> bf16 or float rows, sequence-major (the simple
+/// remat path's A): output row r = seq·count + (tok − begin), one block per row. Rows at or past a
+/// sequence's length are written as zeros (the padded decode path relies on it).
 template <class Q, class O>
-__global__ void dequantize_kernel(StreamView<Q> v, index_t begin, index_t count, O* __restrict__ out, index_t ldo) {
-  const index_t r = blockIdx.x;  // output row: seq * count + (tok - begin)
-  const index_t seq = r / count, tok = begin + r % count;
-  const index_t quantized = StreamView<Q>::quantized(v.length[seq], v.group);
+__global__ void dequantize_kernel(StreamView<Q> v, index_t begin, index_t count, unsigned rows, O* __restrict__ out,
+                                  index_t ldo) {
+  const unsigned r = blockIdx.x;
+  const unsigned cnt = static_cast<unsigned>(count);
+  const index_t seq = r / cnt, tok = begin + r % cnt;
+  const index_t len = v.length[seq];
+  const index_t quantized = StreamView<Q>::quantized(len, v.group);
   for (index_t c = threadIdx.x; c * 8 < v.width; c += blockDim.x) {
     float x[8];
-    dequant8(v, seq, tok, c * 8, quantized, x);
-    alignas(16) O o[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      if constexpr (std::is_same_v<O, float>) o[i] = x[i];
-      else o[i] = __float2bfloat16_rn(x[i]);
-    }
-    if constexpr (std::is_same_v<O, float>) {
-      *reinterpret_cast<float4*>(out + r * ldo + c * 8) = *reinterpret_cast<float4*>(o);
-      *reinterpret_cast<float4*>(out + r * ldo + c * 8 + 4) = *reinterpret_cast<float4*>(o + 4);
+    if (tok < len) {
+      dequant8(v, seq, tok, c * 8, quantized, x);
     } else {
-      *reinterpret_cast<uint4*>(out + r * ldo + c * 8) = *reinterpret_cast<uint4*>(o);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) x[i] = 0.0f;
+    }
+    O* dst = out + static_cast<index_t>(r) * ldo + c * 8;
+    if constexpr (std::is_same_v<O, float>) {
+      *reinterpret_cast<float4*>(dst) = make_float4(x[0], x[1], x[2], x[3]);
+      *reinterpret_cast<float4*>(dst + 4) = make_float4(x[4], x[5], x[6], x[7]);
+    } else {
+      alignas(16) O o[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16_rn(x[i]);
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<uint4*>(o);
     }
   }
 }

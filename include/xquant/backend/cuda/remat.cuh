@@ -129,6 +129,16 @@ __global__ void epilogue_kernel(bf16* y, index_t ldy, index_t N, index_t begin, 
   }
 }
 
+/// Rows [begin, begin+count) of every sequence of `v` -> `out` (rows past a sequence's length: zeros).
+template <class Q, class O>
+void launch_dequantize(const StreamView<Q>& v, index_t begin, index_t count, O* out, index_t ldo, cudaStream_t stream) {
+  const index_t rows = count * v.batch;
+  require<ShapeError>(rows < (index_t(1) << 31), "dequantize: ", rows, " rows exceed one launch (2^31)");
+  dequantize_kernel<Q, O><<<static_cast<unsigned>(rows), 128, 0, stream>>>(v, begin, count, static_cast<unsigned>(rows),
+                                                                            out, ldo);
+  check_launch("dequantize_kernel");
+}
+
 template <class Q>
 EpilogueArgs check_remat(const DeviceStream<Q>& x, index_t begin, index_t end, const RematOperand& op, const bf16* out,
                          index_t ldo) {
@@ -188,9 +198,7 @@ void dequantize(const DeviceStream<Q>& x, index_t begin, index_t end, O* out, in
   for (int b = 0; b < s.batch; ++b)
     require<ShapeError>(end <= x.length(b), "dequantize: token range end ", end, " exceeds sequence ", b, "'s length ",
                         x.length(b));
-  const index_t rows = (end - begin) * s.batch;
-  detail::dequantize_kernel<Q, O><<<static_cast<unsigned>(rows), 128, 0, stream>>>(x.view(), begin, end - begin, out, ldo);
-  check_launch("dequantize_kernel");
+  detail::launch_dequantize(x.view(), begin, end - begin, out, ldo, stream);
 }
 
 /// The plain path: X̂ -> bf16 scratch (device memory) -> cuBLAS bf16 GEMM -> bias + RoPE.

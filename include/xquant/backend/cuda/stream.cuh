@@ -71,6 +71,7 @@ class DeviceStream {
     v.capacity = s_.capacity;
     v.code_bytes = code_bytes_;
     v.batch = s_.batch;
+    while ((index_t(1) << v.group_shift) < s_.group) ++v.group_shift;
     return v;
   }
   const DeviceBuffer<std::uint8_t>& codes() const { return codes_; }
