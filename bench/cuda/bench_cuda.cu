@@ -220,16 +220,28 @@ void bench_decode(benchmark::State& st, Shape s, int B, index_t L, int mode, std
     auto c = make_cache<QK, QV>(s, B, L);
     auto Wk = random_buffer<xc::bf16>(static_cast<std::size_t>(dkv * wk), 0.02f);
     auto Wv = random_buffer<xc::bf16>(static_cast<std::size_t>(dkv * wk), 0.02f);
-    if (mode == 0) {
+    const xc::DecodeWeights dw{Wk.data(), 0, Wv.data(), 0, nullptr};
+    if (mode == 0) {  // absorbed, fused: K and X̂ never written
+      ms = time_it(st, [&] { xc::attend_absorbed(*c.k, c.values(), a, dw, rope(), q.data(), out.data(), ws, nullptr); });
+    } else if (mode == 3) {  // absorbed through cuBLAS (X̂ and K in scratch)
       ms = time_it(st, [&] {
-        xc::attend_absorbed(*c.k, c.values(), a, xc::DecodeWeights{Wk.data(), 0, Wv.data(), 0, nullptr}, rope(), q.data(),
-                            out.data(), ws, nullptr);
+        xc::attend_absorbed_gemm(*c.k, c.values(), a, dw, rope(), q.data(), out.data(), ws, blas(), nullptr);
       });
-    } else {  // materialize K and V (fused remat), then attend
+    } else {  // materialize K and V with the fastest remat (X̂ dequantized once per stream, cuBLAS), then attend
+      const index_t wv = wk;  // the value-side stream has the key side's width in every shape here
       xc::DeviceBuffer<xc::bf16> K(static_cast<std::size_t>(B * L * dkv)), V(K.size());
+      xc::DeviceBuffer<xc::bf16> Xk(static_cast<std::size_t>(B * L * wk)), Xv(s.latent ? static_cast<std::size_t>(B * L * wv) : 0);
+      const xc::detail::EpilogueArgs e{nullptr, rope().cos(), rope().sin(), 128};
       ms = time_it(st, [&] {
-        xc::remat_fused(*c.k, 0, L, xc::RematOperand{Wk.data(), dkv, 0, nullptr, &rope()}, K.data(), dkv, nullptr);
-        xc::remat_fused(c.values(), 0, L, xc::RematOperand{Wv.data(), dkv}, V.data(), dkv, nullptr);
+        xc::dequantize(*c.k, 0, L, Xk.data(), wk, nullptr);
+        xc::gemm_bf16_nt(blas(), B * L, dkv, wk, Xk.data(), wk, Wk.data(), wk, K.data(), dkv, nullptr);
+        xc::detail::epilogue_kernel<<<static_cast<unsigned>(B * L), 128>>>(K.data(), dkv, dkv, 0, L, e);
+        const xc::bf16* xv = Xk.data();
+        if (s.latent) {
+          xc::dequantize(c.values(), 0, L, Xv.data(), wv, nullptr);
+          xv = Xv.data();
+        }
+        xc::gemm_bf16_nt(blas(), B * L, dkv, wv, xv, wv, Wv.data(), wv, V.data(), dkv, nullptr);
         xc::attend_kv(K.data(), V.data(), dkv, L, B, L, lens.data(), a, rope(), q.data(), out.data(), ws, nullptr);
       });
     }
@@ -249,9 +261,9 @@ void register_shape(const Shape& s, int bits) {
         benchmark::RegisterBenchmark(n.c_str(), bench_remat<QK, QV>, s, B, L, mode, n)
             ->UseManualTime()->Iterations(it_big)->Unit(benchmark::kMicrosecond);
       }
-      for (int mode = 0; mode < 3; ++mode) {
+      for (int mode = 0; mode < 4; ++mode) {
         if (mode == 2 && bits == 2) continue;
-        static const char* dn[] = {"decode_absorbed", "decode_materialize", "decode_fp16kv"};
+        static const char* dn[] = {"decode_absorbed", "decode_materialize", "decode_fp16kv", "decode_absorbed_gemm"};
         const std::string n = key(dn[mode], s, B, L, mode == 2 ? 16 : bits);
         benchmark::RegisterBenchmark(n.c_str(), bench_decode<QK, QV>, s, B, L, mode, n)
             ->UseManualTime()->Iterations(it_big)->Unit(benchmark::kMicrosecond);
@@ -335,18 +347,22 @@ std::string table() {
            << " |\n";
       }
   os << "\nDecode attention (one query token per sequence); times in ms. absorbed/materialize target <= 0.6; "
-        "materialize = fused remat of K and V to bf16 + attention over them; FP16 KV = attention over an fp16 "
-        "K/V cache of the same context:\n\n"
-        "| shape | B | L | FP16 KV | materialize 4b | absorbed 4b | abs/mat | abs/fp16kv | materialize 2b | absorbed 2b | abs/mat | abs/fp16kv |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+        "materialize = X̂ dequantized once per stream + cuBLAS GEMMs for K (then RoPE) and V + attention over them; "
+        "absorbed = attend_absorbed_gemm (X̂ and K in scratch, cuBLAS); fused = attend_absorbed (K, V, X̂ never "
+        "written); FP16 KV = attention over an fp16 K/V cache of the same context:\n\n"
+        "| shape | B | L | FP16 KV | mat 4b | absorbed 4b | abs/mat | fused 4b | fused/mat | abs/fp16kv | mat 2b | absorbed 2b | abs/mat | fused 2b | fused/mat |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   for (const Shape& s : kShapes)
     for (int B : {1, 8})
       for (index_t L : {index_t(4096), index_t(32768)}) {
         const double kv = get(key("decode_fp16kv", s, B, L, 16));
         os << "| " << s.name << " | " << B << " | " << L / 1024 << "k | " << fmt(kv, 3);
         for (int bits : {4, 2}) {
-          const double m = get(key("decode_materialize", s, B, L, bits)), ab = get(key("decode_absorbed", s, B, L, bits));
-          os << " | " << fmt(m, 3) << " | " << fmt(ab, 3) << " | " << fmt(ab / m) << " | " << fmt(ab / kv, 1);
+          const double m = get(key("decode_materialize", s, B, L, bits)), ab = get(key("decode_absorbed_gemm", s, B, L, bits)),
+                       fu = get(key("decode_absorbed", s, B, L, bits));
+          os << " | " << fmt(m, 3) << " | " << fmt(ab, 3) << " | " << fmt(ab / m) << " | " << fmt(fu, 3) << " | "
+             << fmt(fu / m);
+          if (bits == 4) os << " | " << fmt(ab / kv, 1);
         }
         os << " |\n";
       }

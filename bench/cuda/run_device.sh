@@ -2,7 +2,8 @@
 # Builds the CUDA backend's tests and benches for sm_90a, runs every GPU test, then the benches.
 # Logs go to $OUT (or ./device-out). Usage: bench/cuda/run_device.sh [benchmark_filter]
 # Dependencies (Eigen, doctest, Google Benchmark) are taken from the system, or from a prefix
-# in $XQ_DEPS (CMAKE_PREFIX_PATH) when the machine lacks them.
+# in $XQ_DEPS (CMAKE_PREFIX_PATH) when the machine lacks them. XQ_SANITIZE=1 also runs every GPU
+# test under compute-sanitizer (memcheck, racecheck) before the benches; full logs in $OUT/sanitize.log.
 set -o pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
@@ -25,9 +26,31 @@ for t in "$BUILD"/tests/cuda/test_cuda_*; do
   "$t" 2>&1 | tee -a "$OUT/tests.log" | grep -E "SKIPPED|ERROR|FAILED|test cases|assertions|Status" || true
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 done
-[ "${SKIP_BENCH:-0}" = 1 ] && exit $rc
-XQ_BENCH_MD="$OUT/bench_table.md" "$BUILD"/bench/cuda/bench_cuda --benchmark_filter="$FILTER" \
-  --benchmark_counters_tabular=true > "$OUT/bench.log" 2>&1
-brc=$?
-cat "$OUT/bench_table.md" 2>/dev/null || tail -40 "$OUT/bench.log"
-exit $(( rc | brc ))
+# Sanitizers first (all runs in parallel, each under a time limit), so that the benches run alone.
+src=0
+if [ "${XQ_SANITIZE:-0}" = 1 ]; then
+  SAN=$(mktemp -d)
+  pids=()
+  for t in "$BUILD"/tests/cuda/test_cuda_*; do
+    [ -x "$t" ] || continue
+    for tool in memcheck racecheck; do
+      ( timeout "${XQ_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" "$t" > "$SAN/$tool.$(basename "$t").log" 2>&1
+        echo "exit $?" >> "$SAN/$tool.$(basename "$t").log" ) &
+      pids+=($!)
+    done
+  done
+  wait "${pids[@]}"
+  for f in "$SAN"/*.log; do
+    { echo "== $(basename "$f" .log)"; cat "$f"; } >> "$OUT/sanitize.log"
+    echo "== $(basename "$f" .log): $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Status:" "$f" | tr '\n' ' ') $(tail -1 "$f")"
+    tail -1 "$f" | grep -q "exit 0" || src=1
+  done
+fi
+brc=0
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  XQ_BENCH_MD="$OUT/bench_table.md" "$BUILD"/bench/cuda/bench_cuda --benchmark_filter="$FILTER" \
+    --benchmark_counters_tabular=true > "$OUT/bench.log" 2>&1
+  brc=$?
+  cat "$OUT/bench_table.md" 2>/dev/null || tail -40 "$OUT/bench.log"
+fi
+exit $(( rc | brc | src ))

@@ -88,6 +88,18 @@ void check_decode(const xq::AttentionShape& a, bool latent) {
     CHECK(xqtest::all_finite(got));
     CHECK(xqtest::rel_error(got, ref) < 1e-2);
   }
+  {  // the cuBLAS path (K and X̂ in scratch), twice: the second run reuses the grown workspace
+    xc::Cublas blas;
+    for (int rep = 0; rep < 2; ++rep) {
+      CAPTURE(rep);
+      out.fill_bytes(0xff, s);
+      xc::attend_absorbed_gemm(ks, vs, a, xc::DecodeWeights{dwk.data(), 0, dwv.data(), 0, dbv.data()}, drope, dq.data(),
+                               out.data(), ws, blas, s);
+      const auto got = xqcuda::to_host(out);
+      CHECK(xqtest::all_finite(got));
+      CHECK(xqtest::rel_error(got, ref) < 1e-2);
+    }
+  }
   // Materialize-then-attend over the same cache (equal lengths only): compare with the reference too.
   if (!latent) {
     const index_t n = 77;

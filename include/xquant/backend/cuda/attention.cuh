@@ -13,6 +13,7 @@
 // Queries arrive before RoPE; the query of sequence b sits at position length(b)−1 and attends
 // to tokens [0, length(b)). Head size 128, up to 8 query heads per KV head.
 
+#include <cub/block/block_reduce.cuh>
 #include <cub/warp/warp_reduce.cuh>
 
 #include "../../cache/config.hpp"
@@ -23,6 +24,8 @@ namespace xquant::cuda {
 /// Scratch of the decode kernels (partial softmax sums per split); grows on demand.
 struct DecodeWorkspace {
   DeviceBuffer<float> acc, ml, q;
+  DeviceBuffer<bf16> xk, xv, k, p;  // attend_absorbed_gemm: X̂ (keys, values), K before RoPE, weights
+  DeviceBuffer<float> s;            // attend_absorbed_gemm: scores
 };
 
 namespace detail {
@@ -301,6 +304,92 @@ __global__ void __launch_bounds__(128) kv_decode_kernel(const T* __restrict__ K,
   }
 }
 
+/// Scores of the GEMM path: S[b][h][t] = qr[b][h]·RoPE(K[b·Lp + t, g·Dh:(g+1)·Dh], t) for t < len(b),
+/// −inf for len(b) <= t < Lp. Block (token tile of 64, kv head, sequence), 4 warps of 16 tokens;
+/// a lane holds 4 of the head's 128 dimensions (two RoPE pairs).
+__global__ void __launch_bounds__(128) gemm_scores_kernel(const bf16* __restrict__ K, index_t ldk, index_t Lp,
+                                                          const int* __restrict__ length, const float* __restrict__ qr,
+                                                          const float* __restrict__ cos, const float* __restrict__ sin,
+                                                          int heads, int hpg, float* __restrict__ S) {
+  const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const index_t len = length[b];
+  float q[attn::kMaxGroup][4];
+#pragma unroll
+  for (int j = 0; j < attn::kMaxGroup; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      q[j][i] = j < hpg ? qr[(static_cast<index_t>(b) * heads + g * hpg + j) * attn::kDh + lane * 4 + i] : 0.0f;
+  const index_t t0 = static_cast<index_t>(blockIdx.x) * 64 + warp * 16;
+  constexpr int half = attn::kDh / 2;
+#pragma unroll 4
+  for (int r = 0; r < 16; ++r) {
+    const index_t t = t0 + r;
+    if (t >= Lp) break;
+    float part[attn::kMaxGroup];
+    if (t < len) {
+      const uint2 u = __ldg(reinterpret_cast<const uint2*>(K + (static_cast<index_t>(b) * Lp + t) * ldk + g * attn::kDh + lane * 4));
+      const bf16* e = reinterpret_cast<const bf16*>(&u);
+      float k[4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int pr = lane * 2 + h;
+        const float c = __ldg(cos + t * half + pr), sn = __ldg(sin + t * half + pr);
+        const float k0 = __bfloat162float(e[2 * h]), k1 = __bfloat162float(e[2 * h + 1]);
+        k[2 * h] = k0 * c - k1 * sn;
+        k[2 * h + 1] = k0 * sn + k1 * c;
+      }
+#pragma unroll
+      for (int j = 0; j < attn::kMaxGroup; ++j) part[j] = q[j][0] * k[0] + q[j][1] * k[1] + q[j][2] * k[2] + q[j][3] * k[3];
+#pragma unroll
+      for (int j = 0; j < attn::kMaxGroup; ++j)
+        if (j < hpg)
+#pragma unroll
+          for (int o = 16; o >= 1; o >>= 1) part[j] += __shfl_xor_sync(0xffffffffu, part[j], o);
+    } else {
+#pragma unroll
+      for (int j = 0; j < attn::kMaxGroup; ++j) part[j] = -INFINITY;
+    }
+    if (lane < hpg) {
+      float mine = part[0];
+#pragma unroll
+      for (int j = 1; j < attn::kMaxGroup; ++j) mine = lane == j ? part[j] : mine;
+      S[(static_cast<index_t>(b) * heads + g * hpg + lane) * Lp + t] = mine;
+    }
+  }
+}
+
+/// Softmax of the GEMM path, one block per (head, sequence): P = bf16(e^{S−m}) (zeros past the
+/// sequence's length), ml = (m, l) with l the sum of the rounded weights (splits = 1 for combine).
+__global__ void __launch_bounds__(256) gemm_softmax_kernel(const float* __restrict__ S, index_t Lp,
+                                                           const int* __restrict__ length, int heads,
+                                                           bf16* __restrict__ P, float* __restrict__ ml) {
+  using BlockReduce = cub::BlockReduce<float, 256>;
+  __shared__ typename BlockReduce::TempStorage tmp;
+  __shared__ float bcast;
+  const int h = blockIdx.x, b = blockIdx.y, t = threadIdx.x;
+  const index_t slot = static_cast<index_t>(b) * heads + h, len = length[b];
+  const float* s = S + slot * Lp;
+  bf16* p = P + slot * Lp;
+  float mx = -INFINITY;
+  for (index_t i = t; i < len; i += 256) mx = fmaxf(mx, s[i]);
+  mx = BlockReduce(tmp).Reduce(mx, MaxOp{});
+  if (t == 0) bcast = mx;
+  __syncthreads();
+  mx = bcast;
+  float sum = 0.0f;
+  for (index_t i = t; i < Lp; i += 256) {
+    const bf16 w = __float2bfloat16_rn(i < len ? __expf(s[i] - mx) : 0.0f);
+    p[i] = w;
+    sum += __bfloat162float(w);
+  }
+  __syncthreads();
+  sum = BlockReduce(tmp).Sum(sum);
+  if (t == 0) {
+    ml[2 * slot] = mx;
+    ml[2 * slot + 1] = sum;
+  }
+}
+
 inline void check_attention(const AttentionShape& a) {
   require<ConfigError>(a.head_dim == attn::kDh, "CUDA decode attention: head_dim must be 128, got ", a.head_dim);
   require<ConfigError>(a.kv_heads > 0 && a.heads % a.kv_heads == 0 && a.heads / a.kv_heads <= attn::kMaxGroup,
@@ -391,6 +480,75 @@ void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& value
                            sizeof(float) * vs.width, stream>>>(ws.acc.data(), ws.ml.data(), static_cast<int>(a.heads), hpg,
                                                                splits, vs.width, w.wv, w.ldwv ? w.ldwv : vs.width, w.bv,
                                                                out, ldo);
+  check_launch("combine_kernel");
+}
+
+/// Decode attention with absorbed values, through cuBLAS: the fastest path when K's GEMM dominates.
+/// Same inputs and result as attend_absorbed, but it writes to device scratch (in `ws`, grown on
+/// demand): X̂ of the key stream (and of the value stream when it is another stream) as bf16,
+/// K = X̂k·Wkᵀ before RoPE (bf16, B·Lp × dkv, Lp = longest sequence rounded up to 8), scores and
+/// bf16 softmax weights. Steps: dequantize; cuBLAS GEMM for K; scores with RoPE applied on the
+/// fly; softmax; acc_h = P_h·X̂v as one cuBLAS batched GEMM (fp32 out); o_h = (acc_h/l_h)·Wv_hᵀ + bv.
+/// V is never formed. attend_absorbed is the variant that writes neither K nor X̂.
+template <class QK, class QV>
+void attend_absorbed_gemm(const DeviceStream<QK>& keys, const DeviceStream<QV>& values, const AttentionShape& a,
+                          const DecodeWeights& w, const DeviceRope& rope, const float* q, float* out, DecodeWorkspace& ws,
+                          Cublas& blas, cudaStream_t stream, index_t ldq = 0, index_t ldo = 0) {
+  detail::check_attention(a);
+  const auto &ks = keys.shape(), &vs = values.shape();
+  const int B = ks.batch;
+  const int hpg = static_cast<int>(a.heads / a.kv_heads);
+  require<ShapeError>(vs.batch == B, "attend_absorbed_gemm: key and value streams hold ", B, " and ", vs.batch,
+                      " sequences");
+  require<ShapeError>(w.wk && w.wv && q && out, "attend_absorbed_gemm: wk, wv, q and out must not be null");
+  index_t maxlen = 0;
+  for (int b = 0; b < B; ++b) {
+    require<ShapeError>(keys.length(b) >= 1 && keys.length(b) == values.length(b), "attend_absorbed_gemm: sequence ",
+                        b, " has ", keys.length(b), " key-side and ", values.length(b),
+                        " value-side tokens (need equal, >= 1)");
+    require<ConfigError>(keys.length(b) <= rope.max_positions(), "attend_absorbed_gemm: sequence ", b,
+                         " is longer than the RoPE table");
+    maxlen = std::max(maxlen, keys.length(b));
+  }
+  ldq = ldq ? ldq : a.q_width();
+  ldo = ldo ? ldo : a.q_width();
+  const index_t Lp = (maxlen + 7) / 8 * 8, dkv = a.kv_width(), H = a.heads;
+  const bool same = keys.view().codes == reinterpret_cast<const void*>(values.view().codes);
+  ws.xk.reserve(static_cast<std::size_t>(B * Lp * ks.width));
+  if (!same) ws.xv.reserve(static_cast<std::size_t>(B * Lp * vs.width));
+  ws.k.reserve(static_cast<std::size_t>(B * Lp * dkv));
+  ws.s.reserve(static_cast<std::size_t>(B * H * Lp));
+  ws.p.reserve(static_cast<std::size_t>(B * H * Lp));
+  ws.acc.reserve(static_cast<std::size_t>(B * H * vs.width));
+  ws.ml.reserve(static_cast<std::size_t>(B * H * 2));
+  const int* length = keys.view().length;
+  detail::rope_queries(q, ldq, B, a, length, rope, ws, stream);
+  detail::launch_dequantize(keys.view(), 0, Lp, ws.xk.data(), ks.width, stream);
+  gemm_bf16_nt(blas, B * Lp, dkv, ks.width, ws.xk.data(), ks.width, w.wk, w.ldwk ? w.ldwk : ks.width, ws.k.data(), dkv,
+               stream);
+  detail::gemm_scores_kernel<<<dim3(static_cast<unsigned>((Lp + 63) / 64), static_cast<unsigned>(a.kv_heads),
+                                    static_cast<unsigned>(B)),
+                               128, 0, stream>>>(ws.k.data(), dkv, Lp, length, ws.q.data(), rope.cos(), rope.sin(),
+                                                 static_cast<int>(H), hpg, ws.s.data());
+  check_launch("gemm_scores_kernel");
+  detail::gemm_softmax_kernel<<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(B)), 256, 0, stream>>>(
+      ws.s.data(), Lp, length, static_cast<int>(H), ws.p.data(), ws.ml.data());
+  check_launch("gemm_softmax_kernel");
+  const bf16* xv = ws.xk.data();
+  if (!same) {
+    detail::launch_dequantize(values.view(), 0, Lp, ws.xv.data(), vs.width, stream);
+    xv = ws.xv.data();
+  }
+  // acc_b (H × wv, row-major) = P_b (H × Lp) · X̂v_b (Lp × wv): column-major accᵀ = X̂vᵀ · Pᵀ.
+  const float one = 1.0f, zero = 0.0f;
+  XQ_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      blas.on(stream), CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(vs.width), static_cast<int>(H), static_cast<int>(Lp),
+      &one, xv, CUDA_R_16BF, static_cast<int>(vs.width), static_cast<long long>(Lp * vs.width), ws.p.data(), CUDA_R_16BF,
+      static_cast<int>(Lp), static_cast<long long>(H * Lp), &zero, ws.acc.data(), CUDA_R_32F, static_cast<int>(vs.width),
+      static_cast<long long>(H * vs.width), B, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  detail::combine_kernel<<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(B)), 256, sizeof(float) * vs.width,
+                           stream>>>(ws.acc.data(), ws.ml.data(), static_cast<int>(H), hpg, 1, vs.width, w.wv,
+                                     w.ldwv ? w.ldwv : vs.width, w.bv, out, ldo);
   check_launch("combine_kernel");
 }
 
