@@ -2,6 +2,8 @@
 // recovery with an identity quantizer, per-channel key / per-token value grouping with the fp16
 // window, fp16 outlier channels, and the weight-only outlier prediction against data.
 
+#include <numeric>
+
 #include "codec_support.hpp"
 
 namespace xq = xquant;
@@ -90,10 +92,13 @@ TEST_CASE_TEMPLATE("latent: keys per channel (128 tokens, fp16 until a group fil
   const index_t n = 300, G = 128, VG = 32;  // two full key groups, 44 tokens waiting
   const auto x = xqtest::residual_stream(g, m.layers, n, m.d);
   constexpr int bits = KQ::bits;
+  for (const index_t outliers : {0, 3}) {  // with 3 channels of X·Uk in fp16, the rest quantized
+  CAPTURE(outliers);
   xq::codec::Latent<KQ, Tok<bits>> codec;
   codec.weights = m.weights();
   codec.value_group = VG;
   codec.window = 16;
+  codec.fp16_key_channels = outliers;
   xq::Cache<decltype(codec)> cache(m.config(512, 128), codec);
   const auto seq = cache.add_sequence();
   for (index_t t = 0; t < n; t += 25)
@@ -125,7 +130,7 @@ TEST_CASE_TEMPLATE("latent: keys per channel (128 tokens, fp16 until a group fil
     for (double v : k64) scale = std::max(scale, std::abs(v));
     const double slack = 1e-5 * scale;  // float GEMM vs float64
     // Keys: full groups [0, 256) per channel within the channel-group's quantization bound;
-    // the 44 newest tokens are fp16 (error ≤ half an fp16 spacing).
+    // the 44 newest tokens, and the fp16 channels 0..outliers-1, within half an fp16 spacing.
     for (index_t j = 0; j < rk; ++j)
       for (index_t g0 = 0; g0 < n; g0 += G) {
         const index_t g1 = std::min(n, g0 + G);
@@ -133,8 +138,8 @@ TEST_CASE_TEMPLATE("latent: keys per channel (128 tokens, fp16 until a group fil
         for (index_t t = g0; t < g1; ++t) lo = std::min(lo, k64[t * rk + j]), hi = std::max(hi, k64[t * rk + j]);
         for (index_t t = g0; t < g1; ++t) {
           const double e = std::abs(lk[t * rk + j] - k64[t * rk + j]);
-          const double bound = g1 - g0 == G ? xqtest::GroupQuant64::bound(lo, hi, bits)
-                                            : 0.5 * xqtest::fp16_spacing(k64[t * rk + j]);
+          const double bound = g1 - g0 == G && j >= outliers ? xqtest::GroupQuant64::bound(lo, hi, bits)
+                                                             : 0.5 * xqtest::fp16_spacing(k64[t * rk + j]);
           if (e > bound + slack) {
             INFO("key channel ", j, " token ", t, " error ", e, " bound ", bound);
             REQUIRE(e <= bound + slack);
@@ -157,14 +162,25 @@ TEST_CASE_TEMPLATE("latent: keys per channel (128 tokens, fp16 until a group fil
         }
       }
   }
+  }
 }
 
 TEST_CASE("latent: fp16 outlier channels of X·Uk (predicted and measured) and the key outlier prediction") {
   std::uint64_t seed;
   auto g = xqtest::make_rng(seed);
   INFO("seed ", seed);
-  const auto m = gqa_model(g, 1);
+  auto m = gqa_model(g, 1);
   const index_t n = 256, dkv = m.dkv();
+  // Keys with outlier channels, as trained models have: Wk gets a rank-one part b·uᵀ whose b is
+  // large on 4 random channels (5, 4, 3, 2 against entries of ~0.06 elsewhere), so the ranking
+  // the prediction must find has clear gaps.
+  std::vector<index_t> planted(static_cast<std::size_t>(dkv));
+  std::iota(planted.begin(), planted.end(), index_t{0});
+  std::shuffle(planted.begin(), planted.end(), g);
+  planted.resize(4);
+  const auto u = xqtest::randn(g, static_cast<std::size_t>(m.d), 1.0f / std::sqrt(float(m.d)));
+  for (std::size_t c = 0; c < planted.size(); ++c)
+    for (index_t i = 0; i < m.d; ++i) m.wk[0][planted[c] * m.d + i] += (5.0f - float(c)) * u[i];
   const auto fk = xq::codec::svd::factorize(m.wk[0].data(), dkv, m.d);
   // X with a massive component along Wk's leading singular direction u0 (as real models have
   // along the massive-activation dimensions), so that channel 0 of X·Uk is the outlier.
@@ -184,6 +200,7 @@ TEST_CASE("latent: fp16 outlier channels of X·Uk (predicted and measured) and t
   const index_t k = 4;
   auto predicted = xq::codec::svd::predict_key_outlier_channels(fk, k);
   auto measured = xq::codec::svd::measure_top_channels(K.data(), n, dkv, dkv, k);
+  CHECK(predicted == planted);  // in order: the weights alone rank them
   std::sort(predicted.begin(), predicted.end());
   std::sort(measured.begin(), measured.end());
   CHECK(predicted == measured);
