@@ -32,8 +32,8 @@ void attend(CacheT& cache, SequenceId seq, int layer, const float* q, index_t nq
   static_assert(std::is_same_v<Policy, remat::Materialize> || std::is_same_v<Policy, remat::AbsorbValues>,
                 "xquant::attend: Policy must be remat::Materialize or remat::AbsorbValues");
   static_assert(!std::is_same_v<Policy, remat::AbsorbValues> || CacheT::codec_type::values_are_linear,
-                "xquant::attend<remat::AbsorbValues>: this codec's V is not a linear map of its cached tensor; "
-                "use remat::Materialize");
+                "xquant::attend<remat::AbsorbValues>: this codec does not absorb values (its V is cached as "
+                "V itself, e.g. KIVI, or is not a linear map of the cached tensor); use remat::Materialize");
   using LA = remat::LinAlg<typename CacheT::backend_type>;
   const AttentionShape& a = cache.config().attention;
   const index_t H = a.heads, Hkv = a.kv_heads, Dh = a.head_dim, dkv = a.kv_width(), hpg = H / Hkv;
