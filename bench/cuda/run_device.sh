@@ -4,6 +4,7 @@
 # Dependencies (Eigen, doctest, Google Benchmark) are taken from the system, or from a prefix
 # in $XQ_DEPS (CMAKE_PREFIX_PATH) when the machine lacks them. XQ_SANITIZE=1 also runs every GPU
 # test under compute-sanitizer (memcheck, racecheck) before the benches; full logs in $OUT/sanitize.log.
+# SKIP_BENCH=1 neither builds nor runs the benches (tests and sanitizers only).
 set -o pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
@@ -16,15 +17,20 @@ PREFIX=()
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DXQUANT_BUILD_EXAMPLES=OFF -DXQUANT_ENABLE_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES=OFF -DCMAKE_CUDA_FLAGS="-gencode=arch=compute_90a,code=sm_90a -Xptxas -warn-spills" \
   "${PREFIX[@]}" > "$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
-cmake --build "$BUILD" -j16 --target test_cuda_quantize test_cuda_remat test_cuda_attention bench_cuda \
+TARGETS=(test_cuda_quantize test_cuda_remat test_cuda_attention)
+[ "${SKIP_BENCH:-0}" = 1 ] || TARGETS+=(bench_cuda)
+cmake --build "$BUILD" -j16 --target "${TARGETS[@]}" \
   > "$OUT/build.log" 2>&1 || { grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
 grep -iE "spill|warning" "$OUT/build.log" | sort -u | head -20
 rc=0
 for t in "$BUILD"/tests/cuda/test_cuda_*; do
   [ -x "$t" ] || continue
   echo "== $(basename "$t")"
-  "$t" 2>&1 | tee -a "$OUT/tests.log" | grep -E "SKIPPED|ERROR|FAILED|test cases|assertions|Status" || true
-  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+  # Save the statuses at once: with pipefail a failing test fails the pipeline, and a following
+  # `|| true` would reset PIPESTATUS to (0) and hide the failure.
+  "$t" 2>&1 | tee -a "$OUT/tests.log" | grep -E "SKIPPED|ERROR|FAILED|test cases|assertions|Status"
+  st=("${PIPESTATUS[@]}")
+  [ "${st[0]}" -eq 0 ] || rc=1
 done
 # Sanitizers first (all runs in parallel, each under a time limit), so that the benches run alone.
 src=0

@@ -141,6 +141,7 @@ __global__ void __launch_bounds__(gemm::THREADS, 1)
         sum += p;
       }
       sum = WarpReduce(red[warp]).Sum(sum);
+      __syncwarp();  // every lane read m_old = stat[warp] above; lane 0 overwrites it (shuffles do not order memory)
       if (lane == 0) {
         const float alpha = __expf(m_old - m_new);  // 0 on the first tile (m_old = -inf)
         stat[warp] = m_new;
