@@ -89,6 +89,10 @@ void check_decode(const xq::AttentionShape& a, bool latent) {
     CHECK(xqtest::rel_error(got, ref) < 1e-2);
   }
   {  // the cuBLAS path (K and X̂ in scratch), twice: the second run reuses the grown workspace
+    // Tolerance: this path rounds three more operands to bf16 than the reference does — X̂, K
+    // (before RoPE) and the softmax weights P, each with a relative error up to 2^-9 — and the
+    // latent values carry outlier channels, so errors of 1-2% occur on some seeds (1.8% seen).
+    // 3e-2 bounds that; the fused path above, which keeps them in fp32, meets 1e-2.
     xc::Cublas blas;
     for (int rep = 0; rep < 2; ++rep) {
       CAPTURE(rep);
@@ -97,7 +101,7 @@ void check_decode(const xq::AttentionShape& a, bool latent) {
                                out.data(), ws, blas, s);
       const auto got = xqcuda::to_host(out);
       CHECK(xqtest::all_finite(got));
-      CHECK(xqtest::rel_error(got, ref) < 1e-2);
+      CHECK(xqtest::rel_error(got, ref) < 3e-2);
     }
   }
   // Materialize-then-attend over the same cache (equal lengths only): compare with the reference too.
