@@ -716,7 +716,7 @@ bool file_exists(const std::string& p) { return static_cast<bool>(std::ifstream(
 
 std::string find_shared_dir() {
   const std::string rel = "/models/stories260K/stories260K.bin";
-  for (const std::string d : {std::string("../shared"), std::string(XQUANT_SHARED_DIR)})
+  for (const std::string& d : {std::string("../shared"), std::string(XQUANT_SHARED_DIR)})
     if (file_exists(d + rel)) return d;
   throw std::runtime_error("cannot find the test models: ../shared" + rel +
                            " does not exist (run from the repository root, next to ../shared, or pass "
