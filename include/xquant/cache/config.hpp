@@ -1,6 +1,7 @@
 #pragma once
 // Runtime configuration of a cache: the model's attention geometry and the cache's capacity.
 
+#include "../config.hpp"
 #include "../core/error.hpp"
 
 namespace xquant {

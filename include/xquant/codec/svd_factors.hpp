@@ -19,6 +19,7 @@
 #include <numeric>
 #include <vector>
 
+#include "../config.hpp"
 #include "../core/error.hpp"
 
 namespace xquant::codec::svd {

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../config.hpp"
 #include "../core/error.hpp"
 
 namespace xquant {
