@@ -9,6 +9,8 @@
 #include <benchmark/benchmark.h>
 #include <xquant/xquant.hpp>
 
+#include "bench_support.hpp"
+
 #include <algorithm>
 #include <ctime>
 #include <random>
@@ -93,23 +95,6 @@ double remat_flops(const xq::LayerSources& s) {
   return f;
 }
 
-double cpu_seconds() {
-  timespec ts;
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
-}
-template <class F>
-double median_seconds(F&& f, int reps = 5) {
-  f();
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    const double a = cpu_seconds();
-    f();
-    t.push_back(cpu_seconds() - a);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
 
 // Append: a kTokens prefill of every layer per iteration (fp32 X read; sealed, nothing in fp16).
 template <class Codec>
@@ -161,14 +146,14 @@ void BM_CrossLayerOverhead(benchmark::State& state) {
   const xq::Rope rope(kHeadDim, kTokens);
   std::vector<float> K(static_cast<std::size_t>(kTokens * kDkv)), V(K.size());
   auto append_time = [&](auto& cache) {
-    return median_seconds([&] {
+    return xqbench::median_seconds([&] {
       const auto seq = cache.add_sequence();
       prefill(cache, seq);
       cache.remove_sequence(seq);
     });
   };
   auto remat_time = [&](auto& cache, xq::SequenceId seq) {
-    return median_seconds([&] {
+    return xqbench::median_seconds([&] {
       for (int l = 0; l < kLayers; ++l) {
         xq::materialize(cache, seq, l, 0, kTokens, data().weights[l], rope, K.data(), V.data());
         benchmark::DoNotOptimize(K.data());

@@ -6,6 +6,8 @@
 #include <benchmark/benchmark.h>
 #include <xquant/xquant.hpp>
 
+#include "bench_support.hpp"
+
 #include <algorithm>
 #include <ctime>
 #include <map>
@@ -36,27 +38,6 @@ xq::CacheConfig config_for(index_t d, index_t heads, index_t kv_heads, index_t c
   return c;
 }
 
-// Process CPU time in seconds. Everything here is single-threaded, so CPU time is what Google
-// Benchmark's rates use too, and it stays meaningful on a machine shared with other work.
-double cpu_seconds() {
-  timespec ts;
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
-}
-
-// Median CPU time of `f` over `reps` runs (after one warm-up), in seconds.
-template <class F>
-double median_seconds(F&& f, int reps = 5) {
-  f();
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    const double a = cpu_seconds();
-    f();
-    t.push_back(cpu_seconds() - a);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
 
 // Baseline: Eigen GEMM of unquantized fp32 X (n × d) by [Wk; Wv]ᵀ, measured once per shape.
 double eigen_gemm_seconds(index_t n, index_t d, index_t dkv) {
@@ -66,7 +47,7 @@ double eigen_gemm_seconds(index_t n, index_t d, index_t dkv) {
   using M = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const M X = M::Random(n, d), Wk = M::Random(dkv, d), Wv = M::Random(dkv, d);
   M K(n, dkv), V(n, dkv);
-  const double s = median_seconds([&] {
+  const double s = xqbench::median_seconds([&] {
     K.noalias() = X * Wk.transpose();
     V.noalias() = X * Wv.transpose();
     benchmark::DoNotOptimize(K.data());
