@@ -85,7 +85,8 @@ TEST_CASE_TEMPLATE("Eigen quantization matches the scalar reference bit for bit"
   std::uint64_t seed;
   auto g = xqtest::make_rng(seed);
   INFO("seed ", seed);
-  for (auto [rows, width, group] : shapes<Q>()) {
+  for (const auto& shape : shapes<Q>()) {
+    const index_t rows = shape[0], width = shape[1], group = shape[2];  // named for INFO (C++17)
     INFO("rows ", rows, " width ", width, " group ", group);
     // Random activations, and values on a coarse grid, where (x − z)/s often lands exactly on a
     // tie: rint (ties to even) and round (ties away) differ there.
@@ -112,7 +113,8 @@ TEST_CASE_TEMPLATE("reference quantization agrees with float64 math and meets th
   auto g = xqtest::make_rng(seed);
   INFO("seed ", seed);
   const double levels = Q::scheme == Scheme::Asymmetric ? double(Q::max_code) : double(Q::sym_levels);
-  for (auto [rows, width, group] : shapes<Q>()) {
+  for (const auto& shape : shapes<Q>()) {
+    const index_t rows = shape[0], width = shape[1], group = shape[2];  // named for INFO (C++17)
     INFO("rows ", rows, " width ", width, " group ", group);
     const auto x = xqtest::activations(g, rows, width);
     const auto q = quantize<Q, backend::Reference>(x, rows, width, group);

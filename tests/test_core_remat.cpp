@@ -64,7 +64,8 @@ TEST_CASE_TEMPLATE("materialized K and V equal float64 RoPE(X̂·Wkᵀ + bk) and
     cache.append(s, 1, x.data(), n);
     const Rope rope(sh.Dh, 1024);
     const auto X = xhat(cache, s, 1);
-    for (auto [a, b] : {std::pair<index_t, index_t>{0, n}, {37, 101}, {149, 150}}) {
+    for (const auto& range : {std::pair<index_t, index_t>{0, n}, {37, 101}, {149, 150}}) {
+      const index_t a = range.first, b = range.second;  // named for INFO (C++17)
       INFO("range [", a, ", ", b, ") d ", sh.d, " Hkv ", sh.Hkv);
       auto K = xqtest::poisoned(std::size_t((b - a) * dkv)), V = xqtest::poisoned(std::size_t((b - a) * dkv));
       materialize(cache, s, 1, a, b, m.weights(true), rope, K.data(), V.data());
