@@ -111,7 +111,16 @@ class Tokenizer {
       }
       cp.clear();
     }
-    merge(toks);
+    // BOS is a control token and never merges with the text (run.c would merge it if the
+    // vocabulary held such a concatenation; no real one does, and SentencePiece never does).
+    if (bos) {
+      std::vector<int> body(toks.begin() + 1, toks.end());
+      merge(body);
+      toks.resize(1);
+      toks.insert(toks.end(), body.begin(), body.end());
+    } else {
+      merge(toks);
+    }
     return toks;
   }
 
