@@ -55,6 +55,10 @@ struct Uniform {
   /// Chooses the group's parameters from its range and stores them as fp16 bits in `out`.
   /// Returns false when a parameter does not fit fp16 (|value| > 65504): the caller raises.
   XQ_HOST_DEVICE static bool fit(float lo, float hi, std::uint16_t* out) {
+    // −0 → +0: backends find the range in different orders (a vectorized min may return +0 where
+    // the scalar loop returns −0), and the stored parameters must be the same bits everywhere.
+    lo += 0.0f;
+    hi += 0.0f;
     if constexpr (S == Scheme::Asymmetric) {
       out[0] = float_to_half((hi - lo) / static_cast<float>(max_code));
       out[1] = float_to_half(lo);
