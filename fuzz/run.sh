@@ -2,10 +2,13 @@
 # Runs every fuzz target for a fixed number of inputs over its seed corpus; any crash, hang,
 # sanitizer report or oracle failure exits non-zero. New inputs go to a scratch directory, never
 # into fuzz/corpus/. Usage: fuzz/run.sh <build dir> [runs per target] [max seconds per target]
+# FUZZ_SEED (default 1) fixes libFuzzer's seed, so that a CI run is reproducible: the same commit
+# explores the same inputs, and a failure replays. FUZZ_SEED=0 draws a fresh seed (exploration).
 set -euo pipefail
 build=${1:?usage: fuzz/run.sh <build dir> [runs] [seconds]}
 runs=${2:-20000}
 seconds=${3:-240}
+seed=${FUZZ_SEED:-1}
 here="$(cd "$(dirname "$0")" && pwd)"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
@@ -21,7 +24,7 @@ for target in quantize snapshot checkpoint tokenizer; do
   start=$(date +%s)
   # -timeout: one input taking longer than 10 s is a hang; -rss_limit_mb: one using more is a leak
   # or a runaway allocation. Both fail the run.
-  "$exe" -runs="$runs" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -seed=0 -print_final_stats=1 \
+  "$exe" -runs="$runs" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -seed="$seed" -print_final_stats=1 \
     -artifact_prefix="$scratch/" "$scratch/$target" "$here/corpus/$target" >"$scratch/$target.log" 2>&1 || {
     tail -n 60 "$scratch/$target.log"
     echo "fuzz_$target: FAILED"
