@@ -107,6 +107,48 @@ TEST_CASE_TEMPLATE("Eigen quantization matches the scalar reference bit for bit"
   }
 }
 
+// The CUDA kernels encode with a reciprocal (Uniform::encode_scaled); its codes must be encode()'s
+// for every input. Drawn: scales over the whole fp16 range (subnormal ones included), and inputs
+// at and within a few ulps of every rounding boundary z + (k + ½)·s, where the product and the
+// quotient are most likely to round apart, plus random and extreme inputs.
+TEST_CASE_TEMPLATE("encode with a reciprocal gives encode's code for every input", Q, Uniform<2>, Uniform<3>, Uniform<4>,
+                   Uniform<8>, Uniform<2, Axis::Token, Scheme::Symmetric>, Uniform<3, Axis::Token, Scheme::Symmetric>,
+                   Uniform<4, Axis::Token, Scheme::Symmetric>, Uniform<8, Axis::Token, Scheme::Symmetric>) {
+  std::uint64_t seed;
+  auto g = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  std::uniform_int_distribution<int> scale_bits(1, 0x7bff), zero_bits(0, 0xfbff), ulps(-6, 6);
+  std::uniform_real_distribution<float> unit(-1.5f, 1.5f);
+  const bool sym = Q::scheme == Scheme::Symmetric;
+  const int lo_k = sym ? -Q::sym_levels - 2 : -2, hi_k = sym ? Q::sym_levels + 2 : Q::max_code + 2;
+  long checked = 0, exact_halves = 0;
+  for (int trial = 0; trial < 3000; ++trial) {
+    std::uint16_t p[2] = {static_cast<std::uint16_t>(scale_bits(g)), static_cast<std::uint16_t>(zero_bits(g))};
+    const auto P = Q::load(p);
+    const float inv = 1.0f / P.scale;
+    const float z = sym ? 0.0f : P.zero;
+    auto check = [&](float x) {
+      if (!std::isfinite(x)) return;
+      const float q = (x - z) / P.scale;
+      exact_halves += (q - std::floor(q) == 0.5f);
+      ++checked;
+      REQUIRE(Q::encode_scaled(x, P, inv) == Q::encode(x, P));
+    };
+    for (int k = lo_k; k <= hi_k; ++k) {
+      const float b = z + (static_cast<float>(k) + 0.5f) * P.scale;
+      float x = b;
+      for (int u = 0; u < 6; ++u) x = std::nextafter(x, -INFINITY);
+      for (int u = -6; u <= 6; ++u, x = std::nextafter(x, INFINITY)) check(x);
+      check(z + static_cast<float>(k) * P.scale + unit(g) * P.scale);
+      check(b + static_cast<float>(ulps(g)) * 0x1p-24f * std::fabs(b));
+    }
+    check(z + unit(g) * 1e30f);
+    check(z + unit(g) * 1e-40f);
+  }
+  INFO("checked ", checked, " inputs, ", exact_halves, " with a quotient of exactly k + 1/2");
+  CHECK(exact_halves > 1000);  // the ties themselves were exercised
+}
+
 // Found by fuzz_quantize: a group of mixed ±0 (and denormals that flush to zero in fp16) has a
 // range whose ends are zeros of either sign depending on the order of the search; the stored
 // scale/zero must not depend on it.

@@ -93,14 +93,42 @@ void check_append(index_t group) {
 template <class Q>
 void check_all() {
   XQ_REQUIRE_DEVICE();
-  for (index_t g : {index_t(32), index_t(128)}) {
-    const index_t group = Q::axis == Axis::Token ? g : g;  // per-channel: 32 and 128 tokens
+  // Per-token groups 8 and 16 take the kernel's 8-values-per-thread path, 32 and up the 32-value
+  // one (1 to 8 lanes per group); per-channel groups of 32 and 128 tokens.
+  std::vector<index_t> groups{32, 128};
+  if constexpr (Q::axis == Axis::Token) groups = {8, 16, 32, 128, 256};
+  for (index_t group : groups) {
     check_append<Q, xc::bf16>(group);
     check_append<Q, xc::fp16>(group);
   }
 }
 
+// Device fp16 conversions (hardware cvt) against the bit-level ones, over every float and half.
+__global__ void conversion_mismatches(unsigned long long* bad) {
+  unsigned long long local = 0;
+  const unsigned stride = gridDim.x * blockDim.x;
+  for (unsigned u = blockIdx.x * blockDim.x + threadIdx.x;; u += stride) {
+    const float f = xq::bits_float(u);
+    local += xq::float_to_half(f) != xq::detail::float_to_half_bitwise(f);
+    if (u < 65536u) {
+      const auto h = static_cast<std::uint16_t>(u);
+      local += xq::float_bits(xq::half_to_float(h)) != xq::float_bits(xq::detail::half_to_float_bitwise(h));
+    }
+    if (u > 0xffffffffu - stride) break;
+  }
+  atomicAdd(bad, local);
+}
+
 }  // namespace
+
+TEST_CASE("device fp16 conversions equal the bit-level ones for every float and every half") {
+  XQ_REQUIRE_DEVICE();
+  xc::DeviceBuffer<unsigned long long> bad(1);
+  bad.fill_bytes(0, nullptr);
+  conversion_mismatches<<<1024, 256>>>(bad.data());  // 2^18 threads, 2^14 floats each
+  XQ_CUDA_CHECK(cudaGetLastError());
+  CHECK(xqcuda::to_host(bad)[0] == 0);
+}
 
 #define XQ_QUANTIZERS(A, S)                                                                             \
   xq::quant::Uniform<2, A, S>, xq::quant::Uniform<3, A, S>, xq::quant::Uniform<4, A, S>, \

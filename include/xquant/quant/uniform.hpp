@@ -89,6 +89,29 @@ struct Uniform {
     }
   }
 
+  /// encode(x, p) with a multiplication by `inv` = 1/p.scale in place of the division (for kernels
+  /// where one division per value is the cost); the code is always encode()'s. Why: the product
+  /// t = (x − z)·inv and the correctly rounded quotient d = (x − z)/s both come within three
+  /// roundings of 2^-24 of the exact quotient, so |t − d| < 2^-22·|t|; rint(t) and rint(d) can then
+  /// differ only if a half-integer lies within that distance of t, and exactly then the division is
+  /// done. (|t| ≥ 2^21 always takes the division; a subnormal t errs by < 2^-126 absolutely.)
+  /// Precondition: p.scale > 0 (a constant group has scale 0: use encode()).
+  XQ_HOST_DEVICE static std::uint8_t encode_scaled(float x, Params p, float inv) {
+    const float a = S == Scheme::Asymmetric ? x - p.zero : x;
+    float t = a * inv;
+    const float f = t - floorf(t);
+    if (fabsf(f - 0.5f) <= fabsf(t) * 0x1p-22f + 0x1p-126f) t = a / p.scale;
+    t = rintf(t);
+    if constexpr (S == Scheme::Asymmetric) {
+      t = t < 0.0f ? 0.0f : (t > static_cast<float>(max_code) ? static_cast<float>(max_code) : t);
+      return static_cast<std::uint8_t>(t);
+    } else {
+      constexpr float q = static_cast<float>(sym_levels);
+      t = t < -q ? -q : (t > q ? q : t);
+      return static_cast<std::uint8_t>(t + q);
+    }
+  }
+
   XQ_HOST_DEVICE static float decode(std::uint32_t c, Params p) {
     if constexpr (S == Scheme::Asymmetric) return mul_add_rn(p.scale, static_cast<float>(c), p.zero);
     else return p.scale * static_cast<float>(static_cast<int>(c) - sym_levels);

@@ -3,9 +3,10 @@
 // own (quant::Uniform<...>::fit / encode / decode and quant::pack_codes, all XQ_HOST_DEVICE), so
 // codes and fp16 parameters equal quant::QuantOps<backend::Reference>'s bit for bit.
 //
-// Work split: one thread per chunk of 8 consecutive values of a row (16-byte input loads, one
-// packed store of Bits bytes). Per-token groups of G values are G/8 consecutive lanes; their
-// min/max is a butterfly over those lanes. Per-channel groups: one thread per 8 channels walks
+// Work split: per-token, one thread per chunk of 8 or 32 consecutive values of a row (16-byte
+// input loads, packed stores of Bits bytes per 8 codes); a group of G values is G/8 or G/32
+// consecutive lanes, and its min/max a butterfly over them. Codes use Uniform::encode_scaled (a
+// reciprocal instead of a division per value; the same codes, see its comment). Per-channel groups: one thread per 8 channels walks
 // the G tokens of the group (coalesced across threads).
 
 #include "common.cuh"
@@ -54,48 +55,79 @@ namespace detail {
 enum : unsigned { kNonFinite = 1u, kFp16Range = 2u };
 
 /// Destination of input row r: sequence seq0 + r / rows_per_seq, token length[seq] + r % rows_per_seq.
+/// (32-bit: a launch holds fewer than 2^31 rows.)
 struct RowMap {
   int seq0 = 0;
-  index_t rows_per_seq = 1;
+  unsigned rows_per_seq = 1;
 };
 
-template <class Q, class T>
+/// Per-token quantize + append. One thread per chunk of VPT consecutive values of a row (VPT = 8 or
+/// 32; 32 amortizes the per-thread work — index math, the group's fp16 parameters, the reciprocal —
+/// over four 16-byte loads in flight). A group of G values is G/VPT consecutive lanes (a power of two
+/// ≤ 32 that divides the row's chunks, so groups never straddle rows or warps); its min/max is a
+/// butterfly over those lanes. Threads map to (row, chunk) over the flattened rows × chunks range.
+template <class Q, class T, int VPT>
 __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, const T* __restrict__ x, index_t ld,
-                                                              index_t rows, RowMap map, unsigned* status) {
-  const index_t r = blockIdx.x;
-  const index_t chunk = static_cast<index_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const bool active = r < rows && chunk * 8 < v.width;
-  float x8[8];
+                                                              unsigned rows, unsigned chunks_per_row, RowMap map,
+                                                              unsigned* status) {
+  static_assert(VPT % 8 == 0, "whole 16-byte loads");
+  const unsigned id = blockIdx.x * 128u + threadIdx.x;
+  const unsigned r = id / chunks_per_row, chunk = id - r * chunks_per_row;
+  const bool active = r < rows;
+  float xv[VPT];
   float lo = INFINITY, hi = -INFINITY;
   bool finite = true;
   if (active) {
-    load8(x + r * ld + chunk * 8, x8);
+    const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<index_t>(r) * ld + static_cast<index_t>(chunk) * VPT);
+    uint4 raw[VPT / 8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      finite &= isfinite(x8[i]);
-      lo = x8[i] < lo ? x8[i] : lo;  // the CPU's comparisons, not fminf (same result on finite input)
-      hi = x8[i] > hi ? x8[i] : hi;
+    for (int k = 0; k < VPT / 8; ++k) raw[k] = src[k];  // all loads issued before any use
+#pragma unroll
+    for (int k = 0; k < VPT / 8; ++k) {
+      const T* e = reinterpret_cast<const T*>(&raw[k]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) xv[8 * k + i] = to_float(e[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      finite &= isfinite(xv[i]);
+      lo = xv[i] < lo ? xv[i] : lo;  // the CPU's comparisons, not fminf (same result on finite input)
+      hi = xv[i] > hi ? xv[i] : hi;
     }
   }
-  segment_minmax(lo, hi, static_cast<int>(v.group / 8));
+  segment_minmax(lo, hi, static_cast<int>(v.group / VPT));
   if (!active) return;
-  const index_t seq = map.seq0 + r / map.rows_per_seq;
-  const index_t tok = v.length[seq] + r % map.rows_per_seq;
+  const unsigned within = r % map.rows_per_seq;
+  const index_t seq = map.seq0 + static_cast<int>(r / map.rows_per_seq);
+  const index_t tok = v.length[seq] + within;
   std::uint16_t p[2] = {0, 0};
   const bool ok = Q::fit(lo, hi, p);
   if (!finite) atomicOr(status, kNonFinite);
   if (!ok) atomicOr(status, kFp16Range);
-  const index_t j = chunk * 8;
+  const index_t j = static_cast<index_t>(chunk) * VPT;
   if ((j & (v.group - 1)) == 0) {
     std::uint16_t* dst = v.param(seq, tok, j);
 #pragma unroll
     for (int k = 0; k < Q::params_per_group; ++k) dst[k] = p[k];
   }
   const auto P = Q::load(p);
-  std::uint8_t c[8];
+  std::uint8_t* out = v.row(seq, tok) + (j / 8) * Q::bits;
+  std::uint8_t c[VPT];
+  if (P.scale > 0.0f) {  // one branch per thread, not per value
+    const float inv = 1.0f / P.scale;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) c[i] = Q::encode(x8[i], P);
-  store_chunk<Q::bits>(v.row(seq, tok) + chunk * Q::bits, pack8<Q::bits>(c));
+    for (int i = 0; i < VPT; ++i) c[i] = Q::encode_scaled(xv[i], P, inv);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) c[i] = Q::encode(xv[i], P);
+  }
+#pragma unroll
+  for (int k = 0; k < VPT / 8; ++k) {
+    std::uint8_t c8[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) c8[i] = c[8 * k + i];
+    store_chunk<Q::bits>(out + k * Q::bits, pack8<Q::bits>(c8));
+  }
 }
 
 /// Value of an input or window element after the trip through fp16 that every windowed token takes.
@@ -107,8 +139,8 @@ __device__ __forceinline__ float via_half(std::uint16_t h) { return half_to_floa
 template <class Q, class T>
 __global__ void window_store_kernel(StreamView<Q> v, const T* __restrict__ x, index_t ld, index_t rows, RowMap map,
                                     unsigned* status) {
-  const index_t r = blockIdx.x;
-  const index_t seq = map.seq0 + r / map.rows_per_seq;
+  const unsigned r = blockIdx.x;
+  const index_t seq = map.seq0 + static_cast<int>(r / map.rows_per_seq);
   const index_t tok = v.length[seq] + r % map.rows_per_seq;
   for (index_t j = threadIdx.x; j < v.width; j += blockDim.x) {
     const std::uint16_t h = float_to_half(to_float(x[r * ld + j]));
@@ -138,6 +170,7 @@ __global__ void __launch_bounds__(128) quantize_channels_kernel(StreamView<Q> v,
     }
   const index_t tok0 = first_tok + gi * G;
   typename Q::Params P[8];
+  float inv[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     std::uint16_t* p = v.param(seq, tok0, j + i);
@@ -146,11 +179,15 @@ __global__ void __launch_bounds__(128) quantize_channels_kernel(StreamView<Q> v,
 #pragma unroll
     for (int k = 0; k < Q::params_per_group; ++k) p[k] = q[k];
     P[i] = Q::load(q);
+    inv[i] = P[i].scale > 0.0f ? 1.0f / P[i].scale : 0.0f;
   }
   for (index_t r = 0; r < G; ++r) {
     std::uint8_t c[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) c[i] = Q::encode(via_half(base[r * ld + i]), P[i]);
+    for (int i = 0; i < 8; ++i) {
+      const float x = via_half(base[r * ld + i]);
+      c[i] = P[i].scale > 0.0f ? Q::encode_scaled(x, P[i], inv[i]) : Q::encode(x, P[i]);
+    }
     store_chunk<Q::bits>(v.row(seq, tok0 + r) + chunk * Q::bits, pack8<Q::bits>(c));
   }
 }

@@ -140,14 +140,25 @@ class DeviceStream {
     const StreamView<Q> v = view();
     const index_t rows = count * n;
     if constexpr (Q::axis == Axis::Token) {
-      const dim3 grid(static_cast<unsigned>(rows), detail::blocks_for(s_.width / 8, 128));
-      detail::quantize_tokens_kernel<Q, T><<<grid, 128, 0, stream>>>(v, x, ld, rows, detail::RowMap{seq0, n},
-                                                                      status_.data());
+      // 32 values per thread when a group holds whole 32-value chunks and the launch has rows
+      // enough to fill the GPU; else 8 (groups 8 and 16; decode-sized appends, which are
+      // latency-bound, so four times the threads share the wait).
+      const index_t vpt = s_.group >= 32 && rows >= 256 ? 32 : 8, chunks = s_.width / vpt;
+      require<ShapeError>(rows * chunks < (index_t(1) << 31), "n: ", rows, " rows of width ", s_.width,
+                             " exceed one launch's 2^31 chunks; append in smaller pieces");
+      const unsigned grid = detail::blocks_for(rows * chunks, 128);
+      const detail::RowMap map{seq0, static_cast<unsigned>(n)};
+      if (vpt == 32)
+        detail::quantize_tokens_kernel<Q, T, 32><<<grid, 128, 0, stream>>>(v, x, ld, static_cast<unsigned>(rows),
+                                                                            static_cast<unsigned>(chunks), map, status_.data());
+      else
+        detail::quantize_tokens_kernel<Q, T, 8><<<grid, 128, 0, stream>>>(v, x, ld, static_cast<unsigned>(rows),
+                                                                           static_cast<unsigned>(chunks), map, status_.data());
       check_launch("quantize_tokens_kernel");
     } else {
       const index_t G = s_.group;
       if (count > 1) {  // one token per sequence: through the windows, then flush the full ones
-        launch_window(v, x, ld, rows, detail::RowMap{seq0, 1}, stream);
+        launch_window(v, x, ld, rows, detail::RowMap{seq0, 1u}, stream);
         bump(seq0, count, 1, stream);
         for (int b = seq0; b < seq0 + count; ++b) {
           ++host_len_[b];
@@ -161,7 +172,7 @@ class DeviceStream {
       const index_t open = host_len_[b] % G;
       if (open) {
         const index_t k = std::min(n, G - open);
-        launch_window(v, x, ld, k, detail::RowMap{b, k}, stream);
+        launch_window(v, x, ld, k, detail::RowMap{b, static_cast<unsigned>(k)}, stream);
         bump(b, 1, static_cast<int>(k), stream);
         host_len_[b] += k;
         done = k;
@@ -175,7 +186,7 @@ class DeviceStream {
         done += whole * G;
       }
       if (done < n) {
-        launch_window(v, x + done * ld, ld, n - done, detail::RowMap{b, n - done}, stream);
+        launch_window(v, x + done * ld, ld, n - done, detail::RowMap{b, static_cast<unsigned>(n - done)}, stream);
         bump(b, 1, static_cast<int>(n - done), stream);
         host_len_[b] += n - done;
       }
