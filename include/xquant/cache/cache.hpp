@@ -14,19 +14,32 @@
 // and a `static constexpr bool values_are_linear` (true when V = value·value_projᵀ exactly, which
 // is what absorbed-value attention needs).
 //
-// Snapshot hooks (needed only by Cache::snapshot / restore / fork; a codec without them still
-// compiles, and those three calls then stop with a static_assert naming the missing hook):
+// Snapshot hooks (needed only by Cache::snapshot / restore / fork). Every codec of this library
+// has them (PerLayer, CrossLayer, LatentCrossLayer, Latent, Kivi); a codec without them (a
+// third-party one) still compiles, and those three calls then stop with a static_assert naming
+// the missing hook:
 //   std::string Codec::describe() const;    // codec type, quantizer(s) and every option that
 //                                           // changes what is stored, e.g. "PerLayer<...>{group=128,window=0}"
 //   void State::save(std::size_t seq, snapshot::Writer&) const;  // all of seq's state, in a fixed order
 //   void State::load(std::size_t seq, snapshot::Reader&);        // seq is open and empty
 //   void State::fork(std::size_t src, std::size_t dst);          // dst is open and empty
-// A codec built from cache::Stream gets all three by forwarding to each stream's save/load/fork,
-// in a fixed order (codec/per_layer.hpp: one loop each). Per-sequence codec state that is not in
-// a stream (e.g. a running accumulator) is written with Writer and read back with Reader, whose
-// every read is bounds-checked. On a throw from load or fork the cache closes `seq`/`dst`, so
-// close() must release whatever load/fork took. append must be all or nothing: when it throws,
-// the sequence is as it was (a codec with several streams per layer validates before storing).
+// and, optionally,
+//   std::string State::describe() const;    // what the stored bytes depend on that the state
+//                                           // derived at construction, e.g. a fingerprint of the
+//                                           // SVD factors of borrowed weights (empty: nothing)
+// which the cache appends to the codec's description, so that a snapshot restores only where it
+// is the same (ConfigError otherwise). Compute it once in the constructor: it is read on every
+// snapshot and restore. (Codec::describe cannot do it: the codec holds only borrowed pointers and
+// does not know the geometry, and hashing weights on every call would cost too much.)
+// A codec built from cache::Stream gets save/load/fork by forwarding to each stream's, in a fixed
+// order (codec/per_layer.hpp: one loop each). Per-sequence codec state that is not in a stream
+// (windows, running accumulators: codec/cross_layer.hpp) is written with Writer and read back
+// with Reader, whose every read is bounds-checked. Save everything a later append or read
+// depends on: a restored or forked sequence must behave bit for bit like the original. On a
+// throw from load or fork the cache closes `seq`/`dst`, so close() must release whatever
+// load/fork took. append must be all or nothing: when it throws, the sequence is as it was (a
+// codec with several streams per layer checks everything that could fail in any stream before
+// the first one stores: codec/common.hpp).
 
 #include <cmath>
 #include <string>
@@ -44,6 +57,8 @@ namespace xquant {
 using SequenceId = std::size_t;
 
 namespace detail {
+// Every codec of this library has the snapshot hooks; snapshot/restore/fork check for them
+// (static_assert) so that a third-party codec without them gets a message naming what is missing.
 template <class Codec, class State, class = void>
 inline constexpr bool has_snapshot_hooks = false;
 template <class Codec, class State>
@@ -53,6 +68,11 @@ inline constexpr bool has_snapshot_hooks<
                 decltype(std::declval<const State&>().save(std::size_t{}, std::declval<snapshot::Writer&>())),
                 decltype(std::declval<State&>().load(std::size_t{}, std::declval<snapshot::Reader&>())),
                 decltype(std::declval<State&>().fork(std::size_t{}, std::size_t{}))>> = true;
+template <class State, class = void>
+inline constexpr bool has_state_description = false;
+template <class State>
+inline constexpr bool has_state_description<State, std::void_t<decltype(std::string(std::declval<const State&>().describe()))>> =
+    true;
 }  // namespace detail
 
 /// \tparam Codec   what each layer stores (codec::PerLayer, ...), with its runtime options
@@ -192,12 +212,18 @@ class Cache {
   }
 
   /// What a snapshot must have been taken from to restore here: the cache geometry (capacity
-  /// excluded) and the codec's description.
+  /// excluded), the codec's description and, where the codec's state has one, the state's (e.g.
+  /// a fingerprint of SVD factors).
   std::string description() const {
     const AttentionShape& a = config_.attention;
-    return detail::concat("xquant::Cache{layers=", config_.layers, ",width=", config_.width, ",heads=", a.heads,
-                          ",kv_heads=", a.kv_heads, ",head_dim=", a.head_dim, ",block_tokens=", config_.block_tokens,
-                          "} ", codec_.describe());
+    std::string d = detail::concat("xquant::Cache{layers=", config_.layers, ",width=", config_.width, ",heads=", a.heads,
+                                   ",kv_heads=", a.kv_heads, ",head_dim=", a.head_dim, ",block_tokens=",
+                                   config_.block_tokens, "} ", codec_.describe());
+    if constexpr (detail::has_state_description<State>) {
+      const std::string s = state_.describe();
+      if (!s.empty()) d += " " + s;
+    }
+    return d;
   }
 
   const CacheConfig& config() const { return config_; }

@@ -68,11 +68,19 @@ inline std::uint32_t crc32(const std::uint8_t* p, std::size_t n, std::uint32_t c
   return ~crc;
 }
 
-/// FNV-1a 64 of a string: the fingerprint of a configuration description.
-inline std::uint64_t fnv1a64(const std::string& s) {
-  std::uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
+/// FNV-1a 64 of `n` bytes; pass the previous result as `h` to continue over more bytes.
+inline std::uint64_t fnv1a64(const void* p, std::size_t n, std::uint64_t h = 0xcbf29ce484222325ull) {
+  const auto* b = static_cast<const std::uint8_t*>(p);
+  for (std::size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 0x100000001b3ull;
   return h;
+}
+/// FNV-1a 64 of a string: the fingerprint of a configuration description.
+inline std::uint64_t fnv1a64(const std::string& s) { return fnv1a64(s.data(), s.size()); }
+/// A 64-bit fingerprint as 16 lowercase hex digits (for descriptions).
+inline std::string hex64(std::uint64_t v) {
+  std::string s(16, '0');
+  for (int i = 15; i >= 0; --i, v >>= 4) s[static_cast<std::size_t>(i)] = "0123456789abcdef"[v & 0xfu];
+  return s;
 }
 
 /// Appends little-endian fields to a byte vector.
@@ -94,6 +102,16 @@ class Writer {
     for (std::size_t i = 0; i < n; ++i) {
       out_[at + 2 * i] = static_cast<std::uint8_t>(p[i]);
       out_[at + 2 * i + 1] = static_cast<std::uint8_t>(p[i] >> 8);
+    }
+  }
+  /// fp32 values as their little-endian bit patterns.
+  void f32s(const float* p, std::size_t n) {
+    const std::size_t at = out_.size();
+    out_.resize(at + 4 * n);
+    for (std::size_t i = 0; i < n; ++i) {
+      std::uint32_t u;
+      std::memcpy(&u, p + i, 4);
+      for (int k = 0; k < 4; ++k) out_[at + 4 * i + k] = static_cast<std::uint8_t>(u >> (8 * k));
     }
   }
   std::size_t size() const { return out_.size(); }
@@ -135,6 +153,18 @@ class Reader {
     for (std::size_t i = 0; i < n; ++i)
       out[i] = static_cast<std::uint16_t>(p_[pos_ + 2 * i] | (p_[pos_ + 2 * i + 1] << 8));
     pos_ += 2 * n;
+  }
+  /// fp32 values written by Writer::f32s; each must be finite.
+  void f32s(const char* what, float* out, std::size_t n) {
+    need(what, n <= remaining() / 4 ? 4 * n : remaining() + 1);
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::uint8_t* b = p_ + pos_ + 4 * i;
+      const std::uint32_t u = static_cast<std::uint32_t>(b[0]) | static_cast<std::uint32_t>(b[1]) << 8 |
+                              static_cast<std::uint32_t>(b[2]) << 16 | static_cast<std::uint32_t>(b[3]) << 24;
+      if ((u & 0x7f800000u) == 0x7f800000u) fail(what, ": value ", i, " is not finite");
+      std::memcpy(out + i, &u, 4);
+    }
+    pos_ += 4 * n;
   }
   /// Throws unless `n` more bytes are present (call before allocating from a size field).
   void need(const char* what, std::size_t n) const {

@@ -20,6 +20,15 @@
 // (X_i, or X_i·Ukv_i), not as deltas, and are reconstructed from that; a token's delta is taken
 // when it leaves the window, against layer i−1's final reconstruction of it. Every token then
 // passes through fp16, so the cache does not depend on how tokens were chunked.
+//
+// Snapshots (Cache::snapshot / restore / fork) carry, besides each layer's stream, what later
+// appends and reconstructions read: every layer's length, sealed flag and window tokens, the
+// chunk accumulator (when a later layer may still use it) and the running accumulator (fp32, up
+// to length × d floats: one extended token by token rounds differently from one rebuilt at once,
+// and a restored sequence must read back the original's bits). So an XQuant-CL snapshot depends
+// on the reads before it, not only on the cached tokens. The latent variant's description
+// includes a fingerprint of its SVD bases: a snapshot restores only into a cache factored from
+// the same weights.
 
 #include <algorithm>
 #include <string>
@@ -27,6 +36,7 @@
 
 #include "../backend/eigen/linalg.hpp"
 #include "../cache/config.hpp"
+#include "../cache/snapshot.hpp"
 #include "../cache/stream.hpp"
 #include "../quant/uniform.hpp"
 #include "../remat/weights.hpp"
@@ -60,6 +70,16 @@ struct CrossLayerCodec {
   /// V = X̂·Wvᵀ with X̂ the accumulated reconstruction: absorbed-value attention applies.
   static constexpr bool values_are_linear = true;
 
+  /// Snapshot hook: the codec type, both quantizers and every option that changes what is stored
+  /// (the latent variant's SVD bases are fingerprinted by State::describe).
+  std::string describe() const {
+    std::string d = xquant::detail::concat(InLatent ? "LatentCrossLayer<" : "CrossLayer<",
+                                           snapshot::describe_quantizer<DeltaQ>(), ",",
+                                           snapshot::describe_quantizer<BaseQ>(), ">{base_layers=", base_layers);
+    if (!(DeltaQ::is_float && BaseQ::is_float)) d += xquant::detail::concat(",group=", group);
+    return d + xquant::detail::concat(",window=", window, "}");
+  }
+
   template <class Backend>
   class State {
     using LA = remat::LinAlg<Backend>;
@@ -83,6 +103,10 @@ struct CrossLayerCodec {
           basis_.push_back(svd::factorize_stacked({w.wk, w.wv}, {dkv, dkv}, d_));
         }
         r_ = basis_.front().rank;
+        // What the stored rows depend on besides the options: the bases they are projected on.
+        std::uint64_t h = snapshot::fnv1a64(nullptr, 0);
+        for (const svd::Factors& f : basis_) h = snapshot::fnv1a64(f.basis_t.data(), f.basis_t.size() * sizeof(float), h);
+        description_ = "svd_bases=" + snapshot::hex64(h);
       }
       const index_t mb = c.max_blocks();
       for (int l = 0; l < L_; ++l) {
@@ -163,6 +187,94 @@ struct CrossLayerCodec {
       return f * sizeof(float);
     }
 
+    /// Snapshot hooks. The payload: each layer's stream record in layer order, then one record
+    ///   u32 tag "XQCL"; per layer: i64 length, u8 sealed, the fp16 rows (cached width) of its
+    ///   window tokens, oldest first; the chunk accumulator: i64 layer+1 (0: none), i64 begin,
+    ///   i64 end, and its (end − begin) × d fp32 rows when a later layer may still use them
+    ///   (layer < L−1); the running accumulator: i64 layer+1, i64 end, its end × d fp32 rows.
+    void save(std::size_t seq, snapshot::Writer& w) const {
+      for (int l = 0; l < L_; ++l) visit(l, [&](const auto& s) { s.save(seq, w); });
+      const Seq& q = seqs_[seq];
+      w.u32(kRecordTag);
+      for (int l = 0; l < L_; ++l) {
+        w.i64(q.length[l]);
+        w.u8(q.sealed[l] ? 1 : 0);
+        for (index_t t = committed(seq, l); t < q.length[l]; ++t)
+          w.u16s(q.ring[l].data() + (t % window_) * r_, static_cast<std::size_t>(r_));
+      }
+      w.i64(q.chunk.layer + 1);
+      w.i64(q.chunk.begin);
+      w.i64(q.chunk.end);
+      if (chunk_rows_saved(q.chunk.layer))
+        w.f32s(q.chunk.rows.data(), static_cast<std::size_t>((q.chunk.end - q.chunk.begin) * d_));
+      w.i64(q.run.layer + 1);
+      w.i64(q.run.end);
+      if (q.run.layer >= 0) w.f32s(q.run.rows.data(), static_cast<std::size_t>(q.run.end * d_));
+    }
+    /// Reads what save() wrote into `seq` (open and empty). SnapshotError on a record that does
+    /// not fit the streams (lengths, flags, accumulator ranges) or holds a non-finite value.
+    void load(std::size_t seq, snapshot::Reader& r) {
+      for (int l = 0; l < L_; ++l) visit(l, [&](auto& s) { s.load(seq, r); });
+      Seq& q = seqs_[seq];
+      if (r.u32("cross-layer record tag") != kRecordTag)
+        r.fail("cross-layer record tag", ": not the start of a cross-layer record");
+      for (int l = 0; l < L_; ++l) {
+        const index_t c = committed(seq, l);
+        const bool stream_sealed = visit(l, [&](const auto& s) { return s.sealed(seq); });
+        const index_t len = r.count("layer length", c, c + window_);
+        const bool sealed = r.flag("layer sealed flag");
+        if (sealed != stream_sealed || (sealed && len != c))
+          r.fail("layer sealed flag", ": layer ", l, " is ", sealed ? "" : "not ", "sealed but its stream is ",
+                 stream_sealed ? "" : "not ", "sealed and ", len - c, " tokens wait in its window");
+        for (index_t t = c; t < len; ++t) {
+          std::uint16_t* h = q.ring[l].data() + (t % window_) * r_;
+          r.u16s("window tokens", h, static_cast<std::size_t>(r_));
+          for (index_t j = 0; j < r_; ++j)
+            if (!half_is_finite(h[j])) r.fail("window tokens", ": a waiting value is not finite");
+        }
+        q.length[l] = len;
+        q.sealed[l] = sealed;
+      }
+      // Accumulators: X̂ of a layer ≥ base_layers−1 (the ones that seed or carry deltas).
+      const int chunk_layer = static_cast<int>(r.count("chunk accumulator layer", 0, L_)) - 1;
+      if (chunk_layer >= 0 && chunk_layer < b_ - 1)
+        r.fail("chunk accumulator layer", ": layer ", chunk_layer, " is below the seed layer ", b_ - 1);
+      // It holds the tokens its layer committed last: [begin, end) with end its committed count.
+      const index_t cc = chunk_layer < 0 ? 0 : committed(seq, chunk_layer);
+      const index_t begin = r.count("chunk accumulator begin", 0, cc);
+      const index_t end = r.count("chunk accumulator end", cc, cc);
+      if (chunk_layer >= 0 && begin == end) r.fail("chunk accumulator begin", ": the accumulator holds no tokens");
+      if (chunk_rows_saved(chunk_layer)) {
+        const index_t n = end - begin;
+        r.need("chunk accumulator rows", static_cast<std::size_t>(n * d_) * sizeof(float));
+        q.chunk.rows.resize(static_cast<std::size_t>(n * d_));
+        r.f32s("chunk accumulator rows", q.chunk.rows.data(), q.chunk.rows.size());
+      }
+      q.chunk.layer = chunk_layer;
+      q.chunk.begin = begin;
+      q.chunk.end = end;
+      const int run_layer = static_cast<int>(r.count("running accumulator layer", 0, L_)) - 1;
+      if (run_layer >= 0 && run_layer < b_ - 1)
+        r.fail("running accumulator layer", ": layer ", run_layer, " is below the seed layer ", b_ - 1);
+      const index_t run_end = r.count("running accumulator end", 0, run_layer < 0 ? 0 : committed(seq, run_layer));
+      if (run_layer >= 0) {
+        r.need("running accumulator rows", static_cast<std::size_t>(run_end * d_) * sizeof(float));
+        q.run.rows.resize(static_cast<std::size_t>(run_end * d_));
+        r.f32s("running accumulator rows", q.run.rows.data(), q.run.rows.size());
+      }
+      q.run.layer = run_layer;
+      q.run.end = run_end;
+    }
+    /// Makes `dst` (open and empty) a copy of `src`: streams, windows and both accumulators.
+    void fork(std::size_t src, std::size_t dst) {
+      require<Error>(src != dst, "fork: source and destination are both sequence ", src);
+      for (int l = 0; l < L_; ++l) visit(l, [&](auto& s) { s.fork(src, dst); });
+      seqs_[dst] = seqs_[src];
+    }
+    /// Snapshot description of what the state derived at construction: the latent variant's
+    /// fingerprint of its SVD bases (empty for plain XQuant-CL).
+    const std::string& describe() const { return description_; }
+
     int base_layers() const { return b_; }
     /// Width of the cached rows: d, or the rank of [Wk|Wv] in the latent variant.
     index_t cached_width() const { return r_; }
@@ -186,6 +298,10 @@ struct CrossLayerCodec {
       Acc chunk;  // X̂ of the tokens the latest append committed, for the next layer's delta
       Acc run;    // X̂ of tokens [0, end) of one layer, for attention (begin is always 0)
     };
+    static constexpr std::uint32_t kRecordTag = 0x4c435158u;  // "XQCL" little-endian
+
+    // Rows of a chunk accumulator that a later append may still read (layer L−1 has no successor).
+    bool chunk_rows_saved(int layer) const { return layer >= 0 && layer < L_ - 1; }
 
     template <class F>
     decltype(auto) visit(int layer, F&& f) {
@@ -358,6 +474,7 @@ struct CrossLayerCodec {
     std::vector<DeltaStream> delta_;
     std::vector<Seq> seqs_;
     std::vector<float> scratch_, tmp_, out_;
+    std::string description_;
   };
 };
 

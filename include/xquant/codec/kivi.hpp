@@ -5,11 +5,16 @@
 // dequantizing, at each token's own position); values (V = X·Wvᵀ + bv) per token. The newest
 // keys wait in fp16 until their group of `key_group` tokens fills; values keep the newest
 // `window` tokens in fp16.
+//
+// Snapshots: each layer's key and value streams in layer order. The description does not
+// fingerprint the weights: the stored K and V read back without them (as a plain KV cache would).
 
+#include <string>
 #include <vector>
 
 #include "../backend/eigen/linalg.hpp"
 #include "../cache/config.hpp"
+#include "../cache/snapshot.hpp"
 #include "../cache/stream.hpp"
 #include "../quant/uniform.hpp"
 #include "../remat/weights.hpp"
@@ -37,6 +42,17 @@ struct Kivi {
   /// would only multiply the softmax by all dkv columns of V per KV head (Hkv times the work of
   /// remat::Materialize). It is a compile-time error; use remat::Materialize.
   static constexpr bool values_are_linear = false;
+
+  /// Snapshot hook: the codec type, both quantizers and every option that changes what is stored.
+  std::string describe() const {
+    std::string d = xquant::detail::concat("Kivi<", snapshot::describe_quantizer<KeyQ>(), ",",
+                                           snapshot::describe_quantizer<ValueQ>(), ">{");
+    if constexpr (!KeyQ::is_float) d += xquant::detail::concat("key_group=", key_group, ",");
+    if constexpr (!ValueQ::is_float) d += xquant::detail::concat("value_group=", value_group, ",");
+    if constexpr (!ValueQ::is_float && ValueQ::axis == Axis::Token) d += xquant::detail::concat("window=", window, ",");
+    if (d.back() == ',') d.pop_back();
+    return d + "}";
+  }
 
   template <class Backend>
   class State {
@@ -74,6 +90,11 @@ struct Kivi {
       v_.resize(static_cast<std::size_t>(n * dkv_));
       LA::project(RowsView{x, n, d_, ld}, Projection{w.wk, dkv_, d_, w.bk}, k_.data(), dkv_);  // pre-RoPE
       LA::project(RowsView{x, n, d_, ld}, Projection{w.wv, dkv_, d_, w.bv}, v_.data(), dkv_);
+      // All or nothing: everything that could make either stream throw is checked before the keys
+      // store (sealed, room in both pools, the fp16 range of every value that passes through fp16;
+      // values within it always give finite fp16 scales and zeros).
+      require<CapacityError>(!keys_[layer].sealed(seq), "sequence ", seq, ", layer ", layer,
+                             ": sealed sequences accept no more tokens");
       if (detail::passes_fp16<KeyQ>) detail::require_fp16_range(k_.data(), n * dkv_);
       if (detail::passes_fp16<ValueQ>) detail::require_fp16_range(v_.data(), n * dkv_);
       detail::require_room(seq, n, keys_[layer], values_[layer]);
@@ -102,6 +123,29 @@ struct Kivi {
       dequantize_kv(seq, layer, begin, end, kbuf_.data(), dkv_, vbuf_.data(), dkv_);
       return {RowsView{kbuf_.data(), n, dkv_, dkv_}, RowsView{vbuf_.data(), n, dkv_, dkv_},
               Projection{nullptr, dkv_, dkv_, nullptr}, Projection{nullptr, dkv_, dkv_, nullptr}};
+    }
+
+    /// Snapshot hooks: per layer, in layer order, the key stream's record, then the value stream's.
+    void save(std::size_t seq, snapshot::Writer& w) const {
+      for (int l = 0; l < config_.layers; ++l) {
+        keys_[l].save(seq, w);
+        values_[l].save(seq, w);
+      }
+    }
+    /// SnapshotError also when a layer's two streams disagree on length or sealed flag.
+    void load(std::size_t seq, snapshot::Reader& r) {
+      for (int l = 0; l < config_.layers; ++l) {
+        keys_[l].load(seq, r);
+        values_[l].load(seq, r);
+        if (keys_[l].length(seq) != values_[l].length(seq) || keys_[l].sealed(seq) != values_[l].sealed(seq))
+          r.fail("stream lengths", ": the key and value streams of layer ", l, " disagree on length or sealed flag");
+      }
+    }
+    void fork(std::size_t src, std::size_t dst) {
+      for (int l = 0; l < config_.layers; ++l) {
+        keys_[l].fork(src, dst);
+        values_[l].fork(src, dst);
+      }
     }
 
     std::size_t allocated_bytes() const {

@@ -6,13 +6,19 @@
 // `key_group` tokens; the newest tokens wait in the stream's fp16 window until a group fills),
 // X·Uv per token. Optionally some channels of X·Uk (channel 0 carries a massive outlier in real
 // models) are kept unquantized in fp16, in a separate small stream.
+//
+// Snapshots: each layer's streams (X·Uk, the fp16 channels if any, X·Uv) in layer order; the
+// description includes a fingerprint of the SVD bases Uk, Uv (State::describe), so a snapshot
+// restores only into a cache factored from the same weights.
 
 #include <algorithm>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "../backend/eigen/linalg.hpp"
 #include "../cache/config.hpp"
+#include "../cache/snapshot.hpp"
 #include "../cache/stream.hpp"
 #include "../remat/weights.hpp"
 #include "common.hpp"
@@ -45,6 +51,29 @@ struct Latent {
 
   /// V = (X·Uv)·(ΣvBvᵀ) is a linear map of the cached latent: absorbed-value attention applies.
   static constexpr bool values_are_linear = true;
+
+  /// Snapshot hook: the codec type, both quantizers and every option that changes what is stored
+  /// (the SVD bases are fingerprinted by State::describe). The fp16 channel lists appear sorted,
+  /// as they are used; long lists as their count and an FNV-1a fingerprint.
+  std::string describe() const {
+    std::string d = xquant::detail::concat("Latent<", snapshot::describe_quantizer<KeyQ>(), ",",
+                                           snapshot::describe_quantizer<ValueQ>(), ">{");
+    if constexpr (!KeyQ::is_float) d += xquant::detail::concat("key_group=", key_group, ",");
+    if constexpr (!ValueQ::is_float) d += xquant::detail::concat("value_group=", value_group, ",");
+    if constexpr (!ValueQ::is_float && ValueQ::axis == Axis::Token) d += xquant::detail::concat("window=", window, ",");
+    if (fp16_key_channel_lists.empty()) return d + xquant::detail::concat("fp16_key_channels=", fp16_key_channels, "}");
+    std::string lists;
+    for (std::size_t l = 0; l < fp16_key_channel_lists.size(); ++l) {
+      std::vector<index_t> c = fp16_key_channel_lists[l];
+      std::sort(c.begin(), c.end());
+      lists += l == 0 ? "[" : ";";
+      for (std::size_t i = 0; i < c.size(); ++i) lists += xquant::detail::concat(i == 0 ? "" : ",", c[i]);
+    }
+    lists += "]";
+    if (lists.size() > 512)
+      lists = xquant::detail::concat("#", fp16_key_channel_lists.size(), ":", snapshot::hex64(snapshot::fnv1a64(lists)));
+    return d + "fp16_key_channel_lists=" + lists + "}";
+  }
 
   template <class Backend>
   class State {
@@ -99,6 +128,13 @@ struct Latent {
         values_.emplace_back(cache::StreamShape{ly.v.rank, codec.value_group, c.block_tokens, mb, codec.window});
         layers_.push_back(std::move(ly));
       }
+      // What the stored latents depend on besides the options: the bases they are projected on.
+      std::uint64_t h = snapshot::fnv1a64(nullptr, 0);
+      for (const Layer& ly : layers_) {
+        h = snapshot::fnv1a64(ly.k.basis_t.data(), ly.k.basis_t.size() * sizeof(float), h);
+        h = snapshot::fnv1a64(ly.v.basis_t.data(), ly.v.basis_t.size() * sizeof(float), h);
+      }
+      description_ = "svd_bases=" + snapshot::hex64(h);
     }
 
     void open(std::size_t seq) {
@@ -125,6 +161,11 @@ struct Latent {
       lv_.resize(static_cast<std::size_t>(n * rv));
       LA::project(RowsView{x, n, d_, ld}, Projection{ly.k.basis_t.data(), rk, d_, nullptr}, lk_.data(), rk);
       LA::project(RowsView{x, n, d_, ld}, Projection{ly.v.basis_t.data(), rv, d_, nullptr}, lv_.data(), rv);
+      // All or nothing: everything that could make one of the streams throw is checked before the
+      // first one stores (sealed, room in every pool, the fp16 range of every value that passes
+      // through fp16; values within it always give finite fp16 scales and zeros).
+      require<CapacityError>(!keys_[layer].sealed(seq), "sequence ", seq, ", layer ", layer,
+                             ": sealed sequences accept no more tokens");
       if (detail::passes_fp16<KeyQ> || no > 0) detail::require_fp16_range(lk_.data(), n * rk);
       if (detail::passes_fp16<ValueQ>) detail::require_fp16_range(lv_.data(), n * rv);
       if (outliers_[layer]) detail::require_room(seq, n, keys_[layer], *outliers_[layer], values_[layer]);
@@ -185,6 +226,40 @@ struct Latent {
               Projection{ly.k.recover.data(), dkv_, rk, ly.bk}, Projection{ly.v.recover.data(), dkv_, rv, ly.bv}};
     }
 
+    /// Snapshot hooks: per layer, in layer order, the stream records of X·Uk, of the fp16 key
+    /// channels (layers that keep some) and of X·Uv.
+    void save(std::size_t seq, snapshot::Writer& w) const {
+      for (int l = 0; l < config_.layers; ++l) {
+        keys_[l].save(seq, w);
+        if (outliers_[l]) outliers_[l]->save(seq, w);
+        values_[l].save(seq, w);
+      }
+    }
+    /// SnapshotError also when a layer's streams disagree on length or sealed flag (an append
+    /// stores into all of them or none).
+    void load(std::size_t seq, snapshot::Reader& r) {
+      for (int l = 0; l < config_.layers; ++l) {
+        keys_[l].load(seq, r);
+        if (outliers_[l]) outliers_[l]->load(seq, r);
+        values_[l].load(seq, r);
+        const index_t n = keys_[l].length(seq);
+        const bool sealed = keys_[l].sealed(seq);
+        if (values_[l].length(seq) != n || values_[l].sealed(seq) != sealed ||
+            (outliers_[l] && (outliers_[l]->length(seq) != n || outliers_[l]->sealed(seq) != sealed)))
+          r.fail("stream lengths", ": the streams of layer ", l, " disagree on length or sealed flag");
+      }
+    }
+    void fork(std::size_t src, std::size_t dst) {
+      for (int l = 0; l < config_.layers; ++l) {
+        keys_[l].fork(src, dst);
+        if (outliers_[l]) outliers_[l]->fork(src, dst);
+        values_[l].fork(src, dst);
+      }
+    }
+    /// Snapshot description of what the state derived at construction: a fingerprint of every
+    /// layer's SVD bases (the stored latents are X·Uk and X·Uv).
+    const std::string& describe() const { return description_; }
+
     /// Key codes and parameters, the fp16 key channels and the value stream, of every layer.
     std::size_t allocated_bytes() const {
       std::size_t b = 0;
@@ -223,6 +298,7 @@ struct Latent {
     std::vector<std::optional<OutlierStream>> outliers_;
     std::vector<ValueStream> values_;
     std::vector<float> lk_, lv_, split_, kbuf_, vbuf_;
+    std::string description_;
   };
 };
 
