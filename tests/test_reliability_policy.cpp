@@ -10,9 +10,10 @@
 #include <limits>
 #include <string>
 
-#include "support.hpp"
+#include "reliability_support.hpp"
 
 namespace xq = xquant;
+using namespace xqtest;  // storage-path policies and helpers (reliability_support.hpp)
 
 namespace {
 
@@ -27,41 +28,6 @@ xq::CacheConfig config(xq::index_t capacity = 256) {
   c.capacity_tokens = capacity;
   c.block_tokens = 32;
   return c;
-}
-
-// One codec per storage path of cache::Stream: per-token without window (straight into blocks),
-// per-token with a window, per-channel (always windowed), symmetric, unquantized fp16 and fp32.
-struct TokenDirect {
-  using Codec = xq::codec::PerLayer<xq::quant::Uniform<2, xq::Axis::Token>>;
-  static Codec codec() { return {32, 0}; }
-};
-struct TokenWindow {
-  using Codec = xq::codec::PerLayer<xq::quant::Uniform<4, xq::Axis::Token>>;
-  static Codec codec() { return {16, 5}; }
-};
-struct ChannelGroups {
-  using Codec = xq::codec::PerLayer<xq::quant::Uniform<3, xq::Axis::Channel>>;
-  static Codec codec() { return {16, 0}; }
-};
-struct SymmetricWindow {
-  using Codec = xq::codec::PerLayer<xq::quant::Uniform<8, xq::Axis::Token, xq::Scheme::Symmetric>>;
-  static Codec codec() { return {64, 3}; }
-};
-struct Half {
-  using Codec = xq::codec::PerLayer<xq::quant::Fp16>;
-  static Codec codec() { return {}; }
-};
-struct Single {
-  using Codec = xq::codec::PerLayer<xq::quant::Fp32>;
-  static Codec codec() { return {}; }
-};
-
-template <class CacheT>
-std::vector<float> dequantized(const CacheT& c, xq::SequenceId s, int layer) {
-  const xq::index_t n = c.length(s, layer);
-  auto out = xqtest::poisoned(static_cast<std::size_t>(n * kWidth));
-  c.state().dequantize(s, layer, 0, n, out.data(), kWidth);
-  return out;
 }
 
 // Everything observable about a cache's sequence, to compare before and after a failed call.

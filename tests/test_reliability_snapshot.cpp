@@ -8,9 +8,10 @@
 #include <cstring>
 #include <string>
 
-#include "support.hpp"
+#include "reliability_support.hpp"
 
 namespace xq = xquant;
+using namespace xqtest;  // storage-path policies and helpers (reliability_support.hpp)
 
 namespace {
 
@@ -27,42 +28,6 @@ xq::CacheConfig config(xq::index_t capacity = 512, xq::index_t block_tokens = 32
   return c;
 }
 
-struct TokenDirect {
-  using Codec = xq::codec::PerLayer<xq::quant::Uniform<2, xq::Axis::Token>>;
-  static Codec codec() { return {32, 0}; }
-};
-struct TokenWindow {
-  using Codec = xq::codec::PerLayer<xq::quant::Uniform<4, xq::Axis::Token>>;
-  static Codec codec() { return {16, 7}; }
-};
-struct ChannelGroups {
-  using Codec = xq::codec::PerLayer<xq::quant::Uniform<3, xq::Axis::Channel>>;
-  static Codec codec() { return {16, 0}; }
-};
-struct SymmetricWindow {
-  using Codec = xq::codec::PerLayer<xq::quant::Uniform<8, xq::Axis::Token, xq::Scheme::Symmetric>>;
-  static Codec codec() { return {64, 3}; }
-};
-struct Half {
-  using Codec = xq::codec::PerLayer<xq::quant::Fp16>;
-  static Codec codec() { return {}; }
-};
-struct Single {
-  using Codec = xq::codec::PerLayer<xq::quant::Fp32>;
-  static Codec codec() { return {}; }
-};
-
-template <class CacheT>
-std::vector<float> dequantized(const CacheT& c, xq::SequenceId s, int layer) {
-  const xq::index_t n = c.length(s, layer);
-  auto out = xqtest::poisoned(static_cast<std::size_t>(n * kWidth));
-  c.state().dequantize(s, layer, 0, n, out.data(), kWidth);
-  return out;
-}
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
 
 // Random model weights for one layer.
 struct Weights {
@@ -121,15 +86,6 @@ void reseal(std::vector<std::uint8_t>& b) {
   put_u32(b, b.size() - 4, xq::snapshot::crc32(b.data(), b.size() - 4));
 }
 
-template <class E, class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  }
-  return "no error of the expected type";
-}
 
 }  // namespace
 

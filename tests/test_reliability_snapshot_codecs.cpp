@@ -13,9 +13,12 @@
 #include <type_traits>
 
 #include "codec_support.hpp"
+#include "reliability_support.hpp"
 
 namespace xq = xquant;
 using xq::index_t;
+using xqtest::error_of;
+using xqtest::same_bits;
 
 namespace {
 
@@ -158,9 +161,6 @@ void feed(CacheT& c, xq::SequenceId s, const Tokens& x, int l0 = 0, int l1 = kLa
   for (int l = l0; l < l1; ++l) c.append(s, l, x[l].data(), n);
 }
 
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
 
 // What the codec itself reconstructs for every token of a layer: X̂ (XQuant-CL), the dequantized
 // latents (latent SVD) or the dequantized pre-RoPE K and V (KIVI).
@@ -227,15 +227,6 @@ void require_same(CacheA& a, xq::SequenceId sa, CacheB& b, xq::SequenceId sb, co
   REQUIRE(a.snapshot(sa) == b.snapshot(sb));
 }
 
-template <class E, class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  }
-  return "no error of the expected type";
-}
 
 void put(std::vector<std::uint8_t>& b, std::size_t at, std::uint64_t v, int width) {
   for (int i = 0; i < width; ++i) b[at + i] = static_cast<std::uint8_t>(v >> (8 * i));
