@@ -222,6 +222,29 @@ struct Harness {
     }
   }
 
+  static constexpr xq::SequenceId kNone = ~xq::SequenceId{0};
+
+  // A new sequence made from s by `make` (fork or restore) in both caches: succeeds exactly when
+  // every layer's blocks fit, else CapacityError creating nothing. Returns its id, or kNone.
+  template <class Make>
+  xq::SequenceId copy_of(std::size_t s, Make&& make) {
+    bool room = true;
+    for (int l = 0; l < cfg.layers; ++l) room = room && blocks_of(length(s, l)) <= free_blocks(l);
+    xq::SequenceId f = 0, g = 0;
+    const Outcome a = run([&] { f = make(fast); });
+    const Outcome b = run([&] { g = make(ref); });
+    XQ_CHECK(a == (room ? Outcome::Ok : Outcome::Capacity) && b == a);
+    if (a != Outcome::Ok) return kNone;
+    XQ_CHECK(f == g);
+    if (f >= seqs.size()) {
+      seqs.resize(f + 1);
+      live.resize(f + 1, false);
+    }
+    seqs[f] = seqs[s];
+    live[f] = true;
+    return f;
+  }
+
   void step(FuzzedDataProvider& in) {
     std::vector<std::size_t> open;
     for (std::size_t s = 0; s < live.size(); ++s)
@@ -248,40 +271,14 @@ struct Harness {
         break;
       }
       case 3: {  // fork: copy or CapacityError creating nothing
-        bool room = true;
-        for (int l = 0; l < cfg.layers; ++l) room = room && blocks_of(length(s, l)) <= free_blocks(l);
-        xq::SequenceId f = 0, g = 0;
-        const Outcome a = run([&] { f = fast.fork(s); });
-        const Outcome b = run([&] { g = ref.fork(s); });
-        XQ_CHECK(a == (room ? Outcome::Ok : Outcome::Capacity) && b == a);
-        if (a == Outcome::Ok) {
-          XQ_CHECK(f == g);
-          if (f >= seqs.size()) {
-            seqs.resize(f + 1);
-            live.resize(f + 1, false);
-          }
-          seqs[f] = seqs[s];
-          live[f] = true;
-          XQ_CHECK(fast.snapshot(f) == fast.snapshot(s));
-        }
+        const xq::SequenceId f = copy_of(s, [&](auto& cache) { return cache.fork(s); });
+        if (f != kNone) XQ_CHECK(fast.snapshot(f) == fast.snapshot(s));
         break;
       }
       case 4: {  // snapshot → restore (into both backends) → snapshot
         const auto bytes = fast.snapshot(s);
-        bool room = true;
-        for (int l = 0; l < cfg.layers; ++l) room = room && blocks_of(length(s, l)) <= free_blocks(l);
-        xq::SequenceId f = 0, g = 0;
-        const Outcome a = run([&] { f = fast.restore(bytes); });
-        const Outcome b = run([&] { g = ref.restore(bytes); });
-        XQ_CHECK(a == (room ? Outcome::Ok : Outcome::Capacity) && b == a);
-        if (a == Outcome::Ok) {
-          XQ_CHECK(f == g);
-          if (f >= seqs.size()) {
-            seqs.resize(f + 1);
-            live.resize(f + 1, false);
-          }
-          seqs[f] = seqs[s];
-          live[f] = true;
+        const xq::SequenceId f = copy_of(s, [&](auto& cache) { return cache.restore(bytes); });
+        if (f != kNone) {
           XQ_CHECK(fast.snapshot(f) == bytes);
           XQ_CHECK(ref.snapshot(f) == bytes);
         }
