@@ -403,21 +403,26 @@ void other_configurations(const xqtest::Model& m, const xqtest::Model& other_wei
     rejects(xq::Cache<Codec>(cfg, edited([](Codec& c) { c.value_group = c.value_group == 16 ? 8 : 16; })),
             "value_group");
     rejects(xq::Cache<Codec>(cfg, edited([](Codec& c) { c.window = c.window == 0 ? 1 : c.window - 1; })), "window");
-    if constexpr (is_latent<Codec>::value) {
-      using OtherKey = xq::codec::Latent<Chan<K::bits == 4 ? 3 : 4>, V>;
-      using OtherValue = xq::codec::Latent<K, Tok<V::bits == 4 ? 3 : 4>>;
-      auto as = [&](auto c) {
-        const Codec mine = P::make(m);
-        c.weights = mine.weights;
-        c.key_group = mine.key_group;
-        c.value_group = mine.value_group;
-        c.window = mine.window;
+    constexpr bool latent = is_latent<Codec>::value;
+    using OtherKey = std::conditional_t<latent, xq::codec::Latent<Chan<K::bits == 4 ? 3 : 4>, V>,
+                                        xq::codec::Kivi<Chan<K::bits == 4 ? 3 : 4>, V>>;
+    using OtherValue = std::conditional_t<latent, xq::codec::Latent<K, Tok<V::bits == 4 ? 3 : 4>>,
+                                          xq::codec::Kivi<K, Tok<V::bits == 4 ? 3 : 4>>>;
+    auto as = [&](auto c) {  // this codec's options in a codec of another type
+      const Codec mine = P::make(m);
+      c.weights = mine.weights;
+      c.key_group = mine.key_group;
+      c.value_group = mine.value_group;
+      c.window = mine.window;
+      if constexpr (latent) {
         c.fp16_key_channels = mine.fp16_key_channels;
         c.fp16_key_channel_lists = mine.fp16_key_channel_lists;
-        return c;
-      };
-      rejects(xq::Cache<OtherKey>(cfg, as(OtherKey{})), "key bits");
-      rejects(xq::Cache<OtherValue>(cfg, as(OtherValue{})), "value bits");
+      }
+      return c;
+    };
+    rejects(xq::Cache<OtherKey>(cfg, as(OtherKey{})), "key bits");
+    rejects(xq::Cache<OtherValue>(cfg, as(OtherValue{})), "value bits");
+    if constexpr (latent) {
       rejects(xq::Cache<Codec>(cfg, edited([&](Codec& c) { c.weights = other_weights.weights(); })), "weights");
       rejects(xq::Cache<Codec>(cfg, edited([](Codec& c) {
                 if (c.fp16_key_channel_lists.empty()) c.fp16_key_channels += 1;
@@ -425,20 +430,8 @@ void other_configurations(const xqtest::Model& m, const xqtest::Model& other_wei
               })),
               "fp16 key channels");
     } else {
-      using OtherKey = xq::codec::Kivi<Chan<K::bits == 4 ? 3 : 4>, V>;
-      using OtherValue = xq::codec::Kivi<K, Tok<V::bits == 4 ? 3 : 4>>;
-      auto as = [&](auto c) {
-        const Codec mine = P::make(m);
-        c.weights = mine.weights;
-        c.key_group = mine.key_group;
-        c.value_group = mine.value_group;
-        c.window = mine.window;
-        return c;
-      };
-      rejects(xq::Cache<OtherKey>(cfg, as(OtherKey{})), "key bits");
-      rejects(xq::Cache<OtherValue>(cfg, as(OtherValue{})), "value bits");
-      rejects(xq::Cache<xq::codec::Kivi<xq::quant::Fp16, xq::quant::Fp16>>(cfg, as(xq::codec::Kivi<xq::quant::Fp16, xq::quant::Fp16>{})),
-              "fp16 KV cache");
+      using HalfKv = xq::codec::Kivi<xq::quant::Fp16, xq::quant::Fp16>;
+      rejects(xq::Cache<HalfKv>(cfg, as(HalfKv{})), "fp16 KV cache");
     }
   }
 }
