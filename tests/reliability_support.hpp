@@ -40,15 +40,6 @@ struct Single {
   static Codec codec() { return {}; }
 };
 
-/// X̂ of every token of a layer of a PerLayer cache (poisoned first, so unwritten values show).
-template <class CacheT>
-std::vector<float> dequantized(const CacheT& c, xquant::SequenceId s, int layer) {
-  const xquant::index_t n = c.length(s, layer), d = c.config().width;
-  auto out = poisoned(static_cast<std::size_t>(n * d));
-  c.state().dequantize(s, layer, 0, n, out.data(), d);
-  return out;
-}
-
 /// Equal bit for bit (NaN payloads and the sign of zero included).
 inline bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;

@@ -51,6 +51,17 @@ inline bool all_finite(const std::vector<float>& v) {
   return true;
 }
 
+/// X̂ of every token of a layer of a PerLayer-style cache (its state has dequantize()), into a
+/// poisoned buffer; every value must have been written and be finite.
+template <class CacheT>
+std::vector<float> dequantized(const CacheT& cache, std::size_t seq, int layer) {
+  const auto n = cache.length(seq, layer), d = cache.config().width;
+  auto out = poisoned(static_cast<std::size_t>(n * d));
+  cache.state().dequantize(seq, layer, 0, n, out.data(), d);
+  REQUIRE(all_finite(out));
+  return out;
+}
+
 /// ‖a − b‖ / ‖b‖ in double.
 template <class A, class B>
 double rel_error(const A& a, const B& b) {

@@ -6,6 +6,7 @@
 
 using namespace xquant;
 using quant::Uniform;
+using xqtest::dequantized;
 
 #define XQ_CACHE_QUANTIZERS                                                                                   \
   Uniform<2>, Uniform<3>, Uniform<4>, Uniform<8>, Uniform<4, Axis::Token, Scheme::Symmetric>,                 \
@@ -45,15 +46,6 @@ std::size_t expected_layer_bytes(index_t n, index_t w, index_t G, index_t B, ind
   }
   const index_t window_tokens = Q::is_float ? 0 : (Q::axis == Axis::Channel ? G : window);
   return std::size_t(blocks) * (codes + params) + std::size_t(window_tokens * w * 2);
-}
-
-template <class C>
-std::vector<float> dequantized(const C& cache, SequenceId s, int layer) {
-  const index_t n = cache.length(s, layer), w = cache.config().width;
-  auto out = xqtest::poisoned(std::size_t(n * w));
-  cache.state().dequantize(s, layer, 0, n, out.data(), w);
-  REQUIRE(xqtest::all_finite(out));
-  return out;
 }
 
 }  // namespace
