@@ -77,16 +77,8 @@ struct Uniform {
 
   /// Code of x under p. A zero scale (constant group) gives code 0 (asym.) or the middle level.
   XQ_HOST_DEVICE static std::uint8_t encode(float x, Params p) {
-    if constexpr (S == Scheme::Asymmetric) {
-      float t = p.scale > 0.0f ? rintf((x - p.zero) / p.scale) : 0.0f;
-      t = t < 0.0f ? 0.0f : (t > static_cast<float>(max_code) ? static_cast<float>(max_code) : t);
-      return static_cast<std::uint8_t>(t);
-    } else {
-      constexpr float q = static_cast<float>(sym_levels);
-      float t = p.scale > 0.0f ? rintf(x / p.scale) : 0.0f;
-      t = t < -q ? -q : (t > q ? q : t);
-      return static_cast<std::uint8_t>(t + q);
-    }
+    const float a = S == Scheme::Asymmetric ? x - p.zero : x;
+    return code_of(p.scale > 0.0f ? rintf(a / p.scale) : 0.0f);
   }
 
   /// encode(x, p) with a multiplication by `inv` = 1/p.scale in place of the division (for kernels
@@ -101,7 +93,11 @@ struct Uniform {
     float t = a * inv;
     const float f = t - floorf(t);
     if (fabsf(f - 0.5f) <= fabsf(t) * 0x1p-22f + 0x1p-126f) t = a / p.scale;
-    t = rintf(t);
+    return code_of(rintf(t));
+  }
+
+  /// The stored code of a rounded quotient: clamped to the levels (symmetric: offset by them).
+  XQ_HOST_DEVICE static std::uint8_t code_of(float t) {
     if constexpr (S == Scheme::Asymmetric) {
       t = t < 0.0f ? 0.0f : (t > static_cast<float>(max_code) ? static_cast<float>(max_code) : t);
       return static_cast<std::uint8_t>(t);
