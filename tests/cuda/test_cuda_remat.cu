@@ -1,6 +1,8 @@
 // Rematerialization of K (RoPE at cached positions) and V on the GPU, fused and simple paths,
 // against a float64 CPU reference built from the CPU quantizer's X̂.
 
+#include <cstring>
+
 #include "cuda_support.cuh"
 
 namespace xq = xquant;
@@ -91,4 +93,171 @@ TEST_CASE("cuda remat: 4-bit per-channel, fp16 window rows") {
 }
 TEST_CASE("cuda remat: 2-bit symmetric per-channel") {
   check_remat<xq::quant::Uniform<2, Axis::Channel, xq::Scheme::Symmetric>>(64);
+}
+
+// ---- the Hopper wgmma kernel (remat_sm90.cuh) ------------------------------------------------------
+
+namespace {
+
+/// Runs dequant_one for every code position of `words` random code words under `params`, writing
+/// what each thread's four positions decode to (the wgmma kernel's A values before bf16 rounding).
+template <class Q>
+__global__ void dequant_positions_kernel(const std::uint32_t* words, const std::uint32_t* params, int n, float* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const auto rs = xc::detail::row_scale<Q>(params[i]);
+  const std::uint32_t u = words[i];
+  out[4 * i + 0] = xc::detail::dequant_one<Q, 0>(u, rs);
+  out[4 * i + 1] = xc::detail::dequant_one<Q, 1>(u, rs);
+  out[4 * i + 2] = xc::detail::dequant_one<Q, 2>(u, rs);
+  out[4 * i + 3] = xc::detail::dequant_one<Q, 3>(u, rs);
+}
+
+/// dequant_one equals Q::decode bit for bit: every code at every position, random fp16 parameters
+/// (normal and subnormal scales, zeros of both signs and magnitudes).
+template <class Q>
+void check_dequant_positions() {
+  XQ_REQUIRE_DEVICE();
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  INFO("seed ", seed, " bits ", Q::bits, " symmetric ", Q::scheme == xq::Scheme::Symmetric);
+  const int n = 1 << 16;
+  std::vector<std::uint32_t> words(n), params(n);
+  std::uniform_int_distribution<std::uint32_t> any;
+  std::uniform_real_distribution<float> mag(-30.0f, 16.0f);
+  for (int i = 0; i < n; ++i) {
+    words[i] = any(rng);
+    const float s = std::ldexp(1.0f, static_cast<int>(mag(rng))) * (1.0f + static_cast<float>(any(rng) % 1024) / 1024.0f);
+    const float z = (any(rng) & 1 ? -1.0f : 1.0f) * std::ldexp(1.0f, static_cast<int>(mag(rng))) *
+                    (1.0f + static_cast<float>(any(rng) % 1024) / 1024.0f);
+    const std::uint16_t hs = i % 97 == 0 ? 0 : xq::float_to_half(s), hz = xq::float_to_half(z);
+    params[i] = hs | (static_cast<std::uint32_t>(hz) << 16);
+  }
+  xc::DeviceBuffer<std::uint32_t> dw(n), dp(n);
+  dw.upload(words.data(), n, nullptr);
+  dp.upload(params.data(), n, nullptr);
+  xc::DeviceBuffer<float> out(4 * n);
+  out.fill_bytes(0xff, nullptr);
+  dequant_positions_kernel<Q><<<n / 256, 256>>>(dw.data(), dp.data(), n, out.data());
+  xc::check_launch("dequant_positions_kernel");
+  const auto got = xqcuda::to_host(out);
+  using C = xc::detail::StepCodes<Q::bits>;
+  int mismatches = 0;
+  for (int i = 0; i < n; ++i) {
+    const std::uint16_t p[2] = {static_cast<std::uint16_t>(params[i]), static_cast<std::uint16_t>(params[i] >> 16)};
+    const auto P = Q::load(p);
+    for (int k = 0; k < 4; ++k) {
+      const std::uint32_t code = (words[i] >> C::offset(k)) & Q::max_code;
+      const float want = Q::decode(code, P);
+      if (std::memcmp(&want, &got[4 * i + k], 4) != 0 && ++mismatches <= 5)
+        MESSAGE("word ", words[i], " position ", k, ": ", got[4 * i + k], " != decode ", want);
+    }
+  }
+  CHECK(mismatches == 0);
+}
+
+/// The wgmma kernel against the float64 reference and against the simple path (cuBLAS on the
+/// same bf16 X̂): several ring wraps (width 1024 = 16 k steps, 4 stages), partial row and column
+/// tiles, two sequences, bias and RoPE.
+template <class Q>
+void check_wgmma_remat(index_t group) {
+  XQ_REQUIRE_DEVICE();
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  INFO("seed ", seed, " bits ", Q::bits, " group ", group, " symmetric ", Q::scheme == xq::Scheme::Symmetric);
+  const int B = 2;
+  const index_t width = 1024, cap = 700, len = 650, begin = 3, end = 640, count = end - begin;
+  cudaStream_t s = nullptr;
+  xc::DeviceStream<Q> st({B, cap, width, group});
+  std::vector<std::vector<float>> xhat(B);
+  for (int b = 0; b < B; ++b) {
+    auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, len, width));
+    auto d = xqcuda::to_device<xc::bf16>(x);
+    st.append(b, d.data(), len, width, s);
+    xhat[b] = bf(xqcuda::reference_xhat<Q>(x, len, width, group));
+  }
+  st.check(s);
+  const xq::Rope rope(128, 1024);
+  const xc::DeviceRope drope(rope);
+  xc::Cublas blas;
+  xc::DeviceBuffer<xc::bf16> scratch;
+  struct Case {
+    index_t n;
+    bool rope, bias;
+  };
+  for (const Case c : {Case{512, true, true}, Case{264, false, false}, Case{384, true, false}}) {
+    CAPTURE(c.n);
+    CAPTURE(c.rope);
+    CAPTURE(c.bias);
+    const auto w = bf(xqtest::randn(rng, static_cast<std::size_t>(c.n * width), 0.05f));
+    const auto bias = xqtest::randn(rng, static_cast<std::size_t>(c.n));
+    auto dw = xqcuda::to_device<xc::bf16>(w);
+    xc::DeviceBuffer<float> dbias(bias.size());
+    dbias.upload(bias.data(), bias.size(), s);
+    const bool rotate = c.rope && c.n % 128 == 0;
+    xc::RematOperand op{dw.data(), c.n, 0, c.bias ? dbias.data() : nullptr, rotate ? &drope : nullptr};
+    if (xc::sm90a_kernels()) CHECK(xc::fused_remat_kernel(st, begin, end, op) == xc::FusedRematKernel::Wgmma);
+    else MESSAGE("no sm_90a code for this device: remat_fused runs the portable kernel");
+
+    std::vector<double> ref;
+    for (int b = 0; b < B; ++b) {
+      std::vector<float> rows(xhat[b].begin() + begin * width, xhat[b].begin() + end * width);
+      auto y = xqtest::project64(rows, w.data(), count, width, c.n);
+      if (c.bias)
+        for (index_t r = 0; r < count; ++r)
+          for (index_t j = 0; j < c.n; ++j) y[r * c.n + j] += bias[j];
+      if (rotate) xqtest::rope64(y, count, c.n / 128, 128, begin);
+      ref.insert(ref.end(), y.begin(), y.end());
+    }
+    const index_t ldo = c.n + 8;  // a row stride past N: nothing outside [0, N) may be written
+    xc::DeviceBuffer<xc::bf16> fused(static_cast<std::size_t>(B * count * ldo)), simple(fused.size());
+    fused.fill_bytes(0xff, s);
+    simple.fill_bytes(0xff, s);
+    xc::remat_fused(st, begin, end, op, fused.data(), ldo, s);
+    xc::remat_simple(st, begin, end, op, simple.data(), ldo, blas, scratch, s);
+    const auto f = xqcuda::to_host_float(fused), g = xqcuda::to_host_float(simple);
+    std::vector<float> fv, gv;
+    int pad_written = 0;
+    for (index_t r = 0; r < B * count; ++r)
+      for (index_t j = 0; j < ldo; ++j) {
+        const float a = f[r * ldo + j], b = g[r * ldo + j];
+        if (j < c.n) fv.push_back(a), gv.push_back(b);
+        else pad_written += !std::isnan(a);
+      }
+    CHECK(pad_written == 0);
+    CHECK(xqtest::all_finite(fv));
+    // bf16 outputs of the same bf16 product: float64 reference within bf16 rounding (2^-9 per
+    // element, norm-wise ~1e-3); fused vs simple differ only by fp32 summation order and the simple
+    // path's extra rounding before the epilogue.
+    CHECK(xqtest::rel_error(fv, ref) < 5e-3);
+    CHECK(xqtest::rel_error(fv, gv) < 5e-3);
+    if (!c.rope && !c.bias) {
+      // Without an epilogue both are round_bf16 of fp32 sums of identical products: at most one
+      // bf16 ulp (2^-7 relative) apart, plus fp32 summation noise near zero.
+      double rms = 0;
+      for (float x : gv) rms += static_cast<double>(x) * x;
+      rms = std::sqrt(rms / static_cast<double>(gv.size()));
+      int far = 0;
+      for (std::size_t i = 0; i < fv.size(); ++i)
+        far += std::fabs(fv[i] - gv[i]) > std::ldexp(std::max(std::fabs(fv[i]), std::fabs(gv[i])), -7) + 1e-4 * rms;
+      CHECK(far == 0);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cuda remat wgmma: dequantization equals Q::decode bit for bit") {
+  check_dequant_positions<xq::quant::Uniform<4>>();
+  check_dequant_positions<xq::quant::Uniform<2>>();
+  check_dequant_positions<xq::quant::Uniform<4, Axis::Token, xq::Scheme::Symmetric>>();
+  check_dequant_positions<xq::quant::Uniform<2, Axis::Token, xq::Scheme::Symmetric>>();
+}
+TEST_CASE("cuda remat wgmma: 4-bit, groups of 128") { check_wgmma_remat<xq::quant::Uniform<4>>(128); }
+TEST_CASE("cuda remat wgmma: 2-bit, groups of 64") { check_wgmma_remat<xq::quant::Uniform<2>>(64); }
+TEST_CASE("cuda remat wgmma: 4-bit symmetric, groups of 256") {
+  check_wgmma_remat<xq::quant::Uniform<4, Axis::Token, xq::Scheme::Symmetric>>(256);
+}
+TEST_CASE("cuda remat wgmma: 2-bit symmetric, groups of 128") {
+  check_wgmma_remat<xq::quant::Uniform<2, Axis::Token, xq::Scheme::Symmetric>>(128);
 }

@@ -72,6 +72,12 @@ __device__ __forceinline__ std::uint64_t pack8(const std::uint8_t (&c)[8]) {
   return w;
 }
 
+/// Two floats -> bf16x2 (round to nearest even), `lo` in the low half.
+__device__ __forceinline__ std::uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const std::uint32_t*>(&h);
+}
+
 /// Butterfly min/max over `lanes` consecutive lanes (a power of two <= 32, aligned).
 __device__ __forceinline__ void segment_minmax(float& lo, float& hi, int lanes) {
   for (int o = lanes >> 1; o >= 1; o >>= 1) {

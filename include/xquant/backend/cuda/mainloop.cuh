@@ -31,11 +31,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-__device__ __forceinline__ std::uint32_t pack_bf16x2(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const std::uint32_t*>(&h);
-}
-
 /// One thread's share of the A tile: 32 consecutive values (columns (t&1)*32 of the k-step) of
 /// one row (t>>1). Codes are prefetched into registers one k-step ahead; parameters are read
 /// when the values are formed.

@@ -8,7 +8,9 @@
 #include <vector>
 
 #include "../../remat/rope.hpp"
+#include "epilogue.cuh"
 #include "mainloop.cuh"
+#include "remat_sm90.cuh"
 #include "memory.cuh"
 #include "stream.cuh"
 
@@ -50,36 +52,6 @@ struct RematOperand {
 };
 
 namespace detail {
-
-struct EpilogueArgs {
-  const float* bias;
-  const float* cos;
-  const float* sin;
-  int head_dim;  // 0: no RoPE
-};
-
-/// bias + RoPE on 8 consecutive columns [c, c+8) of one row at position pos (c % 8 == 0).
-__device__ __forceinline__ void epilogue8(float (&x)[8], index_t c, index_t pos, const EpilogueArgs& e) {
-  if (e.bias) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) x[i] += e.bias[c + i];
-  }
-  if (e.head_dim) {
-    const index_t half = e.head_dim / 2, pair0 = (c % e.head_dim) / 2;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float cs = e.cos[pos * half + pair0 + i], sn = e.sin[pos * half + pair0 + i];
-      const float x0 = x[2 * i], x1 = x[2 * i + 1];
-      x[2 * i] = x0 * cs - x1 * sn;
-      x[2 * i + 1] = x0 * sn + x1 * cs;
-    }
-  }
-}
-
-__device__ __forceinline__ void store8_bf16(bf16* p, const float (&x)[8]) {
-  *reinterpret_cast<uint4*>(p) = make_uint4(pack_bf16x2(x[0], x[1]), pack_bf16x2(x[2], x[3]), pack_bf16x2(x[4], x[5]),
-                                            pack_bf16x2(x[6], x[7]));
-}
 
 template <class Q>
 __global__ void __launch_bounds__(gemm::THREADS, 2)
@@ -166,8 +138,22 @@ EpilogueArgs check_remat(const DeviceStream<Q>& x, index_t begin, index_t end, c
 
 }  // namespace detail
 
+/// Which kernel remat_fused runs.
+enum class FusedRematKernel {
+  Wgmma,  ///< Hopper wgmma, X̂ dequantized into registers (sm_90a build on an sm_90 device; per-token
+          ///< 2/4-bit, group >= 64, width % 64 == 0)
+  Mma     ///< portable tensor-core mainloop (WMMA), X̂ staged in shared memory
+};
+template <class Q>
+FusedRematKernel fused_remat_kernel(const DeviceStream<Q>& x, index_t begin, index_t end, const RematOperand& op) {
+  const index_t ldw = op.ldw ? op.ldw : x.shape().width;
+  return detail::remat_wgmma_applies<Q>(x.shape(), end - begin, ldw, op.w) ? FusedRematKernel::Wgmma
+                                                                            : FusedRematKernel::Mma;
+}
+
 /// out = RoPE(X̂·Wᵀ + bias) for tokens [begin, end) of every sequence, in one fused kernel
 /// (X̂ never leaves the chip). Needs width % 64 == 0 and, for per-token groups, group >= 32.
+/// On Hopper (sm_90a build) per-token 2/4-bit streams take the wgmma kernel (remat_sm90.cuh).
 template <class Q>
 void remat_fused(const DeviceStream<Q>& x, index_t begin, index_t end, const RematOperand& op, bf16* out, index_t ldo,
                  cudaStream_t stream) {
@@ -178,12 +164,19 @@ void remat_fused(const DeviceStream<Q>& x, index_t begin, index_t end, const Rem
   require<ConfigError>(Q::axis == Axis::Channel || s.group >= 32, "remat_fused: per-token groups must be >= 32, got ",
                        s.group, " (use remat_simple)");
   const index_t count = end - begin, M = count * s.batch;
+  const index_t ldw = op.ldw ? op.ldw : s.width;
+  if constexpr (detail::wg::supports<Q>) {
+    if (detail::remat_wgmma_applies<Q>(s, count, ldw, op.w)) {
+      detail::launch_remat_wgmma(x, begin, count, op.w, ldw, op.n, e, out, ldo, stream);
+      return;
+    }
+  }
   auto kernel = detail::remat_fused_kernel<Q>;
   XQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, detail::gemm::kSmemBytes));
   const dim3 grid(detail::blocks_for(op.n, detail::gemm::BN), detail::blocks_for(M, detail::gemm::BM));
   require<ConfigError>(grid.y <= 65535u, "remat_fused: ", M, " rows exceed one launch; split the token range");
   kernel<<<grid, detail::gemm::THREADS, detail::gemm::kSmemBytes, stream>>>(x.view(), begin, count, M, op.w,
-                                                                           op.ldw ? op.ldw : s.width, op.n, e, out, ldo);
+                                                                           ldw, op.n, e, out, ldo);
   check_launch("remat_fused_kernel");
 }
 
