@@ -1,5 +1,7 @@
 // Quantizers: the Eigen path against the scalar reference (codes bit for bit, values to 1 ulp),
 // and the reference against float64 math (codes, and the per-element error bound).
+#include <algorithm>
+
 #include <xquant/xquant.hpp>
 
 #include "support.hpp"
@@ -147,6 +149,95 @@ TEST_CASE_TEMPLATE("encode with a reciprocal gives encode's code for every input
   }
   INFO("checked ", checked, " inputs, ", exact_halves, " with a quotient of exactly k + 1/2");
   CHECK(exact_halves > 1000);  // the ties themselves were exercised
+}
+
+// The CUDA per-token kernel encodes with Uniform::encode_biased: a reciprocal, rounding by adding
+// 1.5·2^23, and one tie flag per value instead of encode_scaled's division test. Wherever it does
+// not flag a tie its code must be encode()'s, clamped or (where rounds_within_levels holds)
+// unclamped. Inputs as in the encode_scaled test: every rounding boundary of many fp16 scales and
+// zeros, and a few ulps around it, plus constant groups (scale 0). A threshold with no error
+// allowance (only exact halves flagged) must miss some, or the inputs do not probe the bound.
+TEST_CASE_TEMPLATE("encode_biased gives encode's code wherever it flags no tie", Q, XQ_TOKEN_QUANTIZERS) {
+  std::uint64_t seed;
+  auto g = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  std::uniform_int_distribution<int> scale_bits(1, 0x7bff), zero_bits(0, 0xfbff), ulps(-6, 6);
+  std::uniform_real_distribution<float> unit(-1.5f, 1.5f);
+  const bool sym = Q::scheme == Scheme::Symmetric;
+  const int lo_k = sym ? -Q::sym_levels - 2 : -2, hi_k = sym ? Q::sym_levels + 2 : Q::max_code + 2;
+  long checked = 0, unclamped = 0, flagged = 0, missed_without_allowance = 0;
+  for (int trial = 0; trial < 3000; ++trial) {
+    std::uint16_t p[2] = {static_cast<std::uint16_t>(trial % 100 == 0 ? 0 : scale_bits(g)),
+                          static_cast<std::uint16_t>(zero_bits(g))};
+    const auto P = Q::load(p);
+    const float inv = P.scale > 0.0f ? 1.0f / P.scale : 0.0f;
+    const float z = sym ? 0.0f : P.zero;
+    auto check = [&](float x) {
+      if (!std::isfinite(x)) return;
+      const unsigned want = Q::encode(x, P);
+      ++checked;
+      bool tie = false;
+      const std::uint32_t m = float_bits(Q::template encode_biased<true>(x, P, inv, tie));
+      flagged += tie;
+      if (!tie) REQUIRE(m - Q::biased_zero == want);
+      if (Q::rounds_within_levels(x, x, P, inv)) {
+        ++unclamped;
+        bool tie2 = false;
+        const std::uint32_t m2 = float_bits(Q::template encode_biased<false>(x, P, inv, tie2));
+        if (!tie2) REQUIRE(m2 - Q::biased_zero == want);
+      }
+      bool exact_only = false;
+      const std::uint32_t m3 = float_bits(Q::template encode_biased<true>(x, P, inv, exact_only, 0.5f));
+      missed_without_allowance += !exact_only && m3 - Q::biased_zero != want;
+    };
+    const float s = P.scale > 0.0f ? P.scale : 0x1p-20f;
+    for (int k = lo_k; k <= hi_k; ++k) {
+      const float b = z + (static_cast<float>(k) + 0.5f) * s;
+      float x = b;
+      for (int u = 0; u < 6; ++u) x = std::nextafter(x, -INFINITY);
+      for (int u = -6; u <= 6; ++u, x = std::nextafter(x, INFINITY)) check(x);
+      check(z + static_cast<float>(k) * s + unit(g) * s);
+      check(b + static_cast<float>(ulps(g)) * 0x1p-24f * std::fabs(b));
+    }
+    check(z + unit(g) * 1e30f);
+    check(z + unit(g) * 1e-40f);
+  }
+  INFO("checked ", checked, " inputs (", unclamped, " unclamped), ", flagged, " flagged, ", missed_without_allowance,
+       " missed with no error allowance");
+  CHECK(unclamped > checked / 4);
+  // (2-bit symmetric has only the boundaries ±½, where the product and quotient rarely part.)
+  if (Q::bits > 2 || !sym) CHECK(missed_without_allowance > 0);
+}
+
+// A group's quotients lie between its ends' (rounding is monotone), so rounds_within_levels on the
+// group's range holds for each of its values; and random values away from boundaries are rarely
+// flagged (the kernel's division fallback stays rare).
+TEST_CASE_TEMPLATE("rounds_within_levels of a range covers its values; ties are rarely flagged", Q,
+                   XQ_TOKEN_QUANTIZERS) {
+  std::uint64_t seed;
+  auto g = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  long values = 0, flagged = 0, groups_within = 0;
+  for (int trial = 0; trial < 2000; ++trial) {
+    auto x = xqtest::activations(g, 1, 64);
+    const auto [lo_it, hi_it] = std::minmax_element(x.begin(), x.end());
+    std::uint16_t p[2] = {0, 0};
+    if (!Q::fit(*lo_it, *hi_it, p)) continue;
+    const auto P = Q::load(p);
+    const float inv = P.scale > 0.0f ? 1.0f / P.scale : 0.0f;
+    const bool within = Q::rounds_within_levels(*lo_it, *hi_it, P, inv);
+    groups_within += within;
+    for (float v : x) {
+      if (within) REQUIRE(Q::rounds_within_levels(v, v, P, inv));
+      bool tie = false;
+      Q::template encode_biased<true>(v, P, inv, tie);
+      flagged += tie;
+      ++values;
+    }
+  }
+  INFO(values, " values, ", flagged, " flagged, ", groups_within, " groups within the levels");
+  CHECK(groups_within > 1900);
+  CHECK(flagged * 1000 < values);
 }
 
 // Found by fuzz_quantize: a group of mixed ±0 (and denormals that flush to zero in fp16) has a

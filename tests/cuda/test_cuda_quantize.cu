@@ -140,6 +140,76 @@ TEST_CASE_TEMPLATE("cuda quantize/append matches the CPU reference bit for bit",
   check_all<Q>();
 }
 
+/// v moved by `u` units in the last place of T (bf16: 8 significant bits, fp16: 11), as T.
+template <class T>
+float nudged(float v, int u) {
+  if (v == 0.0f || u == 0) return v;
+  const int digits = std::is_same_v<T, xc::bf16> ? 8 : 11;
+  return xqcuda::round_to<T>({v + std::ldexp(static_cast<float>(u), std::ilogb(v) + 1 - digits)})[0];
+}
+
+// Inputs on and next to rounding boundaries, where the kernel's reciprocal encoder must flag the
+// value and fall back to encode()'s division: each group's ends pin a scale with few mantissa bits
+// and a zero on its grid, and the other values sit at z + (k + ½)·s (exact ties) and a few input
+// ulps either side, plus level values. Codes and parameters must equal the CPU reference's.
+template <class Q, class T>
+void check_boundaries(index_t group) {
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  INFO("seed ", seed, " bits ", Q::bits, " group ", group, (Q::scheme == Scheme::Symmetric ? " symmetric" : " asymmetric"),
+       (std::is_same_v<T, xc::bf16> ? " bf16" : " fp16"));
+  const index_t n = 512, width = 256;  // >= 256 rows: the 32-values-per-thread path where the group allows
+  const bool sym = Q::scheme == Scheme::Symmetric;
+  const int top = sym ? Q::sym_levels : static_cast<int>(Q::max_code);
+  std::uniform_int_distribution<int> exp(-10, 2), mant(0, 7), zero_steps(-64, 64), level(sym ? -top - 1 : -1, top);
+  std::uniform_int_distribution<int> nudge(-3, 3);
+  std::vector<float> x(static_cast<std::size_t>(n * width));
+  for (index_t g0 = 0; g0 < n * width; g0 += group) {
+    const float s = std::ldexp(1.0f + mant(rng) / 8.0f, exp(rng));
+    const float z = sym ? 0.0f : zero_steps(rng) * s / 4.0f;
+    x[g0] = sym ? -top * s : z;
+    x[g0 + 1] = sym ? top * s : z + top * s;
+    const float lo = std::min(x[g0], x[g0 + 1]), hi = std::max(x[g0], x[g0 + 1]);
+    for (index_t i = 2; i < group; ++i) {
+      const float v = xqcuda::round_to<T>({z + (level(rng) + (i % 4 == 3 ? 0.0f : 0.5f)) * s})[0];  // mostly ties
+      x[g0 + i] = std::min(std::max(nudged<T>(v, nudge(rng)), lo), hi);
+    }
+  }
+  x = xqcuda::round_to<T>(x);
+  cudaStream_t stream = nullptr;
+  xc::DeviceStream<Q> st({1, n, width, group});
+  st.fill_storage(0xff, stream);
+  auto d = xqcuda::to_device<T>(x);
+  st.append(0, d.data(), n, width, stream);
+  st.check(stream);
+  const index_t cb = Q::code_bytes(width), G = width / group * Q::params_per_group;
+  std::vector<std::uint8_t> c(static_cast<std::size_t>(n * cb));
+  std::vector<std::uint16_t> p(static_cast<std::size_t>(n * G));
+  xq::quant::QuantOps<xq::backend::Reference>::quantize_tokens<Q>(x.data(), n, width, width, group, c.data(), p.data());
+  // The inputs do probe ties: count the values whose quotient under the stored parameters is k + ½.
+  long ties = 0;
+  for (index_t g0 = 0, k = 0; g0 < n * width; g0 += group, k += Q::params_per_group) {
+    const auto P = Q::load(p.data() + k);
+    for (index_t i = 0; P.scale > 0.0f && i < group; ++i) {
+      const float q = ((sym ? x[g0 + i] : x[g0 + i] - P.zero)) / P.scale;
+      ties += q - std::floor(q) == 0.5f;
+    }
+  }
+  INFO(ties, " inputs on a tie");
+  CHECK(ties > n * width / 1000);  // 0.3% to 10% of them, by bits and input type
+  CHECK(xqcuda::to_host(st.codes()) == c);
+  CHECK(xqcuda::to_host(st.params()) == p);
+}
+
+TEST_CASE_TEMPLATE("cuda append: inputs on and next to rounding boundaries match the CPU bit for bit", Q,
+                   XQ_QUANTIZERS(Axis::Token, Scheme::Asymmetric), XQ_QUANTIZERS(Axis::Token, Scheme::Symmetric)) {
+  XQ_REQUIRE_DEVICE();
+  for (index_t group : {8, 32, 128}) {
+    check_boundaries<Q, xc::bf16>(group);
+    check_boundaries<Q, xc::fp16>(group);
+  }
+}
+
 TEST_CASE("cuda stream rejects bad geometry before touching the device") {
   using Q = xq::quant::Uniform<4>;
   CHECK_THROWS_AS(xc::DeviceStream<Q>({1, 128, 100, 32}), xq::ConfigError);   // width % 8

@@ -96,6 +96,61 @@ struct Uniform {
     return code_of(rintf(t));
   }
 
+  /// Threshold of encode_biased's tie flag: |t − rint(t)| at or above it flags t (see there).
+  static constexpr float tie_threshold = 0.5f - static_cast<float>(1u << Bits) * 0x1p-22f;
+  /// float_bits(1.5·2^23): encode_biased's result is the float 1.5·2^23 + code, its bits this + code.
+  static constexpr std::uint32_t biased_zero = 0x4B400000u;
+
+  /// encode_scaled without its per-value division test, for kernels: returns the float
+  /// 1.5·2^23 + code (its bits are biased_zero + code) and sets `tie` when that code may differ
+  /// from encode()'s (the caller then encodes with encode()). `inv` = 1/p.scale correctly rounded,
+  /// or 0 for a constant group (q = 0: encode()'s code 0, or the middle level). Clamp = false
+  /// skips the clamp to the levels, for groups where rounds_within_levels() holds.
+  ///
+  /// Why it is exact. The quotient rounded here is q = a·inv (a = x − z), exact inside the fused
+  /// multiply-adds, or, when clamped, fl(a·inv) clamped to the levels [L, H] (integers). Against
+  /// d = a/s rounded (encode's), |q − d| < 3.01·2^-24·|q| + 2^-148 (at most three roundings).
+  ///  - Clamping before rounding equals rounding before clamping (rounding is monotone and fixes
+  ///    integers); unclamped, q is in (L − ½, H + ½). Either way q + 1.5·2^23 − L lies in
+  ///    [2^23, 2^24), where floats are spaced 1: m is 1.5·2^23 − L plus the integer nearest q (a
+  ///    tie may go either way: it is flagged), and m − (1.5·2^23 − L) is exact (Sterbenz).
+  ///  - q clamped: fl(a·inv) > H gives d > H·(1 − 2^-22) > H − ½, so rint(d) clamps to H too;
+  ///    below L likewise. No tie can matter there.
+  ///  - Otherwise |q| < 2^Bits, so |q − d| < 2^(Bits−22). The codes can differ only if a
+  ///    half-integer lies within |q − d| of q, i.e. |q − round(q)| > ½ − 2^(Bits−22) =
+  ///    tie_threshold; r = q − round(q) rounded keeps |r| ≥ tie_threshold there (rounding is
+  ///    monotone and the threshold is a float): `tie` is set.
+  /// `threshold` is for the tests (a larger one must miss ties); kernels keep the default.
+  template <bool Clamp = true>
+  XQ_HOST_DEVICE static float encode_biased(float x, Params p, float inv, bool& tie,
+                                            float threshold = tie_threshold) {
+    constexpr float magic = 0x1.8p23f - lowest_level;
+    const float a = S == Scheme::Asymmetric ? x - p.zero : x;
+    float m, r;
+    if constexpr (Clamp) {
+      const float t = fminf(fmaxf(a * inv, lowest_level), highest_level);  // NaN (non-finite x) → lowest
+      m = t + magic;
+      r = t - (m - magic);
+    } else {  // fused: one instruction each, and the same code on every compiler
+      m = fmaf(a, inv, magic);
+      r = fmaf(a, inv, -(m - magic));
+    }
+    tie = tie | (fabsf(r) >= threshold);
+    return m;
+  }
+
+  /// Whether every x in [lo, hi] has a quotient (x − z)·inv that rounds into the levels unclamped,
+  /// in (L − ½, H + ½): the quotient is monotone in x, so the ends decide. NaN ends give false.
+  XQ_HOST_DEVICE static bool rounds_within_levels(float lo, float hi, Params p, float inv) {
+    const float z = S == Scheme::Asymmetric ? p.zero : 0.0f;
+    return (lo - z) * inv > lowest_level - 0.5f && (hi - z) * inv < highest_level + 0.5f;
+  }
+
+  /// The levels, as rounded quotients: [0, 2^e − 1], or symmetric [−(2^(e−1) − 1), 2^(e−1) − 1].
+  static constexpr float lowest_level = S == Scheme::Asymmetric ? 0.0f : -static_cast<float>(sym_levels);
+  static constexpr float highest_level = S == Scheme::Asymmetric ? static_cast<float>(max_code)
+                                                                  : static_cast<float>(sym_levels);
+
   /// The stored code of a rounded quotient: clamped to the levels (symmetric: offset by them).
   XQ_HOST_DEVICE static std::uint8_t code_of(float t) {
     if constexpr (S == Scheme::Asymmetric) {

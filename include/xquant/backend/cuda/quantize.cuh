@@ -5,9 +5,11 @@
 //
 // Work split: per-token, one thread per chunk of 8 or 32 consecutive values of a row (16-byte
 // input loads, packed stores of Bits bytes per 8 codes); a group of G values is G/8 or G/32
-// consecutive lanes, and its min/max a butterfly over them. Codes use Uniform::encode_scaled (a
-// reciprocal instead of a division per value; the same codes, see its comment). Per-channel groups: one thread per 8 channels walks
-// the G tokens of the group (coalesced across threads).
+// consecutive lanes, and its min/max a butterfly over them. Per-token codes use
+// Uniform::encode_biased (reciprocal, round by adding 1.5·2^23, a per-value tie flag that sends the
+// chunk to encode()'s division), per-channel ones Uniform::encode_scaled: the same codes either way,
+// see their comments. Per-channel groups: one thread per 8 channels walks the G tokens of the
+// group (coalesced across threads).
 
 #include "common.cuh"
 
@@ -61,11 +63,105 @@ struct RowMap {
   unsigned rows_per_seq = 1;
 };
 
+/// Range of a thread's values, on packed pairs: one min and one max instruction per two values.
+/// NaN propagates (the _nan forms), so `finite` needs only the two results; on finite input the
+/// min and max are the CPU loop's values (up to the sign of a zero, which Uniform::fit drops).
+template <class T, int N>
+__device__ __forceinline__ void packed_range(const uint4 (&raw)[N], float& lo, float& hi, bool& finite) {
+  using T2 = std::conditional_t<std::is_same_v<T, bf16>, __nv_bfloat162, __half2>;
+  const T2* e = reinterpret_cast<const T2*>(raw);
+  T2 lo2 = e[0], hi2 = e[0];
+#pragma unroll
+  for (int k = 1; k < 4 * N; ++k) {
+    lo2 = __hmin2_nan(lo2, e[k]);
+    hi2 = __hmax2_nan(hi2, e[k]);
+  }
+  const float a = to_float(lo2.x), b = to_float(lo2.y), c = to_float(hi2.x), d = to_float(hi2.y);
+  finite = isfinite(a) && isfinite(b) && isfinite(c) && isfinite(d);
+  lo = fminf(a, b);
+  hi = fmaxf(c, d);
+}
+
+/// Packs codes given as Bias + code (encode_biased's float bits) into the little-endian words of
+/// the row's bit stream (quant::pack_codes' layout). Code i of a word is added in at bit Bits·i
+/// with one shift-add; the biases ride along modulo 2^32 and leave as one constant per word.
+/// 3-bit codes: 8 to a 24-bit group, the groups then funnelled into words.
+template <int Bits, std::uint32_t Bias, int N>
+__device__ __forceinline__ void pack_biased(const std::uint32_t (&m)[N], std::uint32_t (&w)[(N * Bits + 31) / 32]) {
+  constexpr int per = Bits == 3 ? 8 : (N * Bits < 32 ? N : 32 / Bits);  // codes per word (or group)
+  constexpr std::uint32_t bias = [] {
+    std::uint32_t k = 0;
+    for (int i = 0; i < per && Bits * i < 32; ++i) k += Bias << (Bits * i);
+    return k;
+  }();
+  std::uint32_t g[N / per];
+#pragma unroll
+  for (int k = 0; k < N / per; ++k) {
+    std::uint32_t acc = m[k * per] - bias;
+#pragma unroll
+    for (int i = 1; i < per; ++i) acc += m[k * per + i] << (Bits * i);
+    g[k] = acc;
+  }
+  if constexpr (Bits == 3 && N > 8) {
+    static_assert(N % 32 == 0, "3-bit rows: 8 or a multiple of 32 codes per thread");
+#pragma unroll
+    for (int k = 0; k < N / 32; ++k) {
+      w[3 * k] = g[4 * k] | g[4 * k + 1] << 24;
+      w[3 * k + 1] = g[4 * k + 1] >> 8 | g[4 * k + 2] << 16;
+      w[3 * k + 2] = g[4 * k + 2] >> 16 | g[4 * k + 3] << 8;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N / per; ++k) w[k] = g[k];
+  }
+}
+
+/// The input values as floats (exact). bf16 pairs: a shift and a mask per pair, no extraction.
+template <class T, int N>
+__device__ __forceinline__ void unpack(const uint4 (&raw)[N], float (&xv)[8 * N]) {
+  const std::uint32_t* u = reinterpret_cast<const std::uint32_t*>(raw);
+#pragma unroll
+  for (int k = 0; k < 4 * N; ++k) {
+    if constexpr (std::is_same_v<T, bf16>) {
+      xv[2 * k] = __uint_as_float(u[k] << 16);
+      xv[2 * k + 1] = __uint_as_float(u[k] & 0xffff0000u);
+    } else {
+      const __half2 h = reinterpret_cast<const __half2*>(raw)[k];
+      xv[2 * k] = __low2float(h);
+      xv[2 * k + 1] = __high2float(h);
+    }
+  }
+}
+
+/// Stores the first Bytes bytes of `w` at p, in the widest stores its alignment allows (p is
+/// aligned to the largest power of two dividing Bytes, at most 16: rows and chunks are).
+template <int Bytes, int W>
+__device__ __forceinline__ void store_words(std::uint8_t* p, const std::uint32_t (&w)[W]) {
+  if constexpr (Bytes % 16 == 0) {
+#pragma unroll
+    for (int k = 0; k < Bytes / 16; ++k)
+      reinterpret_cast<uint4*>(p)[k] = make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
+  } else if constexpr (Bytes == 8) {
+    *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]);
+  } else if constexpr (Bytes % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < Bytes / 4; ++k) reinterpret_cast<std::uint32_t*>(p)[k] = w[k];
+  } else if constexpr (Bytes == 2) {
+    *reinterpret_cast<std::uint16_t*>(p) = static_cast<std::uint16_t>(w[0]);
+  } else {
+#pragma unroll
+    for (int b = 0; b < Bytes; ++b) p[b] = static_cast<std::uint8_t>(w[b / 4] >> (8 * (b % 4)));
+  }
+}
+
 /// Per-token quantize + append. One thread per chunk of VPT consecutive values of a row (VPT = 8 or
 /// 32; 32 amortizes the per-thread work — index math, the group's fp16 parameters, the reciprocal —
 /// over four 16-byte loads in flight). A group of G values is G/VPT consecutive lanes (a power of two
 /// ≤ 32 that divides the row's chunks, so groups never straddle rows or warps); its min/max is a
 /// butterfly over those lanes. Threads map to (row, chunk) over the flattened rows × chunks range.
+/// Codes: Uniform::encode_biased (reciprocal, clamp, round by adding 2^23, packed by multiply-add);
+/// a chunk where any value sits within its error bound of a rounding boundary is encoded again with
+/// encode()'s division (rare: ~2^(Bits−17) of random values), so codes are encode()'s bit for bit.
 template <class Q, class T, int VPT>
 __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, const T* __restrict__ x, index_t ld,
                                                               unsigned rows, unsigned chunks_per_row, RowMap map,
@@ -74,26 +170,14 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
   const unsigned id = blockIdx.x * 128u + threadIdx.x;
   const unsigned r = id / chunks_per_row, chunk = id - r * chunks_per_row;
   const bool active = r < rows;
-  float xv[VPT];
+  uint4 raw[VPT / 8];
   float lo = INFINITY, hi = -INFINITY;
   bool finite = true;
   if (active) {
     const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<index_t>(r) * ld + static_cast<index_t>(chunk) * VPT);
-    uint4 raw[VPT / 8];
 #pragma unroll
     for (int k = 0; k < VPT / 8; ++k) raw[k] = src[k];  // all loads issued before any use
-#pragma unroll
-    for (int k = 0; k < VPT / 8; ++k) {
-      const T* e = reinterpret_cast<const T*>(&raw[k]);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) xv[8 * k + i] = to_float(e[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      finite &= isfinite(xv[i]);
-      lo = xv[i] < lo ? xv[i] : lo;  // the CPU's comparisons, not fminf (same result on finite input)
-      hi = xv[i] > hi ? xv[i] : hi;
-    }
+    packed_range<T>(raw, lo, hi, finite);
   }
   segment_minmax(lo, hi, static_cast<int>(v.group / VPT));
   if (!active) return;
@@ -111,23 +195,25 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
     for (int k = 0; k < Q::params_per_group; ++k) dst[k] = p[k];
   }
   const auto P = Q::load(p);
-  std::uint8_t* out = v.row(seq, tok) + (j / 8) * Q::bits;
-  std::uint8_t c[VPT];
-  if (P.scale > 0.0f) {  // one branch per thread, not per value
-    const float inv = 1.0f / P.scale;
+  const float inv = P.scale > 0.0f ? 1.0f / P.scale : 0.0f;  // 0: a constant group (encode_biased)
+  float xv[VPT];
+  unpack<T>(raw, xv);
+  std::uint32_t m[VPT];
+  bool tie = false;
+  if (Q::rounds_within_levels(lo, hi, P, inv)) {  // the usual group: no clamp needed
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) c[i] = Q::encode_scaled(xv[i], P, inv);
+    for (int i = 0; i < VPT; ++i) m[i] = float_bits(Q::template encode_biased<false>(xv[i], P, inv, tie));
   } else {
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) c[i] = Q::encode(xv[i], P);
+    for (int i = 0; i < VPT; ++i) m[i] = float_bits(Q::template encode_biased<true>(xv[i], P, inv, tie));
   }
+  if (tie) {  // rare, and one branch per thread: the whole chunk through encode()'s division
 #pragma unroll
-  for (int k = 0; k < VPT / 8; ++k) {
-    std::uint8_t c8[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) c8[i] = c[8 * k + i];
-    store_chunk<Q::bits>(out + k * Q::bits, pack8<Q::bits>(c8));
+    for (int i = 0; i < VPT; ++i) m[i] = Q::biased_zero + Q::encode(xv[i], P);
   }
+  std::uint32_t w[(VPT * Q::bits + 31) / 32];
+  pack_biased<Q::bits, Q::biased_zero>(m, w);
+  store_words<VPT * Q::bits / 8>(v.row(seq, tok) + (j / 8) * Q::bits, w);
 }
 
 /// Value of an input or window element after the trip through fp16 that every windowed token takes.
