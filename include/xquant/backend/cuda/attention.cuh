@@ -49,6 +49,15 @@ __global__ void rope_queries_kernel(const float* __restrict__ q, index_t ldq, in
   y[2 * p + 1] = (x[2 * p] * s + x[2 * p + 1] * c) * scale;
 }
 
+/// Row slices of the Wv projection per (head, sequence) block: about two blocks per SM in all
+/// (a power of two dividing Dh; 1 without a projection).
+inline unsigned combine_slices(int heads, int batch, bool project) {
+  if (!project) return 1;
+  unsigned z = 1;
+  while (z < 8 && static_cast<long>(heads) * batch * z < 264) z *= 2;
+  return z;
+}
+
 struct SplitArgs {
   int heads, hpg, splits, tiles_per_split;
 };
@@ -217,17 +226,26 @@ __global__ void combine_kernel(const float* __restrict__ part_acc, const float* 
   __syncthreads();
   float* o = out + b * ldo + h * attn::kDh;
   if (!w) {
-    for (int i = t; i < attn::kDh; i += blockDim.x) o[i] = y[i];
+    if (blockIdx.z == 0)
+      for (int i = t; i < attn::kDh; i += blockDim.x) o[i] = y[i];
     return;
   }
-  for (int i = warp; i < attn::kDh; i += blockDim.x / 32) {
+  // Block z of gridDim.z projects output rows [z·Dh/Z, (z+1)·Dh/Z): with few heads × sequences,
+  // more blocks keep more of Wv's reads in flight.
+  const int rows = attn::kDh / static_cast<int>(gridDim.z), row0 = static_cast<int>(blockIdx.z) * rows;
+  for (int i = row0 + warp; i < row0 + rows; i += blockDim.x / 32) {
     const bf16* row = w + (static_cast<index_t>(g) * attn::kDh + i) * ldw;
     float acc = 0.0f;
-    for (index_t c = lane * 8; c < width; c += 256) {
-      const uint4 u = __ldg(reinterpret_cast<const uint4*>(row + c));
+    // 4 values per lane per step: y as float4 reads by consecutive lanes (no bank conflicts).
+#pragma unroll 8
+    for (index_t c = lane * 4; c < width; c += 128) {
+      const uint2 u = __ldg(reinterpret_cast<const uint2*>(row + c));
+      const float4 yv = *reinterpret_cast<const float4*>(y + c);
       const bf16* e = reinterpret_cast<const bf16*>(&u);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) acc = fmaf(__bfloat162float(e[k]), y[c + k], acc);
+      acc = fmaf(__bfloat162float(e[0]), yv.x, acc);
+      acc = fmaf(__bfloat162float(e[1]), yv.y, acc);
+      acc = fmaf(__bfloat162float(e[2]), yv.z, acc);
+      acc = fmaf(__bfloat162float(e[3]), yv.w, acc);
     }
 #pragma unroll
     for (int o2 = 16; o2 >= 1; o2 >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o2);
@@ -308,59 +326,53 @@ __global__ void __launch_bounds__(128) kv_decode_kernel(const T* __restrict__ K,
 /// Scores of the GEMM path: S[b][h][t] = qr[b][h]·RoPE(K[b·Lp + t, g·Dh:(g+1)·Dh], t) for t < len(b),
 /// −inf for len(b) <= t < Lp. Block (token tile of 64, kv head, sequence), 4 warps of 16 tokens;
 /// a lane holds 4 of the head's 128 dimensions (two RoPE pairs).
+/// S[b][h][t] = qr[b][h]·RoPE(K[b][t], t) for the hpg heads of KV head g: one thread per token
+/// (its key row's 128 values read as 16-byte vectors, the group's queries from shared memory).
 __global__ void __launch_bounds__(128) gemm_scores_kernel(const bf16* __restrict__ K, index_t ldk, index_t Lp,
                                                           const int* __restrict__ length, const float* __restrict__ qr,
                                                           const float* __restrict__ cos, const float* __restrict__ sin,
                                                           int heads, int hpg, float* __restrict__ S) {
-  const int g = blockIdx.y, b = blockIdx.z, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const index_t len = length[b];
-  float q[attn::kMaxGroup][4];
-#pragma unroll
-  for (int j = 0; j < attn::kMaxGroup; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      q[j][i] = j < hpg ? qr[(static_cast<index_t>(b) * heads + g * hpg + j) * attn::kDh + lane * 4 + i] : 0.0f;
-  const index_t t0 = static_cast<index_t>(blockIdx.x) * 64 + warp * 16;
+  __shared__ float qs[attn::kMaxGroup * attn::kDh];
+  const int g = blockIdx.y, b = blockIdx.z;
+  for (int i = threadIdx.x; i < hpg * attn::kDh; i += blockDim.x)
+    qs[i] = qr[(static_cast<index_t>(b) * heads + g * hpg) * attn::kDh + i];
+  __syncthreads();
+  const index_t t = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= Lp) return;
   constexpr int half = attn::kDh / 2;
+  float part[attn::kMaxGroup];
+#pragma unroll
+  for (int j = 0; j < attn::kMaxGroup; ++j) part[j] = 0.0f;
+  if (t < length[b]) {
+    const bf16* krow = K + (static_cast<index_t>(b) * Lp + t) * ldk + g * attn::kDh;
 #pragma unroll 4
-  for (int r = 0; r < 16; ++r) {
-    const index_t t = t0 + r;
-    if (t >= Lp) break;
-    float part[attn::kMaxGroup];
-    if (t < len) {
-      const uint2 u = __ldg(reinterpret_cast<const uint2*>(K + (static_cast<index_t>(b) * Lp + t) * ldk + g * attn::kDh + lane * 4));
+    for (int c = 0; c < attn::kDh; c += 8) {
+      const uint4 u = __ldg(reinterpret_cast<const uint4*>(krow + c));
+      const float4 cs = __ldg(reinterpret_cast<const float4*>(cos + t * half + c / 2));
+      const float4 sn = __ldg(reinterpret_cast<const float4*>(sin + t * half + c / 2));
       const bf16* e = reinterpret_cast<const bf16*>(&u);
-      float k[4];
+      const float cv[4] = {cs.x, cs.y, cs.z, cs.w}, sv[4] = {sn.x, sn.y, sn.z, sn.w};
+      float k[8];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int pr = lane * 2 + h;
-        const float c = __ldg(cos + t * half + pr), sn = __ldg(sin + t * half + pr);
-        const float k0 = __bfloat162float(e[2 * h]), k1 = __bfloat162float(e[2 * h + 1]);
-        k[2 * h] = k0 * c - k1 * sn;
-        k[2 * h + 1] = k0 * sn + k1 * c;
+      for (int p = 0; p < 4; ++p) {
+        const float k0 = __bfloat162float(e[2 * p]), k1 = __bfloat162float(e[2 * p + 1]);
+        k[2 * p] = k0 * cv[p] - k1 * sv[p];
+        k[2 * p + 1] = k0 * sv[p] + k1 * cv[p];
       }
-#pragma unroll
-      for (int j = 0; j < attn::kMaxGroup; ++j) part[j] = q[j][0] * k[0] + q[j][1] * k[1] + q[j][2] * k[2] + q[j][3] * k[3];
 #pragma unroll
       for (int j = 0; j < attn::kMaxGroup; ++j)
         if (j < hpg)
 #pragma unroll
-          for (int o = 16; o >= 1; o >>= 1) part[j] += __shfl_xor_sync(0xffffffffu, part[j], o);
-    } else {
-#pragma unroll
-      for (int j = 0; j < attn::kMaxGroup; ++j) part[j] = -INFINITY;
+          for (int i = 0; i < 8; ++i) part[j] = fmaf(qs[j * attn::kDh + c + i], k[i], part[j]);
     }
-    if (lane < hpg) {
-      float mine = part[0];
+  } else {
 #pragma unroll
-      for (int j = 1; j < attn::kMaxGroup; ++j) mine = lane == j ? part[j] : mine;
-      S[(static_cast<index_t>(b) * heads + g * hpg + lane) * Lp + t] = mine;
-    }
+    for (int j = 0; j < attn::kMaxGroup; ++j) part[j] = -INFINITY;
   }
+#pragma unroll
+  for (int j = 0; j < attn::kMaxGroup; ++j)
+    if (j < hpg) S[(static_cast<index_t>(b) * heads + g * hpg + j) * Lp + t] = part[j];
 }
-
-/// Softmax of the GEMM path, one block per (head, sequence): P = bf16(e^{S−m}) (zeros past the
-/// sequence's length), ml = (m, l) with l the sum of the rounded weights (splits = 1 for combine).
 __global__ void __launch_bounds__(256) gemm_softmax_kernel(const float* __restrict__ S, index_t Lp,
                                                            const int* __restrict__ length, int heads,
                                                            bf16* __restrict__ P, float* __restrict__ ml) {
@@ -477,8 +489,9 @@ void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& value
                                                   ws.ml.data());
   check_launch("absorbed_decode_kernel");
   require<ConfigError>(splits <= 1024, "attend_absorbed: too many splits");
-  detail::combine_kernel<<<dim3(static_cast<unsigned>(a.heads), static_cast<unsigned>(B)), 256,
-                           sizeof(float) * vs.width, stream>>>(ws.acc.data(), ws.ml.data(), static_cast<int>(a.heads), hpg,
+  detail::combine_kernel<<<dim3(static_cast<unsigned>(a.heads), static_cast<unsigned>(B),
+                                detail::combine_slices(static_cast<int>(a.heads), B, true)),
+                           256, sizeof(float) * vs.width, stream>>>(ws.acc.data(), ws.ml.data(), static_cast<int>(a.heads), hpg,
                                                                splits, vs.width, w.wv, w.ldwv ? w.ldwv : vs.width, w.bv,
                                                                out, ldo);
   check_launch("combine_kernel");
@@ -527,7 +540,7 @@ void attend_absorbed_gemm(const DeviceStream<QK>& keys, const DeviceStream<QV>& 
   detail::launch_dequantize(keys.view(), 0, Lp, ws.xk.data(), ks.width, stream);
   gemm_bf16_nt(blas, B * Lp, dkv, ks.width, ws.xk.data(), ks.width, w.wk, w.ldwk ? w.ldwk : ks.width, ws.k.data(), dkv,
                stream);
-  detail::gemm_scores_kernel<<<dim3(static_cast<unsigned>((Lp + 63) / 64), static_cast<unsigned>(a.kv_heads),
+  detail::gemm_scores_kernel<<<dim3(static_cast<unsigned>((Lp + 127) / 128), static_cast<unsigned>(a.kv_heads),
                                     static_cast<unsigned>(B)),
                                128, 0, stream>>>(ws.k.data(), dkv, Lp, length, ws.q.data(), rope.cos(), rope.sin(),
                                                  static_cast<int>(H), hpg, ws.s.data());
@@ -547,8 +560,9 @@ void attend_absorbed_gemm(const DeviceStream<QK>& keys, const DeviceStream<QV>& 
       &one, xv, CUDA_R_16BF, static_cast<int>(vs.width), static_cast<long long>(Lp * vs.width), ws.p.data(), CUDA_R_16BF,
       static_cast<int>(Lp), static_cast<long long>(H * Lp), &zero, ws.acc.data(), CUDA_R_32F, static_cast<int>(vs.width),
       static_cast<long long>(H * vs.width), B, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  detail::combine_kernel<<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(B)), 256, sizeof(float) * vs.width,
-                           stream>>>(ws.acc.data(), ws.ml.data(), static_cast<int>(H), hpg, 1, vs.width, w.wv,
+  detail::combine_kernel<<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(B),
+                                detail::combine_slices(static_cast<int>(H), B, true)),
+                           256, sizeof(float) * vs.width, stream>>>(ws.acc.data(), ws.ml.data(), static_cast<int>(H), hpg, 1, vs.width, w.wv,
                                      w.ldwv ? w.ldwv : vs.width, w.bv, out, ldo);
   check_launch("combine_kernel");
 }

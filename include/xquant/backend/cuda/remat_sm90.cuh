@@ -79,17 +79,18 @@ __device__ __forceinline__ RowScale row_scale(std::uint32_t prm) {
   return r;
 }
 
-/// Q::decode of the code at position I of `u`. A code c at bit offset o is read as a float by
-/// or-ing it into the mantissa of 2^23 (F = 2^23 + c·2^o, exact for o + bits <= 23) and
-/// subtracting 2^23; (s·2^-o)·(c·2^o) is then exactly s·c, so the result rounds as decode's
-/// s·c (+ z) does, with decode's two roundings (no FMA contraction).
+/// Q::decode of the code at position I of `u`, bit for bit, in three instructions. A code c at
+/// bit offset o is read as a float by or-ing it into the mantissa of 2^23 (F = 2^23 + c·2^o, exact
+/// for o + bits <= 23) and subtracting 2^23; (s·2^-o)·(c·2^o) is then exactly s·c. decode rounds
+/// s·c, then s·c + z; the first rounding is exact (an fp16 scale has 11 significant bits, a code at
+/// most 8, the product fits a float's 24), so one fused multiply-add gives the same float.
 template <class Q, int I>
 __device__ __forceinline__ float dequant_one(std::uint32_t u, const RowScale& r) {
   using C = StepCodes<Q::bits>;
   constexpr int o = C::offset(I);
   const float f = __uint_as_float(0x4B000000u | (u & (C::kMask << o)));
   if constexpr (Q::scheme == Scheme::Asymmetric) {
-    return __fadd_rn(__fmul_rn(r.s[I], __fsub_rn(f, 8388608.0f)), r.z);
+    return __fmaf_rn(r.s[I], __fsub_rn(f, 8388608.0f), r.z);
   } else {
     // (c − levels)·2^o exactly: both terms are integers below 2^24.
     constexpr float kBias = 8388608.0f + static_cast<float>(Q::sym_levels << o);
