@@ -8,6 +8,7 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "error.cuh"
@@ -26,13 +27,14 @@ __global__ void sm90a_probe_kernel(int* out) { *out = XQ_SM90A; }
 }  // namespace detail
 
 /// True when the current device runs this binary's sm_90a code (a Hopper GPU and a build for
-/// compute_90a). Checked once per process and device.
+/// compute_90a). Found once per device by launching a probe kernel (synchronously), and cached;
+/// DeviceStream's constructor asks first, so that no later call (e.g. inside CUDA graph capture)
+/// has to launch the probe.
 inline bool sm90a_kernels() {
-  static int cached[64];
-  static bool known[64] = {};
+  static std::atomic<signed char> state[64];  // 0: not yet known, 1: no, 2: yes
   int dev = 0;
   XQ_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 64 && known[dev]) return cached[dev] != 0;
+  if (dev < 64 && state[dev].load() != 0) return state[dev].load() == 2;
   int major = 0;
   XQ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   int result = 0;
@@ -44,7 +46,7 @@ inline bool sm90a_kernels() {
     if (launch == cudaSuccess) XQ_CUDA_CHECK(cudaMemcpy(&result, d, sizeof(int), cudaMemcpyDeviceToHost));
     XQ_CUDA_CHECK(cudaFree(d));
   }
-  if (dev < 64) cached[dev] = result, known[dev] = true;
+  if (dev < 64) state[dev].store(result ? 2 : 1);
   return result != 0;
 }
 

@@ -9,6 +9,7 @@
 
 #include "memory.cuh"
 #include "quantize.cuh"
+#include "sm90.cuh"
 
 namespace xquant::cuda {
 
@@ -52,6 +53,7 @@ class DeviceStream {
     XQ_CUDA_CHECK(cudaMemset(length_.data(), 0, length_.bytes()));
     XQ_CUDA_CHECK(cudaMemset(status_.data(), 0, status_.bytes()));
     host_len_.assign(static_cast<std::size_t>(s.batch), 0);
+    (void)sm90a_kernels();  // probe the device's kernel set now, outside any graph capture
   }
 
   const DeviceStreamShape& shape() const { return s_; }
