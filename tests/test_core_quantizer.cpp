@@ -109,6 +109,28 @@ TEST_CASE_TEMPLATE("Eigen quantization matches the scalar reference bit for bit"
   }
 }
 
+/// Calls check(x) for inputs where a quantizer's product by the reciprocal and its quotient are
+/// most likely to round apart: every rounding boundary k + 1/2 of the levels (and two beyond) under
+/// scale s and zero z, the 13 floats around it, one random value per level and one a few ulps from
+/// the boundary; then two extreme inputs. (For scale 0 pass a small positive s.)
+template <class Q, class F>
+void for_each_boundary_input(float s, float z, std::mt19937_64& g, F&& check) {
+  std::uniform_int_distribution<int> ulps(-6, 6);
+  std::uniform_real_distribution<float> unit(-1.5f, 1.5f);
+  const bool sym = Q::scheme == Scheme::Symmetric;
+  const int lo_k = sym ? -Q::sym_levels - 2 : -2, hi_k = sym ? Q::sym_levels + 2 : Q::max_code + 2;
+  for (int k = lo_k; k <= hi_k; ++k) {
+    const float b = z + (static_cast<float>(k) + 0.5f) * s;
+    float x = b;
+    for (int u = 0; u < 6; ++u) x = std::nextafter(x, -INFINITY);
+    for (int u = -6; u <= 6; ++u, x = std::nextafter(x, INFINITY)) check(x);
+    check(z + static_cast<float>(k) * s + unit(g) * s);
+    check(b + static_cast<float>(ulps(g)) * 0x1p-24f * std::fabs(b));
+  }
+  check(z + unit(g) * 1e30f);
+  check(z + unit(g) * 1e-40f);
+}
+
 // The CUDA kernels encode with a reciprocal (Uniform::encode_scaled); its codes must be encode()'s
 // for every input. Drawn: scales over the whole fp16 range (subnormal ones included), and inputs
 // at and within a few ulps of every rounding boundary z + (k + ½)·s, where the product and the
@@ -119,10 +141,8 @@ TEST_CASE_TEMPLATE("encode with a reciprocal gives encode's code for every input
   std::uint64_t seed;
   auto g = xqtest::make_rng(seed);
   INFO("seed ", seed);
-  std::uniform_int_distribution<int> scale_bits(1, 0x7bff), zero_bits(0, 0xfbff), ulps(-6, 6);
-  std::uniform_real_distribution<float> unit(-1.5f, 1.5f);
+  std::uniform_int_distribution<int> scale_bits(1, 0x7bff), zero_bits(0, 0xfbff);
   const bool sym = Q::scheme == Scheme::Symmetric;
-  const int lo_k = sym ? -Q::sym_levels - 2 : -2, hi_k = sym ? Q::sym_levels + 2 : Q::max_code + 2;
   long checked = 0, exact_halves = 0;
   for (int trial = 0; trial < 3000; ++trial) {
     std::uint16_t p[2] = {static_cast<std::uint16_t>(scale_bits(g)), static_cast<std::uint16_t>(zero_bits(g))};
@@ -136,16 +156,7 @@ TEST_CASE_TEMPLATE("encode with a reciprocal gives encode's code for every input
       ++checked;
       REQUIRE(Q::encode_scaled(x, P, inv) == Q::encode(x, P));
     };
-    for (int k = lo_k; k <= hi_k; ++k) {
-      const float b = z + (static_cast<float>(k) + 0.5f) * P.scale;
-      float x = b;
-      for (int u = 0; u < 6; ++u) x = std::nextafter(x, -INFINITY);
-      for (int u = -6; u <= 6; ++u, x = std::nextafter(x, INFINITY)) check(x);
-      check(z + static_cast<float>(k) * P.scale + unit(g) * P.scale);
-      check(b + static_cast<float>(ulps(g)) * 0x1p-24f * std::fabs(b));
-    }
-    check(z + unit(g) * 1e30f);
-    check(z + unit(g) * 1e-40f);
+    for_each_boundary_input<Q>(P.scale, z, g, check);
   }
   INFO("checked ", checked, " inputs, ", exact_halves, " with a quotient of exactly k + 1/2");
   CHECK(exact_halves > 1000);  // the ties themselves were exercised
@@ -161,10 +172,8 @@ TEST_CASE_TEMPLATE("encode_biased gives encode's code wherever it flags no tie",
   std::uint64_t seed;
   auto g = xqtest::make_rng(seed);
   INFO("seed ", seed);
-  std::uniform_int_distribution<int> scale_bits(1, 0x7bff), zero_bits(0, 0xfbff), ulps(-6, 6);
-  std::uniform_real_distribution<float> unit(-1.5f, 1.5f);
+  std::uniform_int_distribution<int> scale_bits(1, 0x7bff), zero_bits(0, 0xfbff);
   const bool sym = Q::scheme == Scheme::Symmetric;
-  const int lo_k = sym ? -Q::sym_levels - 2 : -2, hi_k = sym ? Q::sym_levels + 2 : Q::max_code + 2;
   long checked = 0, unclamped = 0, flagged = 0, missed_without_allowance = 0;
   for (int trial = 0; trial < 3000; ++trial) {
     std::uint16_t p[2] = {static_cast<std::uint16_t>(trial % 100 == 0 ? 0 : scale_bits(g)),
@@ -190,17 +199,7 @@ TEST_CASE_TEMPLATE("encode_biased gives encode's code wherever it flags no tie",
       const std::uint32_t m3 = float_bits(Q::template encode_biased<true>(x, P, inv, exact_only, 0.5f));
       missed_without_allowance += !exact_only && m3 - Q::biased_zero != want;
     };
-    const float s = P.scale > 0.0f ? P.scale : 0x1p-20f;
-    for (int k = lo_k; k <= hi_k; ++k) {
-      const float b = z + (static_cast<float>(k) + 0.5f) * s;
-      float x = b;
-      for (int u = 0; u < 6; ++u) x = std::nextafter(x, -INFINITY);
-      for (int u = -6; u <= 6; ++u, x = std::nextafter(x, INFINITY)) check(x);
-      check(z + static_cast<float>(k) * s + unit(g) * s);
-      check(b + static_cast<float>(ulps(g)) * 0x1p-24f * std::fabs(b));
-    }
-    check(z + unit(g) * 1e30f);
-    check(z + unit(g) * 1e-40f);
+    for_each_boundary_input<Q>(P.scale > 0.0f ? P.scale : 0x1p-20f, z, g, check);
   }
   INFO("checked ", checked, " inputs (", unclamped, " unclamped), ", flagged, " flagged, ", missed_without_allowance,
        " missed with no error allowance");

@@ -147,3 +147,25 @@ TEST_CASE("cuda decode attention rejects unsupported head sizes") {
   CHECK_THROWS_AS(xc::attend_absorbed(st, st, {4, 4, 64}, xc::DecodeWeights{}, rope, nullptr, nullptr, ws, nullptr),
                   xq::ConfigError);
 }
+TEST_CASE("cuda decode attention rejects misaligned or short-strided weights") {
+  XQ_REQUIRE_DEVICE();
+  xc::DeviceStream<xq::quant::Uniform<4>> st({1, 128, 512, 128});
+  const xc::DeviceRope rope(xq::Rope(128, 256));
+  const xq::AttentionShape a{4, 2, 128};
+  xc::DeviceBuffer<xc::bf16> w(static_cast<std::size_t>(a.kv_width() * 512 + 8));
+  xc::DeviceBuffer<float> q(static_cast<std::size_t>(a.q_width())), out(q.size());
+  std::vector<float> x(16 * 512, 0.5f);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 97) / 97.0f - 0.5f;
+  const auto dx = xqcuda::to_device<xc::bf16>(x);
+  st.append(0, dx.data(), 16, 512, nullptr);
+  xc::DecodeWorkspace ws;
+  xc::Cublas blas;
+  const xc::DecodeWeights misaligned{w.data() + 4, 0, w.data(), 0, nullptr};
+  const xc::DecodeWeights short_ld{w.data(), 256, w.data(), 0, nullptr};
+  const xc::DecodeWeights odd_ld{w.data(), 0, w.data(), 516, nullptr};
+  for (const auto& bad : {misaligned, short_ld, odd_ld}) {
+    CHECK_THROWS_AS(xc::attend_absorbed(st, st, a, bad, rope, q.data(), out.data(), ws, nullptr), xq::ShapeError);
+    CHECK_THROWS_AS(xc::attend_absorbed_gemm(st, st, a, bad, rope, q.data(), out.data(), ws, blas, nullptr),
+                    xq::ShapeError);
+  }
+}

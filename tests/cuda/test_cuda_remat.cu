@@ -15,6 +15,66 @@ namespace {
 /// bf16-rounded copy of v.
 std::vector<float> bf(std::vector<float> v) { return xqcuda::round_to<xc::bf16>(std::move(v)); }
 
+/// Appends `len` random activation rows to every sequence of `st` (in two chunks, the first of
+/// `first` rows) and returns each sequence's X̂ from the CPU reference, rounded to bf16 (the
+/// remat kernels' A operand).
+template <class Q>
+std::vector<std::vector<float>> fill(xc::DeviceStream<Q>& st, std::mt19937_64& rng, index_t len, index_t first) {
+  const auto& sh = st.shape();
+  std::vector<std::vector<float>> xhat(static_cast<std::size_t>(sh.batch));
+  for (int b = 0; b < sh.batch; ++b) {
+    auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, len, sh.width));
+    auto d = xqcuda::to_device<xc::bf16>(x);
+    st.append(b, d.data(), first, sh.width, nullptr);
+    if (len > first) st.append(b, d.data() + first * sh.width, len - first, sh.width, nullptr);
+    xhat[b] = bf(xqcuda::reference_xhat<Q>(x, len, sh.width, sh.group));
+  }
+  st.check(nullptr);
+  return xhat;
+}
+
+/// One remat shape: N, and whether RoPE and a bias apply.
+struct Case {
+  index_t n;
+  bool rope, bias;
+};
+
+/// A random bf16 right-hand side W (n × width) and bias on host and device, and the RematOperand
+/// over them (bias and RoPE optional).
+struct Operand {
+  std::vector<float> w, bias;
+  xc::DeviceBuffer<xc::bf16> dw;
+  xc::DeviceBuffer<float> dbias;
+  xc::RematOperand op;
+  Operand(std::mt19937_64& rng, index_t n, index_t width, bool with_bias, const xc::DeviceRope* rope)
+      : w(bf(xqtest::randn(rng, static_cast<std::size_t>(n * width), 0.05f))),
+        bias(xqtest::randn(rng, static_cast<std::size_t>(n))),
+        dw(xqcuda::to_device<xc::bf16>(w)),
+        dbias(bias.size()) {
+    dbias.upload(bias.data(), bias.size(), nullptr);
+    op = xc::RematOperand{dw.data(), n, 0, with_bias ? dbias.data() : nullptr, rope};
+  }
+};
+
+/// float64 RoPE(X̂·Wᵀ + bias) for tokens [begin, end) of every sequence, sequence-major
+/// (bias may be null; head_dim 0: no RoPE).
+std::vector<double> remat_reference(const std::vector<std::vector<float>>& xhat, index_t begin, index_t end,
+                                    index_t width, const std::vector<float>& w, index_t n, const float* bias,
+                                    index_t head_dim) {
+  const index_t count = end - begin;
+  std::vector<double> ref;
+  for (const auto& xs : xhat) {
+    std::vector<float> rows(xs.begin() + begin * width, xs.begin() + end * width);
+    auto y = xqtest::project64(rows, w.data(), count, width, n);
+    if (bias)
+      for (index_t r = 0; r < count; ++r)
+        for (index_t j = 0; j < n; ++j) y[r * n + j] += bias[j];
+    if (head_dim) xqtest::rope64(y, count, n / head_dim, head_dim, begin);
+    ref.insert(ref.end(), y.begin(), y.end());
+  }
+  return ref;
+}
+
 template <class Q>
 void check_remat(index_t group) {
   XQ_REQUIRE_DEVICE();
@@ -26,44 +86,22 @@ void check_remat(index_t group) {
   const index_t width = 512, cap = 384, len = 320, begin = 37, end = 300, count = end - begin;
   cudaStream_t s = nullptr;
   xc::DeviceStream<Q> st({B, cap, width, group});
-  std::vector<std::vector<float>> xhat(B);
-  for (int b = 0; b < B; ++b) {
-    auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, len, width));
-    auto d = xqcuda::to_device<xc::bf16>(x);
-    st.append(b, d.data(), 200, width, s);
-    st.append(b, d.data() + 200 * width, len - 200, width, s);
-    xhat[b] = bf(xqcuda::reference_xhat<Q>(x, len, width, group));  // the A operand is bf16
-  }
-  st.check(s);
+  const auto xhat = fill(st, rng, len, 200);
   const xq::Rope rope(64, 1024);
   const xc::DeviceRope drope(rope);
   xc::Cublas blas;
   xc::DeviceBuffer<xc::bf16> scratch;
 
-  struct Case {
-    index_t n;
-    bool rope, bias;
-  };
   for (const Case c : {Case{256, true, false}, Case{200, false, true}, Case{384, true, true}}) {
     CAPTURE(c.n);
     CAPTURE(c.rope);
-    const auto w = bf(xqtest::randn(rng, static_cast<std::size_t>(c.n * width), 0.05f));
-    const auto bias = xqtest::randn(rng, static_cast<std::size_t>(c.n));
-    auto dw = xqcuda::to_device<xc::bf16>(w);
-    xc::DeviceBuffer<float> dbias(bias.size());
-    dbias.upload(bias.data(), bias.size(), s);
-    xc::RematOperand op{dw.data(), c.n, 0, c.bias ? dbias.data() : nullptr, c.rope ? &drope : nullptr};
-
-    std::vector<double> ref;
-    for (int b = 0; b < B; ++b) {
-      std::vector<float> rows(xhat[b].begin() + begin * width, xhat[b].begin() + end * width);
-      auto y = xqtest::project64(rows, w.data(), count, width, c.n);
-      if (c.bias)
-        for (index_t r = 0; r < count; ++r)
-          for (index_t j = 0; j < c.n; ++j) y[r * c.n + j] += bias[j];
-      if (c.rope) xqtest::rope64(y, count, c.n / 64, 64, begin);
-      ref.insert(ref.end(), y.begin(), y.end());
-    }
+    const Operand o(rng, c.n, width, c.bias, c.rope ? &drope : nullptr);
+    const xc::RematOperand& op = o.op;
+    const auto ref = remat_reference(xhat, begin, end, width, o.w, c.n, c.bias ? o.bias.data() : nullptr, c.rope ? 64 : 0);
+    // remat_fused's kernel: wgmma for per-token 2/4-bit streams with groups >= 64 on sm_90a builds.
+    const bool wgmma = xc::sm90a_kernels() && Q::axis == Axis::Token && (Q::bits == 2 || Q::bits == 4) && group >= 64;
+    CHECK(xc::fused_remat_kernel(st, begin, end, op) ==
+          (wgmma ? xc::FusedRematKernel::Wgmma : xc::FusedRematKernel::Mma));
     xc::DeviceBuffer<xc::bf16> out(static_cast<std::size_t>(B * count * c.n));
     for (int path = 0; path < 2; ++path) {
       CAPTURE(path);
@@ -80,6 +118,9 @@ void check_remat(index_t group) {
   xc::DeviceBuffer<xc::bf16> out(64 * 64);
   CHECK_THROWS_AS(xc::remat_fused(st, 0, len + 1, xc::RematOperand{w.data(), 64}, out.data(), 64, s), xq::ShapeError);
   CHECK_THROWS_AS(xc::remat_fused(st, 0, 10, xc::RematOperand{w.data(), 60}, out.data(), 64, s), xq::ShapeError);
+  CHECK_THROWS_AS(xc::remat_fused(st, 0, 10, xc::RematOperand{w.data() + 4, 56}, out.data(), 64, s), xq::ShapeError);
+  CHECK_THROWS_AS(xc::remat_simple(st, 0, 10, xc::RematOperand{w.data(), 64}, out.data() + 4, 64, blas, scratch, s),
+                  xq::ShapeError);
 }
 
 }  // namespace
@@ -169,46 +210,22 @@ void check_wgmma_remat(index_t group) {
   const index_t width = 1024, cap = 700, len = 650, begin = 3, end = 640, count = end - begin;
   cudaStream_t s = nullptr;
   xc::DeviceStream<Q> st({B, cap, width, group});
-  std::vector<std::vector<float>> xhat(B);
-  for (int b = 0; b < B; ++b) {
-    auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, len, width));
-    auto d = xqcuda::to_device<xc::bf16>(x);
-    st.append(b, d.data(), len, width, s);
-    xhat[b] = bf(xqcuda::reference_xhat<Q>(x, len, width, group));
-  }
-  st.check(s);
+  const auto xhat = fill(st, rng, len, len);
   const xq::Rope rope(128, 1024);
   const xc::DeviceRope drope(rope);
   xc::Cublas blas;
   xc::DeviceBuffer<xc::bf16> scratch;
-  struct Case {
-    index_t n;
-    bool rope, bias;
-  };
   for (const Case c : {Case{512, true, true}, Case{264, false, false}, Case{384, true, false}}) {
     CAPTURE(c.n);
     CAPTURE(c.rope);
     CAPTURE(c.bias);
-    const auto w = bf(xqtest::randn(rng, static_cast<std::size_t>(c.n * width), 0.05f));
-    const auto bias = xqtest::randn(rng, static_cast<std::size_t>(c.n));
-    auto dw = xqcuda::to_device<xc::bf16>(w);
-    xc::DeviceBuffer<float> dbias(bias.size());
-    dbias.upload(bias.data(), bias.size(), s);
     const bool rotate = c.rope && c.n % 128 == 0;
-    xc::RematOperand op{dw.data(), c.n, 0, c.bias ? dbias.data() : nullptr, rotate ? &drope : nullptr};
+    const Operand o(rng, c.n, width, c.bias, rotate ? &drope : nullptr);
+    const xc::RematOperand& op = o.op;
     if (xc::sm90a_kernels()) CHECK(xc::fused_remat_kernel(st, begin, end, op) == xc::FusedRematKernel::Wgmma);
     else MESSAGE("no sm_90a code for this device: remat_fused runs the portable kernel");
 
-    std::vector<double> ref;
-    for (int b = 0; b < B; ++b) {
-      std::vector<float> rows(xhat[b].begin() + begin * width, xhat[b].begin() + end * width);
-      auto y = xqtest::project64(rows, w.data(), count, width, c.n);
-      if (c.bias)
-        for (index_t r = 0; r < count; ++r)
-          for (index_t j = 0; j < c.n; ++j) y[r * c.n + j] += bias[j];
-      if (rotate) xqtest::rope64(y, count, c.n / 128, 128, begin);
-      ref.insert(ref.end(), y.begin(), y.end());
-    }
+    const auto ref = remat_reference(xhat, begin, end, width, o.w, c.n, c.bias ? o.bias.data() : nullptr, rotate ? 128 : 0);
     const index_t ldo = c.n + 8;  // a row stride past N: nothing outside [0, N) may be written
     xc::DeviceBuffer<xc::bf16> fused(static_cast<std::size_t>(B * count * ldo)), simple(fused.size());
     fused.fill_bytes(0xff, s);

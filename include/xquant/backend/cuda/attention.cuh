@@ -440,6 +440,18 @@ struct DecodeWeights {
   const float* bv = nullptr; ///< dkv, optional (a key bias only shifts scores and is dropped)
 };
 
+namespace detail {
+/// Weights the decode kernels read as 16-byte vectors: aligned, rows a multiple of 8 values.
+inline void check_decode_weights(const DecodeWeights& w, index_t key_width, index_t value_width, const char* fn) {
+  require<ShapeError>(reinterpret_cast<std::uintptr_t>(w.wk) % 16 == 0 && reinterpret_cast<std::uintptr_t>(w.wv) % 16 == 0,
+                      fn, ": wk and wv must be 16-byte aligned");
+  require<ShapeError>(w.ldwk == 0 || (w.ldwk >= key_width && w.ldwk % 8 == 0), fn, ": ldwk must be 0 or >= the key width ",
+                      key_width, " and a multiple of 8, got ", w.ldwk);
+  require<ShapeError>(w.ldwv == 0 || (w.ldwv >= value_width && w.ldwv % 8 == 0), fn,
+                      ": ldwv must be 0 or >= the value width ", value_width, " and a multiple of 8, got ", w.ldwv);
+}
+}  // namespace detail
+
 /// Decode attention with absorbed values over a quantized cache.
 /// \tparam QK, QV quantizers of the key-side and value-side streams: the same stream (XQuant:
 ///                both are X) or two (latent codec: X·Uk and X·Uv, weights ΣBᵀ).
@@ -455,6 +467,7 @@ void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& value
   const int hpg = static_cast<int>(a.heads / a.kv_heads);
   require<ShapeError>(vs.batch == B, "attend_absorbed: key and value streams hold ", B, " and ", vs.batch, " sequences");
   require<ShapeError>(w.wk && w.wv && q && out, "attend_absorbed: wk, wv, q and out must not be null");
+  detail::check_decode_weights(w, ks.width, vs.width, "attend_absorbed");
   require<ConfigError>(ks.width % detail::gemm::BK == 0, "attend_absorbed: key width must be a multiple of 64, got ", ks.width);
   require<ConfigError>(QK::axis == Axis::Channel || ks.group >= 32, "attend_absorbed: per-token key groups must be >= 32");
   index_t maxlen = 0;
@@ -515,6 +528,7 @@ void attend_absorbed_gemm(const DeviceStream<QK>& keys, const DeviceStream<QV>& 
   require<ShapeError>(vs.batch == B, "attend_absorbed_gemm: key and value streams hold ", B, " and ", vs.batch,
                       " sequences");
   require<ShapeError>(w.wk && w.wv && q && out, "attend_absorbed_gemm: wk, wv, q and out must not be null");
+  detail::check_decode_weights(w, ks.width, vs.width, "attend_absorbed_gemm");
   index_t maxlen = 0;
   for (int b = 0; b < B; ++b) {
     require<ShapeError>(keys.length(b) >= 1 && keys.length(b) == values.length(b), "attend_absorbed_gemm: sequence ",

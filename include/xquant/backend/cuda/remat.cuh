@@ -116,6 +116,8 @@ EpilogueArgs check_remat(const DeviceStream<Q>& x, index_t begin, index_t end, c
                          index_t ldo) {
   const index_t width = x.shape().width;
   require<ShapeError>(op.w != nullptr && out != nullptr, "remat: W and out must not be null");
+  require<ShapeError>(reinterpret_cast<std::uintptr_t>(op.w) % 16 == 0, "remat: W must be 16-byte aligned");
+  require<ShapeError>(reinterpret_cast<std::uintptr_t>(out) % 16 == 0, "remat: out must be 16-byte aligned");
   require<ShapeError>(op.n > 0 && op.n % 8 == 0, "remat: N must be a positive multiple of 8, got ", op.n);
   require<ShapeError>(op.ldw == 0 || (op.ldw >= width && op.ldw % 8 == 0), "remat: ldw must be >= width ", width,
                       " and a multiple of 8, got ", op.ldw);
