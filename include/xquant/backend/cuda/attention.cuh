@@ -37,7 +37,7 @@ inline constexpr int kDh = 128, kMaxGroup = 8, kTile = 128, kKsLd = kDh + 4;
 }
 
 /// qr[b][h][:] = RoPE(q[b][h][:], length(b) − 1) / sqrt(Dh).
-__global__ void rope_queries_kernel(const float* __restrict__ q, index_t ldq, int heads, const int* __restrict__ length,
+static __global__ void rope_queries_kernel(const float* __restrict__ q, index_t ldq, int heads, const int* __restrict__ length,
                                     const float* cos, const float* sin, float* __restrict__ qr) {
   const int b = blockIdx.y, h = blockIdx.x, p = threadIdx.x;  // p: pair index
   const index_t pos = length[b] - 1;
@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(gemm::THREADS, 1)
 
 /// Merges the splits of (b, h): y = Σ_s e^{m_s−M}·acc_s / Σ_s e^{m_s−M}·l_s, then
 /// out = y·Wᵀ + bias (W: the head's Dh rows; nullptr: out = y, width Dh).
-__global__ void combine_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml, int heads, int hpg,
+static __global__ void combine_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml, int heads, int hpg,
                                int splits, index_t width, const bf16* __restrict__ w, index_t ldw,
                                const float* __restrict__ bias, float* __restrict__ out, index_t ldo) {
   extern __shared__ __align__(16) float y[];  // [width]
@@ -328,7 +328,7 @@ __global__ void __launch_bounds__(128) kv_decode_kernel(const T* __restrict__ K,
 /// a lane holds 4 of the head's 128 dimensions (two RoPE pairs).
 /// S[b][h][t] = qr[b][h]·RoPE(K[b][t], t) for the hpg heads of KV head g: one thread per token
 /// (its key row's 128 values read as 16-byte vectors, the group's queries from shared memory).
-__global__ void __launch_bounds__(128) gemm_scores_kernel(const bf16* __restrict__ K, index_t ldk, index_t Lp,
+static __global__ void __launch_bounds__(128) gemm_scores_kernel(const bf16* __restrict__ K, index_t ldk, index_t Lp,
                                                           const int* __restrict__ length, const float* __restrict__ qr,
                                                           const float* __restrict__ cos, const float* __restrict__ sin,
                                                           int heads, int hpg, float* __restrict__ S) {
@@ -373,7 +373,7 @@ __global__ void __launch_bounds__(128) gemm_scores_kernel(const bf16* __restrict
   for (int j = 0; j < attn::kMaxGroup; ++j)
     if (j < hpg) S[(static_cast<index_t>(b) * heads + g * hpg + j) * Lp + t] = part[j];
 }
-__global__ void __launch_bounds__(256) gemm_softmax_kernel(const float* __restrict__ S, index_t Lp,
+static __global__ void __launch_bounds__(256) gemm_softmax_kernel(const float* __restrict__ S, index_t Lp,
                                                            const int* __restrict__ length, int heads,
                                                            bf16* __restrict__ P, float* __restrict__ ml) {
   using BlockReduce = cub::BlockReduce<float, 256>;

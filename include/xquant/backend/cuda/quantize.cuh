@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(128) quantize_channels_kernel(StreamView<Q> v,
   }
 }
 
-__global__ void add_length_kernel(int* length, int seq0, int count, int n) {
+static __global__ void add_length_kernel(int* length, int seq0, int count, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < count) length[seq0 + i] += n;
 }

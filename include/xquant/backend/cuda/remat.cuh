@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(gemm::THREADS, 2)
 }
 
 /// bias + RoPE over bf16 rows in place (the simple path's epilogue).
-__global__ void epilogue_kernel(bf16* y, index_t ldy, index_t N, index_t begin, index_t count, EpilogueArgs e) {
+static __global__ void epilogue_kernel(bf16* y, index_t ldy, index_t N, index_t begin, index_t count, EpilogueArgs e) {
   const index_t r = blockIdx.x;
   for (index_t c = threadIdx.x * 8; c < N; c += blockDim.x * 8) {
     float x[8];
