@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Profiles the CUDA backend's kernels with Nsight Compute on the device machine, after
+# bench/cuda/run_device.sh has built bench_cuda (same BUILD directory). Writes to $OUT (or
+# ./device-out) and prints a short summary.
+#
+#   bench/cuda/profile_device.sh kernel  <kernel-regex> <benchmark-filter>
+#       one launch of the kernel: speed-of-light, occupancy, scheduler statistics and the stall
+#       reasons per issued instruction (e.g. kernel remat_wgmma 'remat_fused/L2-7B/B1/L32k/4b',
+#       kernel quantize_tokens 'append/w4096/B8/L32k/4b').
+#   bench/cuda/profile_device.sh timeline <benchmark-filter> [launches]
+#       the duration of every kernel of a few iterations of one benchmark (e.g. timeline
+#       'decode_absorbed_gemm/L3.1-8B/B1/L4k/4b'), to see where a multi-kernel path spends its time.
+set -o pipefail
+OUT=${OUT:-$PWD/device-out}
+mkdir -p "$OUT"
+BUILD=${BUILD:-build-device}
+B="$BUILD/bench/cuda/bench_cuda"
+[ -x "$B" ] || { echo "no $B: run bench/cuda/run_device.sh first (same BUILD)"; exit 1; }
+[ -n "$XQ_DEPS" ] && export LD_LIBRARY_PATH="$XQ_DEPS/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH"
+mode=$1
+shift
+case "$mode" in
+  kernel)
+    ncu --kernel-name "regex:$1" --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
+      --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+      "$B" --benchmark_filter="$2" > "$OUT/ncu_kernel.txt" 2>&1
+    grep -E "Duration|Throughput|Registers Per|Achieved Occupancy|Eligible|Issued Warp|stalled" "$OUT/ncu_kernel.txt" |
+      awk '!/stalled/ || $NF + 0 >= 0.05'
+    ;;
+  timeline)
+    ncu --launch-skip "${2:-60}" --launch-count 16 --metrics gpu__time_duration.sum "$B" --benchmark_filter="$1" \
+      > "$OUT/ncu_timeline.txt" 2>&1
+    grep -E "^  [A-Za-z_].*\(|gpu__time_duration" "$OUT/ncu_timeline.txt" | sed -E 's/\(.*//' | paste - - |
+      awk '{ printf "%10s us  %s\n", $NF, $1 }'
+    ;;
+  *)
+    echo "usage: $0 kernel <kernel-regex> <benchmark-filter> | timeline <benchmark-filter> [launch-skip]"
+    exit 2
+    ;;
+esac
