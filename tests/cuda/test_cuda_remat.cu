@@ -100,7 +100,7 @@ void check_remat(index_t group) {
     const auto ref = remat_reference(xhat, begin, end, width, o.w, c.n, c.bias ? o.bias.data() : nullptr, c.rope ? 64 : 0);
     // remat_fused's kernel: wgmma for per-token 2/4-bit streams with groups >= 64 on sm_90a builds.
     const bool wgmma = xc::sm90a_kernels() && Q::axis == Axis::Token && (Q::bits == 2 || Q::bits == 4) && group >= 64;
-    CHECK(xc::fused_remat_kernel(st, begin, end, op) ==
+    CHECK(xc::fused_remat_kernel(st, begin, end) ==
           (wgmma ? xc::FusedRematKernel::Wgmma : xc::FusedRematKernel::Mma));
     xc::DeviceBuffer<xc::bf16> out(static_cast<std::size_t>(B * count * c.n));
     for (int path = 0; path < 2; ++path) {
@@ -222,7 +222,7 @@ void check_wgmma_remat(index_t group) {
     const bool rotate = c.rope && c.n % 128 == 0;
     const Operand o(rng, c.n, width, c.bias, rotate ? &drope : nullptr);
     const xc::RematOperand& op = o.op;
-    if (xc::sm90a_kernels()) CHECK(xc::fused_remat_kernel(st, begin, end, op) == xc::FusedRematKernel::Wgmma);
+    if (xc::sm90a_kernels()) CHECK(xc::fused_remat_kernel(st, begin, end) == xc::FusedRematKernel::Wgmma);
     else MESSAGE("no sm_90a code for this device: remat_fused runs the portable kernel");
 
     const auto ref = remat_reference(xhat, begin, end, width, o.w, c.n, c.bias ? o.bias.data() : nullptr, rotate ? 128 : 0);

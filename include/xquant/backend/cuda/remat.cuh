@@ -147,10 +147,8 @@ enum class FusedRematKernel {
   Mma     ///< portable tensor-core mainloop (WMMA), X̂ staged in shared memory
 };
 template <class Q>
-FusedRematKernel fused_remat_kernel(const DeviceStream<Q>& x, index_t begin, index_t end, const RematOperand& op) {
-  const index_t ldw = op.ldw ? op.ldw : x.shape().width;
-  return detail::remat_wgmma_applies<Q>(x.shape(), end - begin, ldw, op.w) ? FusedRematKernel::Wgmma
-                                                                            : FusedRematKernel::Mma;
+FusedRematKernel fused_remat_kernel(const DeviceStream<Q>& x, index_t begin, index_t end) {
+  return detail::remat_wgmma_applies<Q>(x.shape(), end - begin) ? FusedRematKernel::Wgmma : FusedRematKernel::Mma;
 }
 
 /// out = RoPE(X̂·Wᵀ + bias) for tokens [begin, end) of every sequence, in one fused kernel
@@ -168,7 +166,7 @@ void remat_fused(const DeviceStream<Q>& x, index_t begin, index_t end, const Rem
   const index_t count = end - begin, M = count * s.batch;
   const index_t ldw = op.ldw ? op.ldw : s.width;
   if constexpr (detail::wg::supports<Q>) {
-    if (detail::remat_wgmma_applies<Q>(s, count, ldw, op.w)) {
+    if (fused_remat_kernel(x, begin, end) == FusedRematKernel::Wgmma) {
       detail::launch_remat_wgmma(x, begin, count, op.w, ldw, op.n, e, out, ldo, stream);
       return;
     }

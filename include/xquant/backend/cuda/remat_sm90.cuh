@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     }
     sm90::mbar_fence_init();
   }
-  __syncthreads();  // the last block-wide barrier: the producer warp leaves after its loop
+  __syncthreads();  // the last block-wide barrier: the producer warpgroup leaves after its loop
 
   if (warp >= kConsumerWarps) {  // producer: one thread keeps the ring full
     sm90::set_max_registers<false, 40>();  // hand its registers to the consumers
@@ -247,15 +247,15 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
 #endif
 }
 
-/// Whether remat_wgmma can serve this stream and operand on the current device.
+/// Whether remat_wgmma can serve `count` tokens of this stream on the current device (the operand
+/// itself is valid: check_remat has required W's alignment and row stride).
 template <class Q>
-bool remat_wgmma_applies(const DeviceStreamShape& s, index_t count, index_t ldw, const void* w) {
+bool remat_wgmma_applies(const DeviceStreamShape& s, index_t count) {
   if constexpr (!wg::supports<Q>) {
     return false;
   } else {
-    return s.width % wg::BK == 0 && s.group >= wg::BK && (reinterpret_cast<std::uintptr_t>(w) & 15) == 0 &&
-           ldw % 8 == 0 && count < (index_t(1) << 30) && (count + wg::BM - 1) / wg::BM <= 65535 && s.batch <= 65535 &&
-           sm90a_kernels();
+    return s.width % wg::BK == 0 && s.group >= wg::BK && count < (index_t(1) << 30) &&
+           (count + wg::BM - 1) / wg::BM <= 65535 && s.batch <= 65535 && sm90a_kernels();
   }
 }
 
