@@ -37,8 +37,9 @@ inline constexpr int kDh = 128, kMaxGroup = 8, kTile = 128, kKsLd = kDh + 4;
 }
 
 /// qr[b][h][:] = RoPE(q[b][h][:], length(b) − 1) / sqrt(Dh).
-static __global__ void rope_queries_kernel(const float* __restrict__ q, index_t ldq, int heads, const int* __restrict__ length,
-                                    const float* cos, const float* sin, float* __restrict__ qr) {
+static __global__ void rope_queries_kernel(const float* __restrict__ q, index_t ldq, int heads,
+                                           const int* __restrict__ length, const float* cos, const float* sin,
+                                           float* __restrict__ qr) {
   const int b = blockIdx.y, h = blockIdx.x, p = threadIdx.x;  // p: pair index
   const index_t pos = length[b] - 1;
   const float scale = rsqrtf(static_cast<float>(attn::kDh));
@@ -47,15 +48,6 @@ static __global__ void rope_queries_kernel(const float* __restrict__ q, index_t 
   float* y = qr + (static_cast<index_t>(b) * heads + h) * attn::kDh;
   y[2 * p] = (x[2 * p] * c - x[2 * p + 1] * s) * scale;
   y[2 * p + 1] = (x[2 * p] * s + x[2 * p + 1] * c) * scale;
-}
-
-/// Row slices of the Wv projection per (head, sequence) block: about two blocks per SM in all
-/// (a power of two dividing Dh; 1 without a projection).
-inline unsigned combine_slices(int heads, int batch, bool project) {
-  if (!project) return 1;
-  unsigned z = 1;
-  while (z < 8 && static_cast<long>(heads) * batch * z < 264) z *= 2;
-  return z;
 }
 
 struct SplitArgs {
@@ -204,9 +196,9 @@ __global__ void __launch_bounds__(gemm::THREADS, 1)
 
 /// Merges the splits of (b, h): y = Σ_s e^{m_s−M}·acc_s / Σ_s e^{m_s−M}·l_s, then
 /// out = y·Wᵀ + bias (W: the head's Dh rows; nullptr: out = y, width Dh).
-static __global__ void combine_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml, int heads, int hpg,
-                               int splits, index_t width, const bf16* __restrict__ w, index_t ldw,
-                               const float* __restrict__ bias, float* __restrict__ out, index_t ldo) {
+static __global__ void combine_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml, int heads,
+                                      int hpg, int splits, index_t width, const bf16* __restrict__ w, index_t ldw,
+                                      const float* __restrict__ bias, float* __restrict__ out, index_t ldo) {
   extern __shared__ __align__(16) float y[];  // [width]
   __shared__ float wts[1024];
   const int h = blockIdx.x, b = blockIdx.y, g = h / hpg, t = threadIdx.x, warp = t / 32, lane = t % 32;
@@ -251,6 +243,19 @@ static __global__ void combine_kernel(const float* __restrict__ part_acc, const 
     for (int o2 = 16; o2 >= 1; o2 >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o2);
     if (lane == 0) o[i] = acc + (bias ? bias[g * attn::kDh + i] : 0.0f);
   }
+}
+
+/// combine_kernel for every (head, sequence). With a projection (w non-null) each block takes a
+/// slice of the Dh output rows, sliced so that about two blocks per SM run in all (a power of two
+/// dividing Dh, at most 8); without one (attend_kv: y is the output) one block per head and sequence.
+inline void launch_combine(const float* part_acc, const float* part_ml, int heads, int hpg, int splits, int batch,
+                           index_t width, const bf16* w, index_t ldw, const float* bias, float* out, index_t ldo,
+                           cudaStream_t stream) {
+  unsigned slices = 1;
+  while (w && slices < 8 && static_cast<long>(heads) * batch * slices < 264) slices *= 2;
+  combine_kernel<<<dim3(static_cast<unsigned>(heads), static_cast<unsigned>(batch), slices), w ? 256 : 128,
+                   sizeof(float) * width, stream>>>(part_acc, part_ml, heads, hpg, splits, width, w, ldw, bias, out, ldo);
+  check_launch("combine_kernel");
 }
 
 /// Decode attention over materialized K, V (T = bf16 or fp16): block (split, kv head, sequence),
@@ -324,14 +329,12 @@ __global__ void __launch_bounds__(128) kv_decode_kernel(const T* __restrict__ K,
 }
 
 /// Scores of the GEMM path: S[b][h][t] = qr[b][h]·RoPE(K[b·Lp + t, g·Dh:(g+1)·Dh], t) for t < len(b),
-/// −inf for len(b) <= t < Lp. Block (token tile of 64, kv head, sequence), 4 warps of 16 tokens;
-/// a lane holds 4 of the head's 128 dimensions (two RoPE pairs).
-/// S[b][h][t] = qr[b][h]·RoPE(K[b][t], t) for the hpg heads of KV head g: one thread per token
-/// (its key row's 128 values read as 16-byte vectors, the group's queries from shared memory).
-static __global__ void __launch_bounds__(128) gemm_scores_kernel(const bf16* __restrict__ K, index_t ldk, index_t Lp,
-                                                          const int* __restrict__ length, const float* __restrict__ qr,
-                                                          const float* __restrict__ cos, const float* __restrict__ sin,
-                                                          int heads, int hpg, float* __restrict__ S) {
+/// −inf for len(b) <= t < Lp, for the hpg heads of KV head g. Block (token tile of 128, kv head,
+/// sequence), one thread per token: its key row read as 16-byte vectors, the queries from shared memory.
+static __global__ void __launch_bounds__(128)
+    gemm_scores_kernel(const bf16* __restrict__ K, index_t ldk, index_t Lp, const int* __restrict__ length,
+                       const float* __restrict__ qr, const float* __restrict__ cos, const float* __restrict__ sin,
+                       int heads, int hpg, float* __restrict__ S) {
   __shared__ float qs[attn::kMaxGroup * attn::kDh];
   const int g = blockIdx.y, b = blockIdx.z;
   for (int i = threadIdx.x; i < hpg * attn::kDh; i += blockDim.x)
@@ -373,9 +376,11 @@ static __global__ void __launch_bounds__(128) gemm_scores_kernel(const bf16* __r
   for (int j = 0; j < attn::kMaxGroup; ++j)
     if (j < hpg) S[(static_cast<index_t>(b) * heads + g * hpg + j) * Lp + t] = part[j];
 }
+/// Softmax of the GEMM path, one block per (head, sequence): P = bf16(e^{S−m}) (zeros past the
+/// sequence's length), ml = (m, l) with l the sum of the rounded weights (splits = 1 for combine).
 static __global__ void __launch_bounds__(256) gemm_softmax_kernel(const float* __restrict__ S, index_t Lp,
-                                                           const int* __restrict__ length, int heads,
-                                                           bf16* __restrict__ P, float* __restrict__ ml) {
+                                                                  const int* __restrict__ length, int heads,
+                                                                  bf16* __restrict__ P, float* __restrict__ ml) {
   using BlockReduce = cub::BlockReduce<float, 256>;
   __shared__ typename BlockReduce::TempStorage tmp;
   __shared__ float bcast;
@@ -502,12 +507,8 @@ void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& value
                                                   ws.ml.data());
   check_launch("absorbed_decode_kernel");
   require<ConfigError>(splits <= 1024, "attend_absorbed: too many splits");
-  detail::combine_kernel<<<dim3(static_cast<unsigned>(a.heads), static_cast<unsigned>(B),
-                                detail::combine_slices(static_cast<int>(a.heads), B, true)),
-                           256, sizeof(float) * vs.width, stream>>>(ws.acc.data(), ws.ml.data(), static_cast<int>(a.heads), hpg,
-                                                               splits, vs.width, w.wv, w.ldwv ? w.ldwv : vs.width, w.bv,
-                                                               out, ldo);
-  check_launch("combine_kernel");
+  detail::launch_combine(ws.acc.data(), ws.ml.data(), static_cast<int>(a.heads), hpg, splits, B, vs.width, w.wv,
+                         w.ldwv ? w.ldwv : vs.width, w.bv, out, ldo, stream);
 }
 
 /// Decode attention with absorbed values, through cuBLAS: the fastest path when K's GEMM dominates.
@@ -574,11 +575,8 @@ void attend_absorbed_gemm(const DeviceStream<QK>& keys, const DeviceStream<QV>& 
       &one, xv, CUDA_R_16BF, static_cast<int>(vs.width), static_cast<long long>(Lp * vs.width), ws.p.data(), CUDA_R_16BF,
       static_cast<int>(Lp), static_cast<long long>(H * Lp), &zero, ws.acc.data(), CUDA_R_32F, static_cast<int>(vs.width),
       static_cast<long long>(H * vs.width), B, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  detail::combine_kernel<<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(B),
-                                detail::combine_slices(static_cast<int>(H), B, true)),
-                           256, sizeof(float) * vs.width, stream>>>(ws.acc.data(), ws.ml.data(), static_cast<int>(H), hpg, 1, vs.width, w.wv,
-                                     w.ldwv ? w.ldwv : vs.width, w.bv, out, ldo);
-  check_launch("combine_kernel");
+  detail::launch_combine(ws.acc.data(), ws.ml.data(), static_cast<int>(H), hpg, 1, B, vs.width, w.wv,
+                         w.ldwv ? w.ldwv : vs.width, w.bv, out, ldo, stream);
 }
 
 /// Decode attention over materialized K (post-RoPE) and V (T = bf16 or fp16): token t of
@@ -608,10 +606,8 @@ void attend_kv(const T* K, const T* V, index_t ld, index_t seq_rows, int batch, 
                                      static_cast<unsigned>(batch)), 128, 0, stream>>>(K, V, ld, seq_rows, len, ws.q.data(),
                                                                                      sa, chunk, ws.acc.data(), ws.ml.data());
   check_launch("kv_decode_kernel");
-  detail::combine_kernel<<<dim3(static_cast<unsigned>(a.heads), static_cast<unsigned>(batch)), 128,
-                           sizeof(float) * a.head_dim, stream>>>(ws.acc.data(), ws.ml.data(), static_cast<int>(a.heads),
-                                                                 hpg, splits, a.head_dim, nullptr, 0, nullptr, out, ldo);
-  check_launch("combine_kernel");
+  detail::launch_combine(ws.acc.data(), ws.ml.data(), static_cast<int>(a.heads), hpg, splits, batch, a.head_dim,
+                         nullptr, 0, nullptr, out, ldo, stream);
 }
 
 }  // namespace xquant::cuda
