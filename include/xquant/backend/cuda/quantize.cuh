@@ -159,7 +159,7 @@ __device__ __forceinline__ void store_words(std::uint8_t* p, const std::uint32_t
 /// over four 16-byte loads in flight). A group of G values is G/VPT consecutive lanes (a power of two
 /// ≤ 32 that divides the row's chunks, so groups never straddle rows or warps); its min/max is a
 /// butterfly over those lanes. Threads map to (row, chunk) over the flattened rows × chunks range.
-/// Codes: Uniform::encode_biased (reciprocal, clamp, round by adding 2^23, packed by multiply-add);
+/// Codes: Uniform::encode_biased (reciprocal, clamp where needed, round by adding 1.5·2^23, packed by shift-add);
 /// a chunk where any value sits within its error bound of a rounding boundary is encoded again with
 /// encode()'s division (rare: ~2^(Bits−17) of random values), so codes are encode()'s bit for bit.
 template <class Q, class T, int VPT>
