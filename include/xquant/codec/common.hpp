@@ -1,9 +1,13 @@
 #pragma once
 // Small helpers shared by the codecs that keep several streams per layer (codec/latent.hpp,
-// codec/kivi.hpp): an append must either store its tokens in every stream or in none.
+// codec/kivi.hpp): an append must either store its tokens in every stream or in none, and a
+// snapshot's description names the key and value streams' options.
+
+#include <string>
 
 #include <Eigen/Core>
 
+#include "../cache/snapshot.hpp"
 #include "../cache/stream.hpp"
 #include "../core/half.hpp"
 #include "../quant/ops.hpp"
@@ -33,5 +37,18 @@ inline void require_fp16_range(const float* x, index_t n) {
 /// Quantizers whose stream may hold values in fp16 (windows, scales and zeros): all but Fp32.
 template <class Q>
 inline constexpr bool passes_fp16 = !(Q::is_float && Q::bits == 32);
+
+/// The start of a key/value codec's snapshot description: "Name<KeyQ,ValueQ>{" and, each followed
+/// by a comma, the options that change what is stored: the group of each quantized stream and the
+/// window of a per-token value stream.
+template <class KeyQ, class ValueQ>
+std::string describe_key_value(const char* name, index_t key_group, index_t value_group, index_t window) {
+  std::string d = xquant::detail::concat(name, "<", snapshot::describe_quantizer<KeyQ>(), ",",
+                                         snapshot::describe_quantizer<ValueQ>(), ">{");
+  if constexpr (!KeyQ::is_float) d += xquant::detail::concat("key_group=", key_group, ",");
+  if constexpr (!ValueQ::is_float) d += xquant::detail::concat("value_group=", value_group, ",");
+  if constexpr (!ValueQ::is_float && ValueQ::axis == Axis::Token) d += xquant::detail::concat("window=", window, ",");
+  return d;
+}
 
 }  // namespace xquant::codec::detail

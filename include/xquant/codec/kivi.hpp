@@ -45,11 +45,7 @@ struct Kivi {
 
   /// Snapshot hook: the codec type, both quantizers and every option that changes what is stored.
   std::string describe() const {
-    std::string d = xquant::detail::concat("Kivi<", snapshot::describe_quantizer<KeyQ>(), ",",
-                                           snapshot::describe_quantizer<ValueQ>(), ">{");
-    if constexpr (!KeyQ::is_float) d += xquant::detail::concat("key_group=", key_group, ",");
-    if constexpr (!ValueQ::is_float) d += xquant::detail::concat("value_group=", value_group, ",");
-    if constexpr (!ValueQ::is_float && ValueQ::axis == Axis::Token) d += xquant::detail::concat("window=", window, ",");
+    std::string d = detail::describe_key_value<KeyQ, ValueQ>("Kivi", key_group, value_group, window);
     if (d.back() == ',') d.pop_back();
     return d + "}";
   }

@@ -56,11 +56,7 @@ struct Latent {
   /// (the SVD bases are fingerprinted by State::describe). The fp16 channel lists appear sorted,
   /// as they are used; long lists as their count and an FNV-1a fingerprint.
   std::string describe() const {
-    std::string d = xquant::detail::concat("Latent<", snapshot::describe_quantizer<KeyQ>(), ",",
-                                           snapshot::describe_quantizer<ValueQ>(), ">{");
-    if constexpr (!KeyQ::is_float) d += xquant::detail::concat("key_group=", key_group, ",");
-    if constexpr (!ValueQ::is_float) d += xquant::detail::concat("value_group=", value_group, ",");
-    if constexpr (!ValueQ::is_float && ValueQ::axis == Axis::Token) d += xquant::detail::concat("window=", window, ",");
+    std::string d = detail::describe_key_value<KeyQ, ValueQ>("Latent", key_group, value_group, window);
     if (fp16_key_channel_lists.empty()) return d + xquant::detail::concat("fp16_key_channels=", fp16_key_channels, "}");
     std::string lists;
     for (std::size_t l = 0; l < fp16_key_channel_lists.size(); ++l) {
