@@ -228,6 +228,24 @@ void require_same(CacheA& a, xq::SequenceId sa, CacheB& b, xq::SequenceId sb, co
 }
 
 
+// A cache of codec P holding one sequence caught mid-decode-step: `prefill` tokens in every layer,
+// every layer read once (XQuant-CL's running accumulator), then one more token in layers
+// [0, partial) only (XQuant-CL's chunk accumulator).
+template <class P>
+struct MidStep {
+  xqtest::Model m;
+  std::vector<float> q;
+  xq::Cache<typename P::Codec> cache;
+  xq::SequenceId s;
+  MidStep(std::mt19937_64& g, index_t prefill, int partial)
+      : m(model(g)), q(xqtest::randn(g, 2 * kHeads * kHeadDim)), cache(m.config(512, kBlock), P::make(m)),
+        s(cache.add_sequence()) {
+    feed(cache, s, tokens(g, prefill));
+    observe(cache, s, m, q);
+    feed(cache, s, tokens(g, 1), 0, partial);
+  }
+};
+
 void put(std::vector<std::uint8_t>& b, std::size_t at, std::uint64_t v, int width) {
   for (int i = 0; i < width; ++i) b[at + i] = static_cast<std::uint8_t>(v >> (8 * i));
 }
@@ -479,14 +497,9 @@ TEST_CASE_TEMPLATE("every codec: truncated or corrupted bytes raise SnapshotErro
   auto g = xqtest::make_rng(seed);
   INFO("seed ", seed);
   using CacheT = xq::Cache<typename P::Codec>;
-  const auto m = model(g);
-  const auto q = xqtest::randn(g, 2 * kHeads * kHeadDim);
-  CacheT src(m.config(512, kBlock), P::make(m));
-  const auto s = src.add_sequence();
-  feed(src, s, tokens(g, 33));
-  observe(src, s, m, q);
-  feed(src, s, tokens(g, 1), 0, 2);
-  const auto bytes = src.snapshot(s);
+  MidStep<P> mid(g, 33, 2);
+  const auto& m = mid.m;
+  const auto bytes = mid.cache.snapshot(mid.s);
 
   CacheT dst(m.config(512, kBlock), P::make(m));
   const auto keep = dst.add_sequence();
@@ -517,13 +530,10 @@ TEST_CASE_TEMPLATE("cross-layer: a crafted record with a valid checksum is check
   auto g = xqtest::make_rng(seed);
   INFO("seed ", seed);
   using CacheT = xq::Cache<typename P::Codec>;
-  const auto m = model(g);
-  const auto q = xqtest::randn(g, 2 * kHeads * kHeadDim);
-  CacheT src(m.config(512, kBlock), P::make(m));
-  const auto s = src.add_sequence();
-  feed(src, s, tokens(g, 30));
-  observe(src, s, m, q);            // running accumulator: layer 4, all committed tokens
-  feed(src, s, tokens(g, 1), 0, 3);  // chunk accumulator: layer 2, one token
+  MidStep<P> mid(g, 30, 3);  // running accumulator: layer 4, all committed tokens; chunk: layer 2, one token
+  const auto& m = mid.m;
+  auto& src = mid.cache;
+  const auto s = mid.s;
   const auto bytes = src.snapshot(s);
   const int b = P::make(m).base_layers;
   const index_t window = P::make(m).window, r = src.state().cached_width();

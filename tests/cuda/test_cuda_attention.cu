@@ -154,7 +154,7 @@ TEST_CASE("cuda decode attention rejects misaligned or short-strided weights") {
   const xq::AttentionShape a{4, 2, 128};
   xc::DeviceBuffer<xc::bf16> w(static_cast<std::size_t>(a.kv_width() * 512 + 8));
   xc::DeviceBuffer<float> q(static_cast<std::size_t>(a.q_width())), out(q.size());
-  std::vector<float> x(16 * 512, 0.5f);
+  std::vector<float> x(16 * 512);
   for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 97) / 97.0f - 0.5f;
   const auto dx = xqcuda::to_device<xc::bf16>(x);
   st.append(0, dx.data(), 16, 512, nullptr);
