@@ -104,9 +104,9 @@ struct CrossLayerCodec {
         }
         r_ = basis_.front().rank;
         // What the stored rows depend on besides the options: the bases they are projected on.
-        std::uint64_t h = snapshot::fnv1a64(nullptr, 0);
-        for (const svd::Factors& f : basis_) h = snapshot::fnv1a64(f.basis_t.data(), f.basis_t.size() * sizeof(float), h);
-        description_ = "svd_bases=" + snapshot::hex64(h);
+        std::vector<const svd::Factors*> bases;
+        for (const svd::Factors& f : basis_) bases.push_back(&f);
+        description_ = svd::describe_bases(bases);
       }
       const index_t mb = c.max_blocks();
       for (int l = 0; l < L_; ++l) {

@@ -125,12 +125,9 @@ struct Latent {
         layers_.push_back(std::move(ly));
       }
       // What the stored latents depend on besides the options: the bases they are projected on.
-      std::uint64_t h = snapshot::fnv1a64(nullptr, 0);
-      for (const Layer& ly : layers_) {
-        h = snapshot::fnv1a64(ly.k.basis_t.data(), ly.k.basis_t.size() * sizeof(float), h);
-        h = snapshot::fnv1a64(ly.v.basis_t.data(), ly.v.basis_t.size() * sizeof(float), h);
-      }
-      description_ = "svd_bases=" + snapshot::hex64(h);
+      std::vector<const svd::Factors*> bases;
+      for (const Layer& ly : layers_) bases.insert(bases.end(), {&ly.k, &ly.v});
+      description_ = svd::describe_bases(bases);
     }
 
     void open(std::size_t seq) {

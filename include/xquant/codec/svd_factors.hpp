@@ -17,8 +17,10 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <string>
 #include <vector>
 
+#include "../cache/snapshot.hpp"
 #include "../config.hpp"
 #include "../core/error.hpp"
 
@@ -129,6 +131,14 @@ inline std::vector<index_t> measure_top_channels(const float* rows, index_t n, i
   for (index_t t = 0; t < n; ++t)
     for (index_t j = 0; j < width; ++j) score[j] = std::max(score[j], std::abs(static_cast<double>(rows[t * ld + j])));
   return top_k(score, k);
+}
+
+/// A snapshot description of what a latent cache's stored rows depend on besides its options:
+/// "svd_bases=" and an FNV-1a fingerprint of the bases Uᵀ of `factors`, in order.
+inline std::string describe_bases(const std::vector<const Factors*>& factors) {
+  std::uint64_t h = snapshot::fnv1a64(nullptr, 0);
+  for (const Factors* f : factors) h = snapshot::fnv1a64(f->basis_t.data(), f->basis_t.size() * sizeof(float), h);
+  return "svd_bases=" + snapshot::hex64(h);
 }
 
 }  // namespace xquant::codec::svd
