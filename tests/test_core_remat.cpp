@@ -168,10 +168,15 @@ TEST_CASE("8-bit X gives attention within 1e-2 of unquantized attention") {
   std::uint64_t seed;
   auto g = xqtest::make_rng(seed);
   INFO("seed ", seed);
-  // X as an RMSNorm output: unit RMS per token times per-channel gains in [0.5, 1.5]; queries of
-  // unit scale (scores of order 1). 8-bit codes over groups of 128 (or the whole width) carry
-  // an RMS error of about range/255/√12 ≈ 0.5% of X, which reaches the output as ~0.7%.
-  // With residual-stream outliers (20x channels) the same codes give ~2%: the next check.
+  // X as an RMSNorm output: each token scaled to unit RMS, then per-channel gains in [0.5, 1.5];
+  // queries of unit scale, so scores are of order 1 with or without outlier channels. 8-bit codes
+  // over groups of 128 (or the whole width) carry an RMS error of about range/255/√12 ≈ 0.5% of X,
+  // and the average over ~200 tokens shrinks it further. The error is measured against the RMS of
+  // the value rows being averaged, not against the output: an average of random values can nearly
+  // cancel, and a ratio to it has no useful bound (a run failed so, at 5.6%, before this change).
+  // Measured over 3000 seeds per shape (median / max): 0.12% / 0.17% without outliers; with
+  // residual-stream outliers (20x channels, which stretch each group's range) 0.22% / 0.38%.
+  // Bounds, about 3x the maxima: 5e-3 and 1e-2.
   for (const Shape sh : kShapes) {
     for (bool outliers : {false, true}) {
       const auto m = make_model(g, sh.d, sh.H, sh.Hkv, sh.Dh);
@@ -179,12 +184,18 @@ TEST_CASE("8-bit X gives attention within 1e-2 of unquantized attention") {
       Cache<codec::PerLayer<Uniform<8>>> q8(m.config, {group, 0});
       Cache<codec::PerLayer<quant::Fp32>> full(m.config, {});
       const auto a = q8.add_sequence(), b = full.add_sequence();
-      const index_t n = 200, nq = 8, qw = sh.H * sh.Dh;
+      const index_t n = 200, nq = 8, qw = sh.H * sh.Dh, dkv = sh.Hkv * sh.Dh;
       auto x = outliers ? xqtest::activations(g, std::size_t(n), std::size_t(sh.d)) : xqtest::randn(g, std::size_t(n * sh.d));
       std::uniform_real_distribution<float> gain(0.5f, 1.5f);
       std::vector<float> gains(static_cast<std::size_t>(sh.d));
       for (float& v : gains) v = gain(g);
-      for (std::size_t i = 0; i < x.size(); ++i) x[i] *= gains[i % gains.size()];
+      for (index_t t = 0; t < n; ++t) {
+        float* row = x.data() + t * sh.d;
+        double ss = 0;
+        for (index_t c = 0; c < sh.d; ++c) ss += double(row[c]) * row[c];
+        const auto inv_rms = float(1.0 / std::sqrt(ss / double(sh.d)));
+        for (index_t c = 0; c < sh.d; ++c) row[c] *= inv_rms * gains[std::size_t(c)];
+      }
       const auto q = xqtest::randn(g, std::size_t(nq * qw));
       q8.append(a, 0, x.data(), n);
       full.append(b, 0, x.data(), n);
@@ -192,9 +203,22 @@ TEST_CASE("8-bit X gives attention within 1e-2 of unquantized attention") {
       auto o8 = xqtest::poisoned(std::size_t(nq * qw)), o32 = xqtest::poisoned(std::size_t(nq * qw));
       attend<remat::AbsorbValues>(q8, a, 0, q.data(), nq, m.weights(true), rope, o8.data());
       attend<remat::AbsorbValues>(full, b, 0, q.data(), nq, m.weights(true), rope, o32.data());
-      const double e = xqtest::rel_error(o8, o32);
+      REQUIRE(xqtest::all_finite(o8));
+      REQUIRE(xqtest::all_finite(o32));
+      // Each output row (query, head) averages value rows of its KV head: compare the error with
+      // the RMS norm of those rows, ‖o8 − o32‖ / √(nq·H · mean_t ‖v_t‖²/Hkv).
+      auto v = xqtest::project64(x, m.wv.data(), std::size_t(n), std::size_t(sh.d), std::size_t(dkv));
+      double v2 = 0;
+      for (std::size_t i = 0; i < v.size(); ++i) {
+        const double vi = v[i] + m.bv[i % std::size_t(dkv)];
+        v2 += vi * vi;
+      }
+      const double value_scale = std::sqrt(double(nq * sh.H) * v2 / double(n * sh.Hkv));
+      double err2 = 0;
+      for (std::size_t i = 0; i < o8.size(); ++i) err2 += (double(o8[i]) - o32[i]) * (double(o8[i]) - o32[i]);
+      const double e = std::sqrt(err2) / value_scale;
       INFO("relative error ", e, " outliers ", outliers);
-      CHECK(e <= (outliers ? 4e-2 : 1e-2));
+      CHECK(e <= (outliers ? 1e-2 : 5e-3));
       CHECK(e > 1e-4);  // the quantized path really is quantized
     }
   }
