@@ -61,3 +61,89 @@ TEST_CASE("float_to_half rounds to the nearest fp16 value, ties to even, overflo
 #endif
   }
 }
+
+TEST_CASE("fits_half is half_is_finite(float_to_half(f)) without the conversion") {
+  std::uint64_t seed;
+  auto g = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  std::vector<float> xs = {65504.0f, 65519.996f, 65520.0f, 65536.0f, 1e30f, 0.0f, -0.0f, 1e-40f,
+                           std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()};
+  for (float f = 65000.0f; f < 66000.0f; f = std::nextafter(f, 1e9f)) xs.push_back(f);  // every float near the edge
+  std::uniform_int_distribution<std::uint32_t> bits;
+  for (int i = 0; i < 100000; ++i) xs.push_back(xquant::bits_float(bits(g)));  // NaNs included
+  for (float f : xs)
+    for (float v : {f, -f}) {
+      INFO("v = ", v);
+      REQUIRE(xquant::fits_half(v) == xquant::half_is_finite(float_to_half(v)));
+    }
+}
+
+namespace {
+// Every rounding case of float -> fp16: both signs, every float exponent, every pattern of the ten
+// mantissa bits fp16 keeps, and low bits on, just below and just above the rounding point (for
+// subnormal results the rounding point moves into the ten bits, which are all enumerated).
+std::vector<float> rounding_cases(std::mt19937_64& g) {
+  std::uniform_int_distribution<std::uint32_t> low(0, 0x1fff);
+  std::vector<float> xs;
+  for (std::uint32_t sign : {0u, 1u})
+    for (std::uint32_t e = 0; e < 256; ++e)
+      for (std::uint32_t hi = 0; hi < 1024; ++hi)
+        for (std::uint32_t lo : {0x0u, 0x1u, 0xfffu, 0x1000u, 0x1001u, 0x1fffu, low(g)})
+          xs.push_back(xquant::bits_float(sign << 31 | e << 23 | hi << 13 | lo));
+  xs.push_back(1.0f);  // an odd count, so the vector loops leave a tail
+  return xs;
+}
+bool same_or_both_nan(float a, float b) {
+  return std::isnan(a) ? std::isnan(b) : xquant::float_bits(a) == xquant::float_bits(b);
+}
+}  // namespace
+
+TEST_CASE("bulk conversions give the bits of the scalar ones (F16C when the CPU has it)") {
+  std::uint64_t seed;
+  auto g = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  const bool f16c = xquant::detail::cpu_has_f16c();
+  if (!f16c) MESSAGE("this CPU (or compiler) has no F16C: the bulk conversions take the scalar loop");
+  const auto xs = rounding_cases(g);
+  const std::size_t n = xs.size();
+  REQUIRE(n % 8 != 0);
+
+  std::vector<std::uint16_t> h(n, 0x7e01);  // a NaN no conversion produces
+  xquant::floats_to_halves(xs.data(), h.data(), n);
+  std::size_t wrong = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::uint16_t want = float_to_half(xs[i]);
+    wrong += std::isnan(xs[i]) ? !(((h[i] >> 10) & 31) == 31 && (h[i] & 1023)) : h[i] != want;
+  }
+  CHECK(wrong == 0);
+
+  auto r = xs;
+  xquant::round_floats_to_half(r.data(), n);
+  wrong = 0;
+  for (std::size_t i = 0; i < n; ++i) wrong += !same_or_both_nan(r[i], xquant::round_to_half(xs[i]));
+  CHECK(wrong == 0);
+
+  std::vector<std::uint16_t> all(65536 + 3);  // every fp16 value, plus a tail
+  for (std::size_t i = 0; i < all.size(); ++i) all[i] = static_cast<std::uint16_t>(i);
+  auto f = xqtest::poisoned(all.size());  // an unwritten finite value shows as NaN below
+  xquant::halves_to_floats(all.data(), f.data(), all.size());
+  wrong = 0;
+  for (std::size_t i = 0; i < all.size(); ++i) wrong += !same_or_both_nan(f[i], half_to_float(all[i]));
+  CHECK(wrong == 0);
+}
+
+TEST_CASE("find_half_misfit names the first value outside the fp16 range") {
+  std::uint64_t seed;
+  auto g = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  auto x = xqtest::randn(g, 1000, 1000.0f);
+  CHECK(xquant::find_half_misfit(x.data(), x.size()) == x.size());
+  CHECK(xquant::find_half_misfit(x.data(), 0) == 0);
+  std::uniform_int_distribution<std::size_t> front(0, 499), back(500, 999);
+  const std::size_t first = front(g), later = back(g);
+  x[later] = std::numeric_limits<float>::quiet_NaN();
+  x[first] = -65520.0f;  // the smallest magnitude that rounds to -Inf
+  CHECK(xquant::find_half_misfit(x.data(), x.size()) == first);
+  x[first] = 65519.996f;  // the largest that rounds to 65504
+  CHECK(xquant::find_half_misfit(x.data(), x.size()) == later);
+}

@@ -145,7 +145,7 @@ class Stream {
         if (q.length - q.quantized == window_tokens_) flush(q, 1);
       }
       std::uint16_t* slot = window_row(q, q.length);
-      for (index_t j = 0; j < s_.width; ++j) slot[j] = float_to_half(x[i * ld + j]);
+      floats_to_halves(x + i * ld, slot, static_cast<std::size_t>(s_.width));
       ++q.length;
       if constexpr (!Q::is_float && Q::axis == Axis::Channel) {
         if (q.length - q.quantized == s_.group) flush(q, s_.group);
@@ -183,7 +183,7 @@ class Stream {
     }
     for (; t < end; ++t) {  // from the fp16 window
       const std::uint16_t* slot = window_row(q, t);
-      for (index_t j = 0; j < s_.width; ++j) out[(t - begin) * ld + j] = half_to_float(slot[j]);
+      halves_to_floats(slot, out + (t - begin) * ld, static_cast<std::size_t>(s_.width));
     }
   }
 
@@ -334,12 +334,12 @@ class Stream {
   }
   // Raises ValueError, before anything is stored, if a value does not fit fp16.
   void check_fp16(const float* x, index_t n, index_t ld) const {
+    const auto width = static_cast<std::size_t>(s_.width);
     for (index_t i = 0; i < n; ++i)
-      for (index_t j = 0; j < s_.width; ++j)
-        if (!half_is_finite(float_to_half(x[i * ld + j])))
-          throw ValueError(xquant::detail::concat("X: token ", i, " of the appended chunk, channel ", j, " is ",
-                                                  x[i * ld + j], ", outside the fp16 range (|value| <= 65504) of the "
-                                                  "window that recent tokens wait in; rescale the activations"));
+      if (const std::size_t j = find_half_misfit(x + i * ld, width); j < width)
+        throw ValueError(xquant::detail::concat("X: token ", i, " of the appended chunk, channel ", j, " is ",
+                                                x[i * ld + static_cast<index_t>(j)], ", outside the fp16 range (|value| "
+                                                "<= 65504) of the window that recent tokens wait in; rescale the activations"));
   }
   // fp16 values of the parameters of `rows` quantized tokens that start a block.
   index_t params_for(index_t rows) const {
@@ -399,7 +399,7 @@ class Stream {
     scratch_.resize(static_cast<std::size_t>(n * s_.width));
     for (index_t i = 0; i < n; ++i) {
       const std::uint16_t* slot = window_row(q, q.quantized + i);
-      for (index_t j = 0; j < s_.width; ++j) scratch_[i * s_.width + j] = half_to_float(slot[j]);
+      halves_to_floats(slot, scratch_.data() + i * s_.width, static_cast<std::size_t>(s_.width));
     }
     if constexpr (!Q::is_float && Q::axis == Axis::Channel) {
       const index_t t = q.quantized, row = t % s_.block_tokens;

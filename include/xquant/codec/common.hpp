@@ -5,8 +5,6 @@
 
 #include <string>
 
-#include <Eigen/Core>
-
 #include "../cache/snapshot.hpp"
 #include "../cache/stream.hpp"
 #include "../core/half.hpp"
@@ -28,10 +26,8 @@ void require_room(std::size_t seq, index_t n, const Streams&... streams) {
 
 /// Throws ValueError if a value of x (n values) does not fit fp16, before any stream sees it.
 inline void require_fp16_range(const float* x, index_t n) {
-  // |x| < 65520 is exactly the range that rounds to a finite fp16 (65520 ties to 65536 = Inf).
-  if (n == 0 || ::Eigen::Map<const ::Eigen::ArrayXf>(x, n).abs().maxCoeff() < 65520.0f) return;
-  for (index_t i = 0; i < n; ++i)
-    if (!half_is_finite(float_to_half(x[i]))) quant::detail::throw_fp16_range(x[i], x[i]);
+  const auto count = static_cast<std::size_t>(n);
+  if (const std::size_t i = find_half_misfit(x, count); i < count) quant::detail::throw_fp16_range(x[i], x[i]);
 }
 
 /// Quantizers whose stream may hold values in fp16 (windows, scales and zeros): all but Fp32.

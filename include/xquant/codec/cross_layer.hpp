@@ -366,12 +366,12 @@ struct CrossLayerCodec {
       std::vector<float>& fresh = out_;
       grow(fresh, n * r_);
       if (n > 0) to_cached(layer, x, n, ld, fresh.data());
-      if (window_ > 0)
-        for (index_t i = 0; i < n * r_; ++i) {
-          const std::uint16_t h = float_to_half(fresh[i]);
-          if (!half_is_finite(h)) quant::detail::throw_fp16_range(fresh[i], fresh[i]);
-          fresh[i] = half_to_float(h);
-        }
+      if (window_ > 0) {
+        const auto count = static_cast<std::size_t>(n * r_);
+        if (const std::size_t i = find_half_misfit(fresh.data(), count); i < count)
+          quant::detail::throw_fp16_range(fresh[i], fresh[i]);
+        round_floats_to_half(fresh.data(), count);
+      }
       if (m > 0) {
         const bool delta = layer >= b_;
         if (delta && !(q.chunk.layer == layer - 1 && q.chunk.begin == c0 && q.chunk.end == c1))
@@ -386,8 +386,7 @@ struct CrossLayerCodec {
         for (index_t t = c0; t < c1; ++t) {
           float* dst = rows + (t - c0) * r_;
           if (t < len) {
-            const std::uint16_t* h = q.ring[layer].data() + (t % window_) * r_;
-            for (index_t j = 0; j < r_; ++j) dst[j] = half_to_float(h[j]);
+            halves_to_floats(q.ring[layer].data() + (t % window_) * r_, dst, static_cast<std::size_t>(r_));
           } else {
             std::copy(fresh.data() + (t - len) * r_, fresh.data() + (t - len + 1) * r_, dst);
           }
@@ -407,8 +406,8 @@ struct CrossLayerCodec {
         }
       }
       for (index_t t = std::max(len, c1); t < total; ++t) {
-        std::uint16_t* h = q.ring[layer].data() + (t % window_) * r_;
-        for (index_t j = 0; j < r_; ++j) h[j] = float_to_half(fresh[(t - len) * r_ + j]);
+        floats_to_halves(fresh.data() + (t - len) * r_, q.ring[layer].data() + (t % window_) * r_,
+                         static_cast<std::size_t>(r_));
       }
       q.length[layer] = total;
     }
@@ -457,10 +456,9 @@ struct CrossLayerCodec {
       const index_t w0 = std::max(begin, c);
       if (w0 < end) {  // window tokens: themselves, in fp16
         grow(scratch_, (end - w0) * r_);
-        for (index_t t = w0; t < end; ++t) {
-          const std::uint16_t* h = q.ring[layer].data() + (t % window_) * r_;
-          for (index_t j = 0; j < r_; ++j) scratch_[(t - w0) * r_ + j] = half_to_float(h[j]);
-        }
+        for (index_t t = w0; t < end; ++t)
+          halves_to_floats(q.ring[layer].data() + (t % window_) * r_, scratch_.data() + (t - w0) * r_,
+                           static_cast<std::size_t>(r_));
         from_cached(layer, scratch_.data(), end - w0, rows + (w0 - begin) * d_, false);
       }
       return RowsView{rows, end - begin, d_, d_};

@@ -4,9 +4,20 @@
 // even; overflow gives ±Inf (callers check with half_is_finite). Device code uses the hardware
 // conversions, which give the same bits except for NaN payloads (those keep the bit-level path).
 
+#include <cmath>
+#include <cstddef>
 #include <cstring>
 
 #include "../config.hpp"
+
+// Bulk conversions use the x86 F16C instructions when the CPU has them, chosen at run time, so a
+// library built without -mf16c still gets them (GCC and Clang on x86 only; host code only).
+#if !defined(__CUDA_ARCH__) && (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define XQUANT_F16C_DISPATCH 1
+#include <immintrin.h>
+#else
+#define XQUANT_F16C_DISPATCH 0
+#endif
 
 namespace xquant {
 
@@ -90,5 +101,80 @@ XQ_HOST_DEVICE float round_to_half(float f) { return half_to_float(float_to_half
 
 /// Largest finite fp16 value.
 inline constexpr float kHalfMax = 65504.0f;
+
+/// True when f rounds to a finite fp16 value: |f| < 65520, the midpoint between 65504 and 65536
+/// that ties to 65536 = Inf (NaN gives false). The same answer as half_is_finite(float_to_half(f)),
+/// without the conversion, so range checks over whole rows vectorize.
+XQ_HOST_DEVICE bool fits_half(float f) { return std::fabs(f) < 65520.0f; }
+
+#if !defined(__CUDA_ARCH__)
+/// Index of the first of n floats that does not fit fp16, or n when all fit. The all-fit case,
+/// the common one, is a count in one vectorized pass; only a misfit pays for the search.
+inline std::size_t find_half_misfit(const float* x, std::size_t n) {
+  std::size_t misfits = 0;
+  for (std::size_t i = 0; i < n; ++i) misfits += !fits_half(x[i]);
+  if (misfits == 0) return n;
+  std::size_t i = 0;
+  while (fits_half(x[i])) ++i;
+  return i;
+}
+
+namespace detail {
+#if XQUANT_F16C_DISPATCH
+__attribute__((target("avx,f16c"))) inline void floats_to_halves_f16c(const float* x, std::uint16_t* h,
+                                                                      std::size_t n) {
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(h + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) h[i] = float_to_half_bitwise(x[i]);
+}
+__attribute__((target("avx,f16c"))) inline void halves_to_floats_f16c(const std::uint16_t* h, float* x,
+                                                                      std::size_t n) {
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(x + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) x[i] = half_to_float_bitwise(h[i]);
+}
+__attribute__((target("avx,f16c"))) inline void round_floats_to_half_f16c(float* x, std::size_t n) {
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(x + i, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(x + i),
+                                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+  for (; i < n; ++i) x[i] = half_to_float_bitwise(float_to_half_bitwise(x[i]));
+}
+/// Whether this CPU runs the F16C conversions (asked once).
+inline bool cpu_has_f16c() {
+  static const bool yes = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+#else
+inline bool cpu_has_f16c() { return false; }
+#endif
+}  // namespace detail
+
+/// n floats to fp16 bits: the bits of float_to_half for every value except NaN (always some NaN).
+inline void floats_to_halves(const float* x, std::uint16_t* h, std::size_t n) {
+#if XQUANT_F16C_DISPATCH
+  if (detail::cpu_has_f16c()) return detail::floats_to_halves_f16c(x, h, n);
+#endif
+  for (std::size_t i = 0; i < n; ++i) h[i] = detail::float_to_half_bitwise(x[i]);
+}
+
+/// n fp16 values to floats: exactly half_to_float for every value except NaN (always some NaN).
+inline void halves_to_floats(const std::uint16_t* h, float* x, std::size_t n) {
+#if XQUANT_F16C_DISPATCH
+  if (detail::cpu_has_f16c()) return detail::halves_to_floats_f16c(h, x, n);
+#endif
+  for (std::size_t i = 0; i < n; ++i) x[i] = detail::half_to_float_bitwise(h[i]);
+}
+/// Rounds n floats to fp16 and back, in place: round_to_half of each value except NaN.
+inline void round_floats_to_half(float* x, std::size_t n) {
+#if XQUANT_F16C_DISPATCH
+  if (detail::cpu_has_f16c()) return detail::round_floats_to_half_f16c(x, n);
+#endif
+  for (std::size_t i = 0; i < n; ++i) x[i] = detail::half_to_float_bitwise(detail::float_to_half_bitwise(x[i]));
+}
+#endif  // !__CUDA_ARCH__
 
 }  // namespace xquant
