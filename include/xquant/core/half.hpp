@@ -12,7 +12,9 @@
 
 // Bulk conversions use the x86 F16C instructions when the CPU has them, chosen at run time, so a
 // library built without -mf16c still gets them (GCC and Clang on x86 only; host code only).
-#if !defined(__CUDA_ARCH__) && (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+// Define XQUANT_NO_F16C to keep the scalar loops everywhere (the results are the same bits).
+#if !defined(__CUDA_ARCH__) && !defined(XQUANT_NO_F16C) && (defined(__x86_64__) || defined(__i386__)) && \
+    (defined(__GNUC__) || defined(__clang__))
 #define XQUANT_F16C_DISPATCH 1
 #include <immintrin.h>
 #else
