@@ -16,6 +16,7 @@
 #if !defined(__CUDA_ARCH__) && !defined(XQUANT_NO_F16C) && (defined(__x86_64__) || defined(__i386__)) && \
     (defined(__GNUC__) || defined(__clang__))
 #define XQUANT_F16C_DISPATCH 1
+#include <cpuid.h>
 #include <immintrin.h>
 #else
 #define XQUANT_F16C_DISPATCH 0
@@ -145,9 +146,14 @@ __attribute__((target("avx,f16c"))) inline void round_floats_to_half_f16c(float*
                                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
   for (; i < n; ++i) x[i] = half_to_float_bitwise(float_to_half_bitwise(x[i]));
 }
-/// Whether this CPU runs the F16C conversions (asked once).
+/// Whether this CPU runs the F16C conversions (asked once). F16C is CPUID.1:ECX bit 29, read
+/// directly because not every compiler's __builtin_cpu_supports knows "f16c" (clang 14 does
+/// not); "avx" also confirms that the OS saves the YMM registers.
 inline bool cpu_has_f16c() {
-  static const bool yes = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  static const bool yes = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __builtin_cpu_supports("avx") && __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & (1u << 29)) != 0;
+  }();
   return yes;
 }
 #else
