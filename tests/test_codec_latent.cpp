@@ -17,6 +17,21 @@ using Tok = xq::quant::Uniform<B, xq::Axis::Token>;
 namespace {
 // GQA geometry like Llama-3 scaled down: d = 256, 8 query heads, 2 KV heads of 32 (dkv = 64).
 xqtest::Model gqa_model(std::mt19937_64& g, int layers = 3) { return xqtest::make_model(g, layers, 256, 8, 2, 32); }
+
+/// ‖W − (ΣBᵀ-recovered)·Uᵀ‖ / ‖W‖ in double, where W stacks the row-major (rows × in) matrices
+/// `parts` along their outputs: W[o][i] = Σ_j recover[o][j]·U[i][j].
+double recovery_error(const xq::codec::svd::Factors& f, const std::vector<const float*>& parts, index_t rows) {
+  double recon = 0, norm = 0;
+  for (index_t o = 0; o < f.out; ++o)
+    for (index_t i = 0; i < f.in; ++i) {
+      double w = 0;
+      for (index_t j = 0; j < f.rank; ++j) w += double(f.recover[o * f.rank + j]) * f.basis_t[j * f.in + i];
+      const double ref = parts[std::size_t(o / rows)][(o % rows) * f.in + i];
+      recon += (w - ref) * (w - ref);
+      norm += ref * ref;
+    }
+  return std::sqrt(recon / norm);
+}
 }  // namespace
 
 TEST_CASE("svd factors: orthonormal basis and exact recovery of W") {
@@ -30,24 +45,16 @@ TEST_CASE("svd factors: orthonormal basis and exact recovery of W") {
                            : xq::codec::svd::factorize(m.wk[0].data(), m.dkv(), m.d);
     const index_t out = stacked ? 2 * m.dkv() : m.dkv(), r = f.rank;
     REQUIRE(r == std::min(m.d, out));
-    double ortho = 0, recon = 0, norm = 0;
+    double ortho = 0;
     for (index_t a = 0; a < r; ++a)
       for (index_t b = 0; b < r; ++b) {
         double dot = 0;
         for (index_t i = 0; i < m.d; ++i) dot += double(f.basis_t[a * m.d + i]) * f.basis_t[b * m.d + i];
         ortho = std::max(ortho, std::abs(dot - (a == b ? 1.0 : 0.0)));
       }
-    for (index_t o = 0; o < out; ++o)
-      for (index_t i = 0; i < m.d; ++i) {  // W[o][i] = Σ_j recover[o][j]·U[i][j]
-        double w = 0;
-        for (index_t j = 0; j < r; ++j) w += double(f.recover[o * r + j]) * f.basis_t[j * m.d + i];
-        const double ref = o < m.dkv() ? m.wk[0][o * m.d + i] : m.wv[0][(o - m.dkv()) * m.d + i];
-        recon += (w - ref) * (w - ref);
-        norm += ref * ref;
-      }
     // Factors are computed in double and stored in float: errors are float rounding (~1e-7).
     CHECK(ortho < 1e-6);
-    CHECK(std::sqrt(recon / norm) < 1e-6);
+    CHECK(recovery_error(f, {m.wk[0].data(), m.wv[0].data()}, m.dkv()) < 1e-6);
     for (index_t j = 1; j < r; ++j) CHECK(f.sigma[j] <= f.sigma[j - 1]);
   }
 }
@@ -67,15 +74,7 @@ TEST_CASE("svd factors: exact where Eigen's divide-and-conquer SVD is wrong") {
   CHECK(bdc_ok == (bdc_error < 1e-9));  // the probe check agrees with the full product
 
   const auto f = xq::codec::svd::factorize(w.data(), m.dkv(), m.d);
-  double recon = 0, norm = 0;
-  for (index_t o = 0; o < m.dkv(); ++o)
-    for (index_t i = 0; i < m.d; ++i) {
-      double v = 0;
-      for (index_t j = 0; j < f.rank; ++j) v += double(f.recover[o * f.rank + j]) * f.basis_t[j * m.d + i];
-      recon += (v - w[o * m.d + i]) * (v - w[o * m.d + i]);
-      norm += double(w[o * m.d + i]) * w[o * m.d + i];
-    }
-  CHECK(std::sqrt(recon / norm) < 1e-6);  // float storage of exact factors: ~4e-8
+  CHECK(recovery_error(f, {w.data()}, m.dkv()) < 1e-6);  // float storage of exact factors: ~4e-8
 
   // The check accepts Jacobi's factors and rejects them after a small corruption of U or V.
   ::Eigen::JacobiSVD<::Eigen::MatrixXd> jac(wt, ::Eigen::ComputeThinU | ::Eigen::ComputeThinV);
