@@ -23,9 +23,10 @@ case "$mode" in
   kernel)
     ncu --kernel-name "regex:$1" --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section Occupancy --section SchedulerStats --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section InstructionStats --section LaunchStats \
       --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
       "$B" --benchmark_filter="$2" > "$OUT/ncu_kernel.txt" 2>&1
-    grep -E "Duration|Throughput|Registers Per|Achieved Occupancy|Eligible|Issued Warp|stalled" "$OUT/ncu_kernel.txt" |
+    grep -E "Duration|Throughput|Registers Per|Achieved Occupancy|Eligible|Issued Warp|Executed Instructions|Mem Busy|Max Bandwidth|stalled" "$OUT/ncu_kernel.txt" |
       awk '!/stalled/ || $NF + 0 >= 0.05'
     ;;
   timeline)

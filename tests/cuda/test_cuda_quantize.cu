@@ -2,6 +2,8 @@
 // bit, for every bit width, both groupings and both schemes, bf16 and fp16 inputs, prefill
 // chunks, single tokens and batched decode steps.
 
+#include <limits>
+
 #include "cuda_support.cuh"
 
 namespace xq = xquant;
@@ -93,8 +95,9 @@ void check_append(index_t group) {
 template <class Q>
 void check_all() {
   XQ_REQUIRE_DEVICE();
-  // Per-token groups 8 and 16 take the kernel's 8-values-per-thread path, 32 and up the 32-value
-  // one (1 to 8 lanes per group); per-channel groups of 32 and 128 tokens.
+  // Per-token groups 8 and 16 take the kernel's 8-values-per-thread path; in the 300-row chunk,
+  // 32 and 128 take one lane per group and 256 two (the staged path, at most 128 values a lane);
+  // per-channel groups of 32 and 128 tokens.
   std::vector<index_t> groups{32, 128};
   if constexpr (Q::axis == Axis::Token) groups = {8, 16, 32, 128, 256};
   for (index_t group : groups) {
@@ -230,6 +233,34 @@ TEST_CASE("cuda append reports values that cannot be quantized") {
   CHECK_THROWS_AS(st.check(nullptr), xq::ValueError);
   CHECK_THROWS_AS(st.append(0, d.data(), 1, 60, nullptr), xq::ShapeError);  // ld < width
   CHECK_THROWS_AS(st.append(0, d.data(), 100, 64, nullptr), xq::CapacityError);
+}
+
+TEST_CASE("cuda append: padded input rows (ld > width) read only the row, on every chunk size") {
+  // 300 rows of 4 groups: the staged kernel (a warp's chunks span several rows, and the last warp
+  // is partial) for groups 32, 64 and 128; the padding holds NaN, so a read of it would raise.
+  XQ_REQUIRE_DEVICE();
+  using Q = xq::quant::Uniform<4>;
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  const index_t n = 300, ld = 520;
+  for (index_t group : {32, 64, 128}) {
+    const index_t width = 4 * group;
+    INFO("seed ", seed, " group ", group);
+    auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, static_cast<std::size_t>(n), width));
+    std::vector<float> padded(static_cast<std::size_t>(n * ld), std::numeric_limits<float>::quiet_NaN());
+    for (index_t r = 0; r < n; ++r) std::copy(x.begin() + r * width, x.begin() + (r + 1) * width, padded.begin() + r * ld);
+    auto d = xqcuda::to_device<xc::bf16>(padded);
+    xc::DeviceStream<Q> st({1, n, width, group});
+    st.fill_storage(0xff, nullptr);
+    st.append(0, d.data(), n, ld, nullptr);
+    REQUIRE_NOTHROW(st.check(nullptr));
+    const index_t cb = Q::code_bytes(width), G = width / group * Q::params_per_group;
+    std::vector<std::uint8_t> c(static_cast<std::size_t>(n * cb));
+    std::vector<std::uint16_t> p(static_cast<std::size_t>(n * G));
+    xq::quant::QuantOps<xq::backend::Reference>::quantize_tokens<Q>(x.data(), n, width, width, group, c.data(), p.data());
+    CHECK(xqcuda::to_host(st.codes()) == c);
+    CHECK(xqcuda::to_host(st.params()) == p);
+  }
 }
 
 TEST_CASE("cuda append: a long prefill chunk (several grid-stride passes) matches the CPU bit for bit") {

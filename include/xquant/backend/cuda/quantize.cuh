@@ -154,66 +154,166 @@ __device__ __forceinline__ void store_words(std::uint8_t* p, const std::uint32_t
   }
 }
 
-/// Per-token quantize + append. One thread per chunk of VPT consecutive values of a row (VPT = 8 or
-/// 32; 32 amortizes the per-thread work — index math, the group's fp16 parameters, the reciprocal —
-/// over four 16-byte loads in flight). A group of G values is G/VPT consecutive lanes (a power of two
-/// ≤ 32 that divides the row's chunks, so groups never straddle rows or warps); its min/max is a
-/// butterfly over those lanes. Threads map to (row, chunk) over the flattened rows × chunks range.
-/// Codes: Uniform::encode_biased (reciprocal, clamp where needed, round by adding 1.5·2^23, packed by shift-add);
-/// a chunk where any value sits within its error bound of a rounding boundary is encoded again with
-/// encode()'s division (rare: ~2^(Bits−17) of random values), so codes are encode()'s bit for bit.
+/// Encodes 8·N values (unpacked from `raw`) under the group's parameters and stores their packed
+/// codes at `dst`. Codes: Uniform::encode_biased (reciprocal, clamp only where the group can reach
+/// it, round by adding 1.5·2^23, packed by shift-add); a value that sits within its error bound of
+/// a rounding boundary is encoded again with encode()'s division (rare: about 0.1 % of bf16
+/// inputs, whose few mantissa bits make exact ties common), so the codes are encode()'s bit for bit.
+template <class Q, class T, int N>
+__device__ __forceinline__ void encode_store(const uint4 (&raw)[N], typename Q::Params P, float inv, bool in_levels,
+                                             std::uint8_t* dst) {
+  float xv[8 * N];
+  unpack<T>(raw, xv);
+  static_assert(8 * N <= 32, "one flag bit per value");
+  std::uint32_t m[8 * N], flags = 0;
+  auto encode_all = [&](auto clamp) {
+#pragma unroll
+    for (int i = 0; i < 8 * N; ++i) {
+      bool flag = false;
+      m[i] = float_bits(Q::template encode_biased<decltype(clamp)::value>(xv[i], P, inv, flag));
+      flags |= static_cast<std::uint32_t>(flag) << i;
+    }
+  };
+  if (in_levels) encode_all(std::false_type{});  // the usual group: no clamp needed
+  else encode_all(std::true_type{});
+  // Only the flagged values divide. A warp enters this branch when any lane has a flag (about half
+  // the time for 32-value chunks at 4 bits, though only ~0.1 % of values flag), so the per-value
+  // test must be cheap: re-encoding whole chunks here cost more than all the rest of the kernel.
+  if (flags) {
+#pragma unroll
+    for (int i = 0; i < 8 * N; ++i)
+      if (flags >> i & 1u) m[i] = Q::biased_zero + Q::encode(xv[i], P);
+  }
+  std::uint32_t w[(8 * N * Q::bits + 31) / 32];
+  pack_biased<Q::bits, Q::biased_zero>(m, w);
+  store_words<N * Q::bits>(dst, w);
+}
+
+/// The last block of a launch to finish adds n to the lengths of `count` sequences from seq0.
+/// Every thread reads its sequence's length before the block's barrier, and each block counts
+/// itself done (in `done`, a device word left at zero between launches) only after that barrier,
+/// so no block can still need the old lengths when they change: one kernel instead of a second
+/// launch for the bump (which cost ~2 µs of a ~12 µs small append). Graph replays stay right.
+__device__ __forceinline__ void bump_lengths_when_last(int* length, unsigned* done, int seq0, int count, int n) {
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  __threadfence();
+  if (atomicAdd(done, 1u) != gridDim.x - 1) return;
+  for (int i = 0; i < count; ++i) length[seq0 + i] += n;
+  *done = 0;
+}
+
+/// Per-token quantize + append. One thread per chunk of VPT consecutive values of a row. A group of
+/// G values is G/VPT consecutive lanes (a power of two ≤ 32 that divides the row's chunks, so groups
+/// never straddle rows or warps); its min/max is a butterfly over those lanes. Threads map to
+/// (row, chunk) over the flattened rows × chunks range.
+/// Loads: VPT = 8 reads one 16-byte vector per thread straight into registers (small launches and
+/// groups of 8 or 16). VPT ≥ 32 stages the warp's 32 chunks through shared memory: the warp reads
+/// them with cp.async in 512-byte coalesced runs (a thread's own 2·VPT bytes, read directly, would
+/// put its lanes 2·VPT bytes apart and make every load instruction touch 32 cache lines), then each
+/// thread reads its chunk back through an XOR swizzle that keeps both sides free of bank conflicts.
+/// Large VPT spreads the per-group work (index math, fit, reciprocal, shuffles) over more values.
 template <class Q, class T, int VPT>
 __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, const T* __restrict__ x, index_t ld,
                                                               unsigned rows, unsigned chunks_per_row, RowMap map,
-                                                              unsigned* status) {
-  static_assert(VPT % 8 == 0, "whole 16-byte loads");
-  const unsigned id = blockIdx.x * 128u + threadIdx.x;
+                                                              int count, unsigned* blocks_done, unsigned* status) {
+  static_assert(VPT == 8 || VPT == 32 || VPT == 64 || VPT == 128, "chunk of 8, 32, 64 or 128 values");
+  constexpr int pieces = VPT / 8;  // 16-byte vectors per chunk
+  const unsigned lane = threadIdx.x & 31u;
+  const unsigned id = blockIdx.x * 128u + threadIdx.x, total = rows * chunks_per_row;
   const unsigned r = id / chunks_per_row, chunk = id - r * chunks_per_row;
-  const bool active = r < rows;
-  uint4 raw[VPT / 8];
+  const bool active = id < total;
+  const T* own = x + static_cast<index_t>(r) * ld + static_cast<index_t>(chunk) * VPT;
   float lo = INFINITY, hi = -INFINITY;
   bool finite = true;
-  if (active) {
-    const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<index_t>(r) * ld + static_cast<index_t>(chunk) * VPT);
+  uint4 raw[VPT == 8 ? 1 : 4];
+  // Slot of piece p of lane L's chunk: swizzled so that 8 consecutive lanes (a 128-byte shared
+  // memory phase) hit distinct 16-byte bank groups when writing consecutive pieces and when each
+  // reads its own piece p.
+  [[maybe_unused]] auto slot = [](unsigned L, unsigned p) {
+    const unsigned f = pieces >= 8 ? (L & 7u) : ((L >> (pieces == 4 ? 1 : 0)) & (pieces - 1));
+    return L * pieces + (p ^ f);
+  };
+  [[maybe_unused]] uint4* stage = nullptr;
+  if constexpr (VPT == 8) {
+    if (active) {
+      raw[0] = *reinterpret_cast<const uint4*>(own);
+      packed_range<T>(raw, lo, hi, finite);
+    }
+  } else {
+    __shared__ uint4 staged[4][32 * pieces];
+    stage = staged[threadIdx.x / 32];
+    const unsigned warp_first = id - lane;
+    auto copy = [&](unsigned L, unsigned p, const T* src) {
+      if (warp_first + L < total) {
+        const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(stage + slot(L, p)));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+      }
+    };
+    // The warp's chunks are usually one contiguous run (rows of `ld` = width, or a warp inside one
+    // row); otherwise each piece's address comes from its chunk's lane.
+    const T* first = reinterpret_cast<const T*>(__shfl_sync(0xffffffffu, reinterpret_cast<std::uintptr_t>(own), 0));
+    if (__all_sync(0xffffffffu, !active || own == first + lane * VPT)) {
 #pragma unroll
-    for (int k = 0; k < VPT / 8; ++k) raw[k] = src[k];  // all loads issued before any use
-    packed_range<T>(raw, lo, hi, finite);
+      for (int k = 0; k < pieces; ++k) {
+        const unsigned piece = k * 32u + lane;
+        copy(piece / pieces, piece % pieces, first + piece * 8);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < pieces; ++k) {
+        const unsigned piece = k * 32u + lane, L = piece / pieces;
+        copy(L, piece % pieces,
+             reinterpret_cast<const T*>(__shfl_sync(0xffffffffu, reinterpret_cast<std::uintptr_t>(own), L)) + piece % pieces * 8);
+      }
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    __syncwarp();
+    if (active) {
+#pragma unroll
+      for (int k = 0; k < pieces / 4; ++k) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) raw[i] = stage[slot(lane, 4 * k + i)];
+        float l, h;
+        bool f;
+        packed_range<T>(raw, l, h, f);
+        lo = fminf(lo, l);
+        hi = fmaxf(hi, h);
+        finite = finite && f;
+      }
+    }
   }
   segment_minmax(lo, hi, static_cast<int>(v.group / VPT));
-  if (!active) return;
-  const unsigned within = r % map.rows_per_seq;
-  const index_t seq = map.seq0 + static_cast<int>(r / map.rows_per_seq);
-  const index_t tok = v.length[seq] + within;
-  std::uint16_t p[2] = {0, 0};
-  const bool ok = Q::fit(lo, hi, p);
-  if (!finite) atomicOr(status, kNonFinite);
-  if (!ok) atomicOr(status, kFp16Range);
-  const index_t j = static_cast<index_t>(chunk) * VPT;
-  if ((j & (v.group - 1)) == 0) {
-    std::uint16_t* dst = v.param(seq, tok, j);
+  if (active) {
+    const unsigned within = r % map.rows_per_seq;
+    const index_t seq = map.seq0 + static_cast<int>(r / map.rows_per_seq);
+    const index_t tok = v.length[seq] + within;
+    std::uint16_t p[2] = {0, 0};
+    const bool ok = Q::fit(lo, hi, p);
+    if (!finite) atomicOr(status, kNonFinite);
+    if (!ok) atomicOr(status, kFp16Range);
+    const index_t j = static_cast<index_t>(chunk) * VPT;
+    if ((j & (v.group - 1)) == 0) {
+      std::uint16_t* dst = v.param(seq, tok, j);
+      if constexpr (Q::params_per_group == 2) *reinterpret_cast<std::uint32_t*>(dst) = p[0] | std::uint32_t(p[1]) << 16;
+      else dst[0] = p[0];
+    }
+    const auto P = Q::load(p);
+    const float inv = P.scale > 0.0f ? 1.0f / P.scale : 0.0f;  // 0: a constant group (encode_biased)
+    const bool in_levels = Q::rounds_within_levels(lo, hi, P, inv);
+    std::uint8_t* out = v.row(seq, tok) + (j / 8) * Q::bits;
+    if constexpr (VPT == 8) {
+      encode_store<Q, T, 1>(raw, P, inv, in_levels, out);
+    } else {
+#pragma unroll 1
+      for (int k = 0; k < pieces / 4; ++k) {
 #pragma unroll
-    for (int k = 0; k < Q::params_per_group; ++k) dst[k] = p[k];
+        for (int i = 0; i < 4; ++i) raw[i] = stage[slot(lane, 4 * k + i)];
+        encode_store<Q, T, 4>(raw, P, inv, in_levels, out + 4 * k * Q::bits);
+      }
+    }
   }
-  const auto P = Q::load(p);
-  const float inv = P.scale > 0.0f ? 1.0f / P.scale : 0.0f;  // 0: a constant group (encode_biased)
-  float xv[VPT];
-  unpack<T>(raw, xv);
-  std::uint32_t m[VPT];
-  bool tie = false;
-  if (Q::rounds_within_levels(lo, hi, P, inv)) {  // the usual group: no clamp needed
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) m[i] = float_bits(Q::template encode_biased<false>(xv[i], P, inv, tie));
-  } else {
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) m[i] = float_bits(Q::template encode_biased<true>(xv[i], P, inv, tie));
-  }
-  if (tie) {  // rare, and one branch per thread: the whole chunk through encode()'s division
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) m[i] = Q::biased_zero + Q::encode(xv[i], P);
-  }
-  std::uint32_t w[(VPT * Q::bits + 31) / 32];
-  pack_biased<Q::bits, Q::biased_zero>(m, w);
-  store_words<VPT * Q::bits / 8>(v.row(seq, tok) + (j / 8) * Q::bits, w);
+  bump_lengths_when_last(v.length, blocks_done, map.seq0, count, static_cast<int>(map.rows_per_seq));
 }
 
 /// Value of an input or window element after the trip through fp16 that every windowed token takes.

@@ -50,8 +50,10 @@ class DeviceStream {
     if constexpr (Q::axis == Axis::Channel) window_.resize(static_cast<std::size_t>(s.batch * s.group * s.width));
     length_.resize(static_cast<std::size_t>(s.batch));
     status_.resize(1);
+    blocks_done_.resize(static_cast<std::size_t>(s.batch));
     XQ_CUDA_CHECK(cudaMemset(length_.data(), 0, length_.bytes()));
     XQ_CUDA_CHECK(cudaMemset(status_.data(), 0, status_.bytes()));
+    XQ_CUDA_CHECK(cudaMemset(blocks_done_.data(), 0, blocks_done_.bytes()));
     host_len_.assign(static_cast<std::size_t>(s.batch), 0);
     (void)sm90a_kernels();  // probe the device's kernel set now, outside any graph capture
   }
@@ -142,21 +144,26 @@ class DeviceStream {
     const StreamView<Q> v = view();
     const index_t rows = count * n;
     if constexpr (Q::axis == Axis::Token) {
-      // 32 values per thread when a group holds whole 32-value chunks and the launch has rows
-      // enough to fill the GPU; else 8 (groups 8 and 16; decode-sized appends, which are
-      // latency-bound, so four times the threads share the wait).
-      const index_t vpt = s_.group >= 32 && rows >= 256 ? 32 : 8, chunks = s_.width / vpt;
+      // Values per thread: up to a whole group (at most 128) when the launch has rows enough to
+      // fill the GPU; else 8 (groups of 8 and 16; decode-sized appends, which are latency-bound,
+      // so more threads share the wait). The kernel also bumps the lengths (its last block).
+      const index_t vpt = s_.group >= 32 && rows >= 256 ? std::min<index_t>(s_.group, 128) : 8;
+      const index_t chunks = s_.width / vpt;
       require<ShapeError>(rows * chunks < (index_t(1) << 31), "n: ", rows, " rows of width ", s_.width,
                              " exceed one launch's 2^31 chunks; append in smaller pieces");
       const unsigned grid = detail::blocks_for(rows * chunks, 128);
       const detail::RowMap map{seq0, static_cast<unsigned>(n)};
-      if (vpt == 32)
-        detail::quantize_tokens_kernel<Q, T, 32><<<grid, 128, 0, stream>>>(v, x, ld, static_cast<unsigned>(rows),
-                                                                            static_cast<unsigned>(chunks), map, status_.data());
-      else
-        detail::quantize_tokens_kernel<Q, T, 8><<<grid, 128, 0, stream>>>(v, x, ld, static_cast<unsigned>(rows),
-                                                                           static_cast<unsigned>(chunks), map, status_.data());
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, 128, 0, stream>>>(v, x, ld, static_cast<unsigned>(rows), static_cast<unsigned>(chunks), map, count,
+                                         blocks_done_.data() + seq0, status_.data());
+      };
+      if (vpt == 128) launch(detail::quantize_tokens_kernel<Q, T, 128>);
+      else if (vpt == 64) launch(detail::quantize_tokens_kernel<Q, T, 64>);
+      else if (vpt == 32) launch(detail::quantize_tokens_kernel<Q, T, 32>);
+      else launch(detail::quantize_tokens_kernel<Q, T, 8>);
       check_launch("quantize_tokens_kernel");
+      for (int b = seq0; b < seq0 + count; ++b) host_len_[b] += n;
+      return;
     } else {
       const index_t G = s_.group;
       if (count > 1) {  // one token per sequence: through the windows, then flush the full ones
@@ -194,8 +201,6 @@ class DeviceStream {
       }
       return;
     }
-    bump(seq0, count, static_cast<int>(n), stream);
-    for (int b = seq0; b < seq0 + count; ++b) host_len_[b] += n;
   }
 
   template <class T>
@@ -221,6 +226,9 @@ class DeviceStream {
   DeviceBuffer<std::uint16_t> params_, window_;
   DeviceBuffer<int> length_;
   DeviceBuffer<unsigned> status_;
+  // Per sequence: finished blocks of the append kernel in flight (zero between launches). One
+  // word per first sequence of a launch, so appends to different sequences may run concurrently.
+  DeviceBuffer<unsigned> blocks_done_;
   std::vector<index_t> host_len_;
 };
 
