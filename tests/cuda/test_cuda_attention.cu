@@ -28,17 +28,18 @@ std::vector<double> reference(const std::vector<float>& xk, index_t wk_in, const
   return xqtest::attention64(qd, K, V, 1, len, a.heads, a.kv_heads, a.head_dim);
 }
 
-/// QK/QV: quantizers of the key-side and value-side streams; latent: two streams of width dkv.
+/// QK/QV: quantizers of the key-side and value-side streams; latent: two streams of width dkv,
+/// else one of width d.
 template <class QK, class QV>
-void check_decode(const xq::AttentionShape& a, bool latent) {
+void check_decode(const xq::AttentionShape& a, bool latent, index_t d = 512) {
   XQ_REQUIRE_DEVICE();
   std::uint64_t seed;
   auto rng = xqtest::make_rng(seed);
   const std::string what = latent ? " latent" : " xquant";
-  INFO("seed ", seed, " H ", a.heads, " Hkv ", a.kv_heads, what);
+  INFO("seed ", seed, " H ", a.heads, " Hkv ", a.kv_heads, " d ", d, what);
   const int B = 3;
   const std::vector<index_t> lens = {300, 77, 129};
-  const index_t d = 512, dkv = a.kv_width(), wk_in = latent ? dkv : d, wv_in = latent ? dkv : d, cap = 384;
+  const index_t dkv = a.kv_width(), wk_in = latent ? dkv : d, wv_in = latent ? dkv : d, cap = 384;
   cudaStream_t s = nullptr;
   xc::DeviceStream<QK> ks({B, cap, wk_in, 128});
   xc::DeviceStream<QV> vs({B, cap, wv_in, 128});
@@ -135,6 +136,10 @@ TEST_CASE("cuda decode attention, absorbed values: GQA (4 query heads per KV hea
 }
 TEST_CASE("cuda decode attention, absorbed values: MHA, 2-bit") {
   check_decode<xq::quant::Uniform<2>, xq::quant::Uniform<2>>({4, 4, 128}, false);
+}
+TEST_CASE("cuda decode attention, absorbed values: 8 and 3 query heads per KV head, widths not multiples of 256") {
+  check_decode<xq::quant::Uniform<4>, xq::quant::Uniform<4>>({16, 2, 128}, false, 640);
+  check_decode<xq::quant::Uniform<4>, xq::quant::Uniform<4>>({6, 2, 128}, false, 384);
 }
 TEST_CASE("cuda decode attention, absorbed values: latent codec (X·Uk per channel, X·Uv per token)") {
   check_decode<xq::quant::Uniform<4, Axis::Channel>, xq::quant::Uniform<4>>({8, 2, 128}, true);

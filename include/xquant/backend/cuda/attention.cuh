@@ -5,8 +5,9 @@
 //   one KV head and a run of 128-token tiles. Per tile: K = X̂_tile·Wk_headᵀ through the fused
 //   dequantize + tensor-core mainloop (kept in shared memory), RoPE at each token's position,
 //   scores for the head's query heads, online softmax, and acc_h += p_h·X̂_tile. K and V are
-//   never written to device memory. A second kernel merges the blocks' partial softmax sums and
-//   projects once per head: o_h = (acc_h / l_h)·Wv_hᵀ + bv_h.
+//   never written to device memory. Then the blocks' partial softmax sums are merged (a kernel of
+//   its own when there are several splits) and projected once per KV head's query heads:
+//   o_h = (acc_h / l_h)·Wv_hᵀ + bv_h.
 // attend_kv — the same decode attention over materialized K (post-RoPE) and V in bf16 or fp16:
 //   the baseline (FP16 KV cache, or materialize-then-attend).
 //
@@ -24,6 +25,7 @@ namespace xquant::cuda {
 /// Scratch of the decode kernels (partial softmax sums per split); grows on demand.
 struct DecodeWorkspace {
   DeviceBuffer<float> acc, ml, q;
+  DeviceBuffer<float> y;            // the merged splits, when several are projected
   DeviceBuffer<bf16> xk, xv, k, p;  // attend_absorbed_gemm: X̂ (keys, values), K before RoPE, weights
   DeviceBuffer<float> s;            // attend_absorbed_gemm: scores
 };
@@ -34,6 +36,33 @@ struct MaxOp {
 };
 namespace attn {
 inline constexpr int kDh = 128, kMaxGroup = 8, kTile = 128, kKsLd = kDh + 4;
+}
+
+/// Sums each of a lane's N = 2·O values over aligned groups of N lanes (N = 16 or 32): afterwards
+/// lane l holds the group's sum of v[l % N]. At each butterfly step a lane keeps half of its values
+/// and trades the other half: N − 1 shuffles. One step per instantiation, so that every index is a
+/// constant (the values stay in registers).
+template <int O, int N>
+__device__ __forceinline__ float transpose_reduce(float (&v)[N], int lane) {
+  static_assert(2 * O <= N);
+  const bool upper = lane & O;
+#pragma unroll
+  for (int i = 0; i < O; ++i) {
+    const float lo = v[i], hi = v[i + O];
+    v[i] = (upper ? hi : lo) + __shfl_xor_sync(0xffffffffu, upper ? lo : hi, O);
+  }
+  if constexpr (O > 1) return transpose_reduce<O / 2>(v, lane);
+  else return v[0];
+}
+
+/// Calls f(std::integral_constant<int, G>{}) with G the power of two >= hpg: kernels templated on G
+/// keep G values per query head of the group in registers.
+template <class F>
+inline void dispatch_group(int hpg, F&& f) {
+  if (hpg == 1) f(std::integral_constant<int, 1>{});
+  else if (hpg == 2) f(std::integral_constant<int, 2>{});
+  else if (hpg <= 4) f(std::integral_constant<int, 4>{});
+  else f(std::integral_constant<int, 8>{});
 }
 
 /// qr[b][h][:] = RoPE(q[b][h][:], length(b) − 1) / sqrt(Dh).
@@ -194,68 +223,164 @@ __global__ void __launch_bounds__(gemm::THREADS, 1)
   }
 }
 
-/// Merges the splits of (b, h): y = Σ_s e^{m_s−M}·acc_s / Σ_s e^{m_s−M}·l_s, then
-/// out = y·Wᵀ + bias (W: the head's Dh rows; nullptr: out = y, width Dh).
-static __global__ void combine_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml, int heads,
-                                      int hpg, int splits, index_t width, const bf16* __restrict__ w, index_t ldw,
-                                      const float* __restrict__ bias, float* __restrict__ out, index_t ldo) {
-  extern __shared__ __align__(16) float y[];  // [width]
+/// Merges the splits of each (b, h): y = Σ_s e^{m_s−M}·acc_s / Σ_s e^{m_s−M}·l_s with M = max_s m_s
+/// (a split without tokens, m_s = −inf, weighs 0), written to out[b·ldo + h·width + c]. Block
+/// (128 columns, h, b): warp w takes splits w, w+8, ..., a lane one float4 of columns, with the
+/// loads of several splits in flight; the 8 warps' sums are added in shared memory.
+static __global__ void __launch_bounds__(256)
+    merge_splits_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml, int heads, int splits,
+                        index_t width, float* __restrict__ out, index_t ldo) {
+  using BlockReduce = cub::BlockReduce<float, 256>;
+  constexpr int kWarps = 8, kLoads = 4;
+  __shared__ typename BlockReduce::TempStorage tmp;
   __shared__ float wts[1024];
-  const int h = blockIdx.x, b = blockIdx.y, g = h / hpg, t = threadIdx.x, warp = t / 32, lane = t % 32;
+  __shared__ float4 sums[kWarps][32];
+  __shared__ float stat[2];  // M, 1/L
+  const int h = blockIdx.y, b = blockIdx.z, t = threadIdx.x, warp = t / 32, lane = t % 32;
   const index_t slot0 = (static_cast<index_t>(b) * heads + h) * splits;
-  float M = -INFINITY;
-  for (int s = 0; s < splits; ++s) M = fmaxf(M, part_ml[2 * (slot0 + s)]);
-  float L = 0.0f;
-  for (int s = t; s < splits; s += blockDim.x) wts[s] = part_ml[2 * (slot0 + s)] == -INFINITY ? 0.0f : __expf(part_ml[2 * (slot0 + s)] - M);
+  float m = -INFINITY;
+  for (int s = t; s < splits; s += blockDim.x) m = fmaxf(m, part_ml[2 * (slot0 + s)]);
+  m = BlockReduce(tmp).Reduce(m, MaxOp{});
+  if (t == 0) stat[0] = m;
   __syncthreads();
-  for (int s = 0; s < splits; ++s) L += wts[s] * part_ml[2 * (slot0 + s) + 1];
-  const float inv = 1.0f / L;
-  for (index_t c = t; c < width; c += blockDim.x) {
-    float acc = 0.0f;
-    for (int s = 0; s < splits; ++s) acc += wts[s] * part_acc[(slot0 + s) * width + c];
-    y[c] = acc * inv;
+  const float M = stat[0];
+  float l = 0.0f;
+  for (int s = t; s < splits; s += blockDim.x) {
+    const float ms = part_ml[2 * (slot0 + s)];
+    wts[s] = ms == -INFINITY ? 0.0f : __expf(ms - M);
+    l += wts[s] * part_ml[2 * (slot0 + s) + 1];
   }
+  l = BlockReduce(tmp).Sum(l);
+  if (t == 0) stat[1] = 1.0f / l;
   __syncthreads();
-  float* o = out + b * ldo + h * attn::kDh;
-  if (!w) {
-    if (blockIdx.z == 0)
-      for (int i = t; i < attn::kDh; i += blockDim.x) o[i] = y[i];
-    return;
-  }
-  // Block z of gridDim.z projects output rows [z·Dh/Z, (z+1)·Dh/Z): with few heads × sequences,
-  // more blocks keep more of Wv's reads in flight.
-  const int rows = attn::kDh / static_cast<int>(gridDim.z), row0 = static_cast<int>(blockIdx.z) * rows;
-  for (int i = row0 + warp; i < row0 + rows; i += blockDim.x / 32) {
-    const bf16* row = w + (static_cast<index_t>(g) * attn::kDh + i) * ldw;
-    float acc = 0.0f;
-    // 4 values per lane per step: y as float4 reads by consecutive lanes (no bank conflicts).
-#pragma unroll 8
-    for (index_t c = lane * 4; c < width; c += 128) {
-      const uint2 u = __ldg(reinterpret_cast<const uint2*>(row + c));
-      const float4 yv = *reinterpret_cast<const float4*>(y + c);
-      const bf16* e = reinterpret_cast<const bf16*>(&u);
-      acc = fmaf(__bfloat162float(e[0]), yv.x, acc);
-      acc = fmaf(__bfloat162float(e[1]), yv.y, acc);
-      acc = fmaf(__bfloat162float(e[2]), yv.z, acc);
-      acc = fmaf(__bfloat162float(e[3]), yv.w, acc);
-    }
+
+  const index_t c = (static_cast<index_t>(blockIdx.x) * 32 + lane) * 4;
+  float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (c < width)
+    for (int s0 = warp; s0 < splits; s0 += kWarps * kLoads) {
+      float4 v[kLoads];
 #pragma unroll
-    for (int o2 = 16; o2 >= 1; o2 >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o2);
-    if (lane == 0) o[i] = acc + (bias ? bias[g * attn::kDh + i] : 0.0f);
+      for (int i = 0; i < kLoads; ++i) {
+        const int s = s0 + kWarps * i;
+        v[i] = s < splits ? __ldg(reinterpret_cast<const float4*>(part_acc + (slot0 + s) * width + c))
+                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) {
+        const float f = s0 + kWarps * i < splits ? wts[s0 + kWarps * i] : 0.0f;
+        acc.x = fmaf(f, v[i].x, acc.x);
+        acc.y = fmaf(f, v[i].y, acc.y);
+        acc.z = fmaf(f, v[i].z, acc.z);
+        acc.w = fmaf(f, v[i].w, acc.w);
+      }
+    }
+  sums[warp][lane] = acc;
+  __syncthreads();
+  if (warp == 0 && c < width) {
+    float4 y = sums[0][lane];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) {
+      const float4 p = sums[w][lane];
+      y.x += p.x, y.y += p.y, y.z += p.z, y.w += p.w;
+    }
+    const float inv = stat[1];
+    float* o = out + b * ldo + h * width + c;  // scalar stores: ldo need not keep 16-byte alignment
+    o[0] = y.x * inv, o[1] = y.y * inv, o[2] = y.z * inv, o[3] = y.w * inv;
   }
 }
 
-/// combine_kernel for every (head, sequence). With a projection (w non-null) each block takes a
-/// slice of the Dh output rows, sliced so that about two blocks per SM run in all (a power of two
-/// dividing Dh, at most 8); without one (attend_kv: y is the output) one block per head and sequence.
-inline void launch_combine(const float* part_acc, const float* part_ml, int heads, int hpg, int splits, int batch,
-                           index_t width, const bf16* w, index_t ldw, const float* bias, float* out, index_t ldo,
+/// Output projection for the hpg <= G query heads of KV head g: out[b][g·hpg + j][r] =
+/// y_j·Wv[g·Dh + r]ᵀ + bias[g·Dh + r], y_j = y[b·heads + g·hpg + j] (width floats; with ml, one
+/// split's acc, scaled by 1/l here). Block (R = 32/G rows, g, b), up to 16 warps: a warp takes
+/// 256-column segments, lane l columns 8l..8l+7 of each, with y of the G heads there in registers
+/// (read once, no shared memory) and each Wv row read once for all heads with 16-byte loads, R·G
+/// partial dot products per lane, reduced by transpose_reduce and then across the warps.
+template <int G>
+static __global__ void __launch_bounds__(512)
+    project_heads_kernel(const float* __restrict__ y, const float* __restrict__ ml, int heads, int hpg, index_t width,
+                         const bf16* __restrict__ w, index_t ldw, const float* __restrict__ bias,
+                         float* __restrict__ out, index_t ldo) {
+  constexpr int R = 32 / G, kBatch = R < 8 ? R : 8, kSegment = 256;
+  __shared__ float red[16][32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = static_cast<int>(blockDim.x) / 32;
+  const int g = blockIdx.y, b = blockIdx.z, row0 = static_cast<int>(blockIdx.x) * R;
+  const index_t head0 = static_cast<index_t>(b) * heads + g * hpg;
+  const bf16* wrows = w + (static_cast<index_t>(g) * attn::kDh + row0) * ldw;
+  float v[32] = {};  // v[j·R + r]: the lane's partial dot product of head j and row r
+  const index_t stride = static_cast<index_t>(warps) * kSegment;
+  for (index_t c = static_cast<index_t>(warp) * kSegment + lane * 8; c < width; c += stride) {
+    float yv[G][8];
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+      const bool on = j < hpg;
+      const float* yj = y + (head0 + j) * width + c;
+      const float4 lo = on ? __ldg(reinterpret_cast<const float4*>(yj)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      const float4 hi = on ? __ldg(reinterpret_cast<const float4*>(yj + 4)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      yv[j][0] = lo.x, yv[j][1] = lo.y, yv[j][2] = lo.z, yv[j][3] = lo.w;
+      yv[j][4] = hi.x, yv[j][5] = hi.y, yv[j][6] = hi.z, yv[j][7] = hi.w;
+    }
+#pragma unroll
+    for (int r0 = 0; r0 < R; r0 += kBatch) {
+      uint4 u[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) u[i] = __ldg(reinterpret_cast<const uint4*>(wrows + (r0 + i) * ldw + c));
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const bf16* e = reinterpret_cast<const bf16*>(&u[i]);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const float x = __bfloat162float(e[k]);
+#pragma unroll
+          for (int j = 0; j < G; ++j) v[j * R + r0 + i] = fmaf(x, yv[j][k], v[j * R + r0 + i]);
+        }
+      }
+    }
+  }
+  red[warp][lane] = transpose_reduce<16>(v, lane);
+  __syncthreads();
+  if (warp == 0) {
+    float sum = 0.0f;
+    for (int i = 0; i < warps; ++i) sum += red[i][lane];
+    const int j = lane / R, r = row0 + lane % R;
+    if (j < hpg) {
+      const float inv = ml ? 1.0f / ml[2 * (head0 + j) + 1] : 1.0f;
+      out[b * ldo + (g * hpg + j) * attn::kDh + r] = sum * inv + (bias ? bias[g * attn::kDh + r] : 0.0f);
+    }
+  }
+}
+
+/// Merges the splits of every (head, sequence) and projects: out_h = y_h·Wv_hᵀ + bias_h (w non-null),
+/// or out_h = y_h (w null: attend_kv, width Dh). One split with a projection goes straight to
+/// project_heads_kernel (it scales by 1/l); otherwise merge_splits_kernel writes y (into ws.y when
+/// projected).
+inline void launch_combine(DecodeWorkspace& ws, int heads, int hpg, int splits, int batch, index_t width,
+                           const bf16* w, index_t ldw, const float* bias, float* out, index_t ldo,
                            cudaStream_t stream) {
-  unsigned slices = 1;
-  while (w && slices < 8 && static_cast<long>(heads) * batch * slices < 264) slices *= 2;
-  combine_kernel<<<dim3(static_cast<unsigned>(heads), static_cast<unsigned>(batch), slices), w ? 256 : 128,
-                   sizeof(float) * width, stream>>>(part_acc, part_ml, heads, hpg, splits, width, w, ldw, bias, out, ldo);
-  check_launch("combine_kernel");
+  require<ConfigError>(splits >= 1 && splits <= 1024, "decode attention: 1 to 1024 splits, got ", splits);
+  const float* y = ws.acc.data();
+  const float* ml = ws.ml.data();
+  if (!w || splits > 1) {
+    float* merged = out;
+    index_t ldm = ldo;
+    if (w) {
+      ws.y.reserve(static_cast<std::size_t>(batch) * heads * width);
+      merged = ws.y.data();
+      ldm = heads * width;
+    }
+    const dim3 grid(blocks_for(width, 128), static_cast<unsigned>(heads), static_cast<unsigned>(batch));
+    merge_splits_kernel<<<grid, 256, 0, stream>>>(ws.acc.data(), ws.ml.data(), heads, splits, width, merged, ldm);
+    check_launch("merge_splits_kernel");
+    if (!w) return;
+    y = merged;
+    ml = nullptr;
+  }
+  const unsigned segments = blocks_for(width, 256), warps = segments < 16 ? segments : 16;
+  dispatch_group(hpg, [&](auto group) {
+    constexpr int G = decltype(group)::value;
+    const dim3 grid(attn::kDh / (32 / G), static_cast<unsigned>(heads / hpg), static_cast<unsigned>(batch));
+    project_heads_kernel<G><<<grid, 32 * warps, 0, stream>>>(y, ml, heads, hpg, width, w, ldw, bias, out, ldo);
+  });
+  check_launch("project_heads_kernel");
 }
 
 /// Decode attention over materialized K, V (T = bf16 or fp16): block (split, kv head, sequence),
@@ -328,54 +453,117 @@ __global__ void __launch_bounds__(128) kv_decode_kernel(const T* __restrict__ K,
   }
 }
 
-/// Scores of the GEMM path: S[b][h][t] = qr[b][h]·RoPE(K[b·Lp + t, g·Dh:(g+1)·Dh], t) for t < len(b),
-/// −inf for len(b) <= t < Lp, for the hpg heads of KV head g. Block (token tile of 128, kv head,
-/// sequence), one thread per token: its key row read as 16-byte vectors, the queries from shared memory.
-static __global__ void __launch_bounds__(128)
-    gemm_scores_kernel(const bf16* __restrict__ K, index_t ldk, index_t Lp, const int* __restrict__ length,
-                       const float* __restrict__ qr, const float* __restrict__ cos, const float* __restrict__ sin,
-                       int heads, int hpg, float* __restrict__ S) {
-  __shared__ float qs[attn::kMaxGroup * attn::kDh];
-  const int g = blockIdx.y, b = blockIdx.z;
-  for (int i = threadIdx.x; i < hpg * attn::kDh; i += blockDim.x)
-    qs[i] = qr[(static_cast<index_t>(b) * heads + g * hpg) * attn::kDh + i];
-  __syncthreads();
-  const index_t t = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= Lp) return;
-  constexpr int half = attn::kDh / 2;
-  float part[attn::kMaxGroup];
+/// Tokens each half-warp of gemm_scores_kernel<G> takes: whole rounds of 16/G, at least 8.
+template <int G>
+inline constexpr int kScoreHalfTokens = 16 / G > 8 ? 16 / G : 8;
+/// Blocks per SM gemm_scores_kernel<G> is compiled for: the most (loads in flight) without spills.
+template <int G>
+inline constexpr int kScoreMinBlocks = G == 4 ? 3 : (G == 2 ? 2 : 1);
+
+/// Scores of the GEMM path: S[b][h][t] = qr_h·RoPE(K[b·Lp + t, g·Dh:(g+1)·Dh], t) for t < len(b),
+/// −inf for len(b) <= t < Lp, for the hpg <= G heads h = g·hpg + j of KV head g, with
+/// qr_h = RoPE(q_h, len(b) − 1) / sqrt(Dh) formed here. Block: 8 warps, kv_slots KV heads × 8 / kv_slots
+/// runs of tokens (the warps of one run share their cos/sin reads through L1). A half-warp takes
+/// every other token of its warp's run, lane l dimensions 8l..8l+7 of it: per token the half-warp
+/// reads the key row and the cos/sin pairs 4l..4l+3 with 16-byte loads (4 tokens' loads in flight;
+/// they wait for nothing, so rows up to `rows` = min(Lp, RoPE table) are read, the unused ones
+/// masked at the end), and the G partial dot products of 16/G tokens are reduced together by
+/// transpose_reduce.
+template <int G>
+static __global__ void __launch_bounds__(256, kScoreMinBlocks<G>)
+    gemm_scores_kernel(const bf16* __restrict__ K, index_t ldk, index_t Lp, index_t rows,
+                       const int* __restrict__ length, const float* __restrict__ q, index_t ldq,
+                       const float* __restrict__ cos, const float* __restrict__ sin, int heads, int kv_heads, int hpg,
+                       int kv_slots, float* __restrict__ S) {
+  constexpr int T = 16 / G, H = kScoreHalfTokens<G>, kBatch = 4, half = attn::kDh / 2;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, side = lane / 16, l16 = lane % 16, b = blockIdx.z;
+  const int g = static_cast<int>(blockIdx.y) * kv_slots + warp % kv_slots;
+  const index_t t0 = (static_cast<index_t>(blockIdx.x) * (8 / kv_slots) + warp / kv_slots) * 2 * H;
+  if (g >= kv_heads || t0 >= Lp) return;
+  const bf16* Kg = K + static_cast<index_t>(b) * Lp * ldk + g * attn::kDh + 8 * l16;
+  const index_t len = length[b];
+
+  float qr[G][8];
+  {
+    const index_t pos = len - 1;
+    const float scale = rsqrtf(static_cast<float>(attn::kDh));
+    const float4 c = __ldg(reinterpret_cast<const float4*>(cos + pos * half + 4 * l16));
+    const float4 s = __ldg(reinterpret_cast<const float4*>(sin + pos * half + 4 * l16));
+    const float cv[4] = {c.x, c.y, c.z, c.w}, sv[4] = {s.x, s.y, s.z, s.w};
 #pragma unroll
-  for (int j = 0; j < attn::kMaxGroup; ++j) part[j] = 0.0f;
-  if (t < length[b]) {
-    const bf16* krow = K + (static_cast<index_t>(b) * Lp + t) * ldk + g * attn::kDh;
-#pragma unroll 4
-    for (int c = 0; c < attn::kDh; c += 8) {
-      const uint4 u = __ldg(reinterpret_cast<const uint4*>(krow + c));
-      const float4 cs = __ldg(reinterpret_cast<const float4*>(cos + t * half + c / 2));
-      const float4 sn = __ldg(reinterpret_cast<const float4*>(sin + t * half + c / 2));
-      const bf16* e = reinterpret_cast<const bf16*>(&u);
-      const float cv[4] = {cs.x, cs.y, cs.z, cs.w}, sv[4] = {sn.x, sn.y, sn.z, sn.w};
-      float k[8];
+    for (int j = 0; j < G; ++j) {
+      const float* x = q + b * ldq + (g * hpg + j) * attn::kDh + 8 * l16;  // ldq: no alignment promised
 #pragma unroll
       for (int p = 0; p < 4; ++p) {
-        const float k0 = __bfloat162float(e[2 * p]), k1 = __bfloat162float(e[2 * p + 1]);
-        k[2 * p] = k0 * cv[p] - k1 * sv[p];
-        k[2 * p + 1] = k0 * sv[p] + k1 * cv[p];
+        const float x0 = j < hpg ? x[2 * p] : 0.0f, x1 = j < hpg ? x[2 * p + 1] : 0.0f;
+        qr[j][2 * p] = (x0 * cv[p] - x1 * sv[p]) * scale;
+        qr[j][2 * p + 1] = (x0 * sv[p] + x1 * cv[p]) * scale;
       }
-#pragma unroll
-      for (int j = 0; j < attn::kMaxGroup; ++j)
-        if (j < hpg)
-#pragma unroll
-          for (int i = 0; i < 8; ++i) part[j] = fmaf(qs[j * attn::kDh + c + i], k[i], part[j]);
     }
-  } else {
-#pragma unroll
-    for (int j = 0; j < attn::kMaxGroup; ++j) part[j] = -INFINITY;
   }
+
+  float v[16];  // v[j·T + i]: the lane's partial score of head j, token i of the current round
 #pragma unroll
-  for (int j = 0; j < attn::kMaxGroup; ++j)
-    if (j < hpg) S[(static_cast<index_t>(b) * heads + g * hpg + j) * Lp + t] = part[j];
+  for (int k0 = 0; k0 < H; k0 += kBatch) {
+    uint4 kraw[kBatch];
+    float4 cs[kBatch], sn[kBatch];
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const index_t t = t0 + 2 * (k0 + i) + side;
+      const bool in = t < rows;
+      kraw[i] = in ? __ldg(reinterpret_cast<const uint4*>(Kg + t * ldk)) : make_uint4(0, 0, 0, 0);
+      cs[i] = in ? __ldg(reinterpret_cast<const float4*>(cos + t * half + 4 * l16)) : zero;
+      sn[i] = in ? __ldg(reinterpret_cast<const float4*>(sin + t * half + 4 * l16)) : zero;
+    }
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const bf16* e = reinterpret_cast<const bf16*>(&kraw[i]);
+      const float cv[4] = {cs[i].x, cs[i].y, cs[i].z, cs[i].w}, sv[4] = {sn[i].x, sn[i].y, sn[i].z, sn[i].w};
+      float r[8];
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const float x0 = __bfloat162float(e[2 * p]), x1 = __bfloat162float(e[2 * p + 1]);
+        r[2 * p] = x0 * cv[p] - x1 * sv[p];
+        r[2 * p + 1] = x0 * sv[p] + x1 * cv[p];
+      }
+      const int k = k0 + i, slot = k % T;
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int d = 0; d < 8; ++d) dot = fmaf(qr[j][d], r[d], dot);
+        v[j * T + slot] = dot;
+      }
+      if (slot == T - 1) {  // a round done: lane l of each half gets head l / T, token l % T of it
+        const float sum = transpose_reduce<8>(v, lane);
+        const int j = l16 / T;
+        const index_t t = t0 + 2 * (k + 1 - T + l16 % T) + side;
+        if (j < hpg && t < Lp)
+          S[(static_cast<index_t>(b) * heads + g * hpg + j) * Lp + t] = t < len ? sum : -INFINITY;
+      }
+    }
+  }
 }
+
+/// gemm_scores_kernel for every token, KV head and sequence.
+inline void launch_gemm_scores(const bf16* K, index_t Lp, int batch, const AttentionShape& a, const int* length,
+                               const float* q, index_t ldq, const DeviceRope& rope, float* S, cudaStream_t stream) {
+  require<ConfigError>(rope.head_dim() == a.head_dim, "rope: head_dim ", rope.head_dim(), " differs from ", a.head_dim);
+  const int hpg = static_cast<int>(a.heads / a.kv_heads), kv_heads = static_cast<int>(a.kv_heads);
+  int kv_slots = 8;  // KV heads per block: a power of two, at most kv_heads
+  while (kv_slots > kv_heads) kv_slots /= 2;
+  dispatch_group(hpg, [&](auto group) {
+    constexpr int G = decltype(group)::value;
+    const dim3 grid(blocks_for(Lp, static_cast<unsigned>(2 * kScoreHalfTokens<G> * 8 / kv_slots)),
+                    static_cast<unsigned>((kv_heads + kv_slots - 1) / kv_slots), static_cast<unsigned>(batch));
+    gemm_scores_kernel<G><<<grid, 256, 0, stream>>>(K, a.kv_width(), Lp, std::min(Lp, rope.max_positions()), length,
+                                                    q, ldq, rope.cos(), rope.sin(), static_cast<int>(a.heads), kv_heads,
+                                                    hpg, kv_slots, S);
+  });
+  check_launch("gemm_scores_kernel");
+}
+
 /// Softmax of the GEMM path, one block per (head, sequence): P = bf16(e^{S−m}) (zeros past the
 /// sequence's length), ml = (m, l) with l the sum of the rounded weights (splits = 1 for combine).
 static __global__ void __launch_bounds__(256) gemm_softmax_kernel(const float* __restrict__ S, index_t Lp,
@@ -506,9 +694,8 @@ void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& value
                                                   a.kv_width(), ws.q.data(), rope.cos(), rope.sin(), sa, ws.acc.data(),
                                                   ws.ml.data());
   check_launch("absorbed_decode_kernel");
-  require<ConfigError>(splits <= 1024, "attend_absorbed: too many splits");
-  detail::launch_combine(ws.acc.data(), ws.ml.data(), static_cast<int>(a.heads), hpg, splits, B, vs.width, w.wv,
-                         w.ldwv ? w.ldwv : vs.width, w.bv, out, ldo, stream);
+  detail::launch_combine(ws, static_cast<int>(a.heads), hpg, splits, B, vs.width, w.wv, w.ldwv ? w.ldwv : vs.width,
+                         w.bv, out, ldo, stream);
 }
 
 /// Decode attention with absorbed values, through cuBLAS: the fastest path when K's GEMM dominates.
@@ -516,7 +703,8 @@ void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& value
 /// demand): X̂ of the key stream (and of the value stream when it is another stream) as bf16,
 /// K = X̂k·Wkᵀ before RoPE (bf16, B·Lp × dkv, Lp = longest sequence rounded up to 8), scores and
 /// bf16 softmax weights. Steps: dequantize; cuBLAS GEMM for K; scores with RoPE applied on the
-/// fly; softmax; acc_h = P_h·X̂v as one cuBLAS batched GEMM (fp32 out); o_h = (acc_h/l_h)·Wv_hᵀ + bv.
+/// fly (keys and query); softmax; acc_h = P_h·X̂v as one cuBLAS batched GEMM (fp32 out);
+/// o_h = (acc_h/l_h)·Wv_hᵀ + bv.
 /// V is never formed. attend_absorbed is the variant that writes neither K nor X̂.
 template <class QK, class QV>
 void attend_absorbed_gemm(const DeviceStream<QK>& keys, const DeviceStream<QV>& values, const AttentionShape& a,
@@ -551,15 +739,10 @@ void attend_absorbed_gemm(const DeviceStream<QK>& keys, const DeviceStream<QV>& 
   ws.acc.reserve(static_cast<std::size_t>(B * H * vs.width));
   ws.ml.reserve(static_cast<std::size_t>(B * H * 2));
   const int* length = keys.view().length;
-  detail::rope_queries(q, ldq, B, a, length, rope, ws, stream);
   detail::launch_dequantize(keys.view(), 0, Lp, ws.xk.data(), ks.width, stream);
   gemm_bf16_nt(blas, B * Lp, dkv, ks.width, ws.xk.data(), ks.width, w.wk, w.ldwk ? w.ldwk : ks.width, ws.k.data(), dkv,
                stream);
-  detail::gemm_scores_kernel<<<dim3(static_cast<unsigned>((Lp + 127) / 128), static_cast<unsigned>(a.kv_heads),
-                                    static_cast<unsigned>(B)),
-                               128, 0, stream>>>(ws.k.data(), dkv, Lp, length, ws.q.data(), rope.cos(), rope.sin(),
-                                                 static_cast<int>(H), hpg, ws.s.data());
-  check_launch("gemm_scores_kernel");
+  detail::launch_gemm_scores(ws.k.data(), Lp, B, a, length, q, ldq, rope, ws.s.data(), stream);
   detail::gemm_softmax_kernel<<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(B)), 256, 0, stream>>>(
       ws.s.data(), Lp, length, static_cast<int>(H), ws.p.data(), ws.ml.data());
   check_launch("gemm_softmax_kernel");
@@ -575,8 +758,8 @@ void attend_absorbed_gemm(const DeviceStream<QK>& keys, const DeviceStream<QV>& 
       &one, xv, CUDA_R_16BF, static_cast<int>(vs.width), static_cast<long long>(Lp * vs.width), ws.p.data(), CUDA_R_16BF,
       static_cast<int>(Lp), static_cast<long long>(H * Lp), &zero, ws.acc.data(), CUDA_R_32F, static_cast<int>(vs.width),
       static_cast<long long>(H * vs.width), B, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  detail::launch_combine(ws.acc.data(), ws.ml.data(), static_cast<int>(H), hpg, 1, B, vs.width, w.wv,
-                         w.ldwv ? w.ldwv : vs.width, w.bv, out, ldo, stream);
+  detail::launch_combine(ws, static_cast<int>(H), hpg, 1, B, vs.width, w.wv, w.ldwv ? w.ldwv : vs.width, w.bv, out,
+                         ldo, stream);
 }
 
 /// Decode attention over materialized K (post-RoPE) and V (T = bf16 or fp16): token t of
@@ -606,8 +789,8 @@ void attend_kv(const T* K, const T* V, index_t ld, index_t seq_rows, int batch, 
                                      static_cast<unsigned>(batch)), 128, 0, stream>>>(K, V, ld, seq_rows, len, ws.q.data(),
                                                                                      sa, chunk, ws.acc.data(), ws.ml.data());
   check_launch("kv_decode_kernel");
-  detail::launch_combine(ws.acc.data(), ws.ml.data(), static_cast<int>(a.heads), hpg, splits, batch, a.head_dim,
-                         nullptr, 0, nullptr, out, ldo, stream);
+  detail::launch_combine(ws, static_cast<int>(a.heads), hpg, splits, batch, a.head_dim, nullptr, 0, nullptr, out, ldo,
+                         stream);
 }
 
 }  // namespace xquant::cuda
