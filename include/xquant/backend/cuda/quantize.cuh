@@ -3,13 +3,14 @@
 // own (quant::Uniform<...>::fit / encode / decode and quant::pack_codes, all XQ_HOST_DEVICE), so
 // codes and fp16 parameters equal quant::QuantOps<backend::Reference>'s bit for bit.
 //
-// Work split: per-token, one thread per chunk of 8 or 32 consecutive values of a row (16-byte
-// input loads, packed stores of Bits bytes per 8 codes); a group of G values is G/8 or G/32
-// consecutive lanes, and its min/max a butterfly over them. Per-token codes use
-// Uniform::encode_biased (reciprocal, round by adding 1.5·2^23, a per-value tie flag that sends the
-// chunk to encode()'s division), per-channel ones Uniform::encode_scaled: the same codes either way,
-// see their comments. Per-channel groups: one thread per 8 channels walks the G tokens of the
-// group (coalesced across threads).
+// Work split: per-token, one thread per chunk of consecutive values of a row: a whole group (up
+// to 128 values, staged through shared memory by coalesced cp.async) for prefill chunks, or 8
+// values (one 16-byte load) for groups of 8 and 16 and for decode-sized appends; a group of G
+// values spans G/chunk consecutive lanes, its min/max a butterfly over them. Per-token codes use
+// Uniform::encode_biased (reciprocal, round by adding 1.5·2^23, a per-value tie flag that sends
+// that value to encode()'s division), per-channel ones Uniform::encode_scaled: the same codes
+// either way, see their comments. Per-channel groups: one thread per 8 channels walks the G tokens
+// of the group (coalesced across threads).
 
 #include "common.cuh"
 
