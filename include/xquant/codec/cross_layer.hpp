@@ -40,6 +40,7 @@
 #include "../cache/stream.hpp"
 #include "../quant/uniform.hpp"
 #include "../remat/weights.hpp"
+#include "common.hpp"
 #include "svd_factors.hpp"
 
 namespace xquant::codec {
@@ -367,19 +368,17 @@ struct CrossLayerCodec {
       grow(fresh, n * r_);
       if (n > 0) to_cached(layer, x, n, ld, fresh.data());
       if (window_ > 0) {
-        const auto count = static_cast<std::size_t>(n * r_);
-        if (const std::size_t i = find_half_misfit(fresh.data(), count); i < count)
-          quant::detail::throw_fp16_range(fresh[i], fresh[i]);
-        round_floats_to_half(fresh.data(), count);
+        codec::detail::require_fp16_range(fresh.data(), n * r_);
+        round_floats_to_half(fresh.data(), static_cast<std::size_t>(n * r_));
       }
       if (m > 0) {
         const bool delta = layer >= b_;
         if (delta && !(q.chunk.layer == layer - 1 && q.chunk.begin == c0 && q.chunk.end == c1))
-          throw Error(detail::concat(
+          throw Error(xquant::detail::concat(
               "XQuant-CL call order: layer ", layer, " of sequence ", seq, " commits tokens [", c0, ", ", c1,
               ") and needs layer ", layer - 1, "'s reconstruction of exactly those tokens, but the latest append held ",
               q.chunk.layer < 0 ? std::string("none")
-                                : detail::concat("layer ", q.chunk.layer, ", tokens [", q.chunk.begin, ", ", q.chunk.end, ")"),
+                                : xquant::detail::concat("layer ", q.chunk.layer, ", tokens [", q.chunk.begin, ", ", q.chunk.end, ")"),
               "; append (and seal) layers 0..L-1 in order for every chunk"));
         grow(tmp_, m * r_);  // the rows to store, in the cached space
         float* rows = tmp_.data();
