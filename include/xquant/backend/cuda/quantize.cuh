@@ -83,19 +83,23 @@ __device__ __forceinline__ void packed_range(const uint4 (&raw)[N], float& lo, f
   hi = fmaxf(c, d);
 }
 
-/// Packs codes given as Bias + code (encode_biased's float bits) into the little-endian words of
-/// the row's bit stream (quant::pack_codes' layout). Code i of a word is added in at bit Bits·i
-/// with one shift-add; the biases ride along modulo 2^32 and leave as one constant per word.
-/// 3-bit codes: 8 to a 24-bit group, the groups then funnelled into words.
+/// Codes per group of pack_biased: a word's worth (3 bits: 8 codes in 24 bits), or all N.
+template <int Bits, int N>
+inline constexpr int codes_per_group = Bits == 3 ? 8 : (N * Bits < 32 ? N : 32 / Bits);
+
+/// Packs codes given as Bias + code (encode_biased's float bits) into groups of codes_per_group
+/// codes, code i of a group at bit Bits·i (quant::pack_codes' layout) with one shift-add; the
+/// biases ride along modulo 2^32 and leave as one constant per group. No code straddles a group,
+/// so one can be patched in place (encode_store); group_words then makes the row's words.
 template <int Bits, std::uint32_t Bias, int N>
-__device__ __forceinline__ void pack_biased(const std::uint32_t (&m)[N], std::uint32_t (&w)[(N * Bits + 31) / 32]) {
-  constexpr int per = Bits == 3 ? 8 : (N * Bits < 32 ? N : 32 / Bits);  // codes per word (or group)
+__device__ __forceinline__ void pack_biased(const std::uint32_t (&m)[N],
+                                            std::uint32_t (&g)[N / codes_per_group<Bits, N>]) {
+  constexpr int per = codes_per_group<Bits, N>;
   constexpr std::uint32_t bias = [] {
     std::uint32_t k = 0;
     for (int i = 0; i < per && Bits * i < 32; ++i) k += Bias << (Bits * i);
     return k;
   }();
-  std::uint32_t g[N / per];
 #pragma unroll
   for (int k = 0; k < N / per; ++k) {
     std::uint32_t acc = m[k * per] - bias;
@@ -103,6 +107,12 @@ __device__ __forceinline__ void pack_biased(const std::uint32_t (&m)[N], std::ui
     for (int i = 1; i < per; ++i) acc += m[k * per + i] << (Bits * i);
     g[k] = acc;
   }
+}
+
+/// The little-endian words of the row's bit stream from pack_biased's groups: the groups
+/// themselves, or (3 bits) the 24-bit groups funnelled into words.
+template <int Bits, int N, int G>
+__device__ __forceinline__ void group_words(const std::uint32_t (&g)[G], std::uint32_t (&w)[(N * Bits + 31) / 32]) {
   if constexpr (Bits == 3 && N > 8) {
     static_assert(N % 32 == 0, "3-bit rows: 8 or a multiple of 32 codes per thread");
 #pragma unroll
@@ -113,7 +123,7 @@ __device__ __forceinline__ void pack_biased(const std::uint32_t (&m)[N], std::ui
     }
   } else {
 #pragma unroll
-    for (int k = 0; k < N / per; ++k) w[k] = g[k];
+    for (int k = 0; k < G; ++k) w[k] = g[k];
   }
 }
 
@@ -160,9 +170,11 @@ __device__ __forceinline__ void store_words(std::uint8_t* p, const std::uint32_t
 /// it, round by adding 1.5·2^23, packed by shift-add); a value that sits within its error bound of
 /// a rounding boundary is encoded again with encode()'s division (rare: about 0.1 % of bf16
 /// inputs, whose few mantissa bits make exact ties common), so the codes are encode()'s bit for bit.
-template <class Q, class T, int N>
+/// value(i) gives input i as a float again, for those few (a dynamic index into the unpacked
+/// registers would put them in local memory).
+template <class Q, class T, int N, class Value>
 __device__ __forceinline__ void encode_store(const uint4 (&raw)[N], typename Q::Params P, float inv, bool in_levels,
-                                             std::uint8_t* dst) {
+                                             std::uint8_t* dst, Value value) {
   float xv[8 * N];
   unpack<T>(raw, xv);
   static_assert(8 * N <= 32, "one flag bit per value");
@@ -177,16 +189,23 @@ __device__ __forceinline__ void encode_store(const uint4 (&raw)[N], typename Q::
   };
   if (in_levels) encode_all(std::false_type{});  // the usual group: no clamp needed
   else encode_all(std::true_type{});
-  // Only the flagged values divide. A warp enters this branch when any lane has a flag (about half
-  // the time for 32-value chunks at 4 bits, though only ~0.1 % of values flag), so the per-value
-  // test must be cheap: re-encoding whole chunks here cost more than all the rest of the kernel.
-  if (flags) {
+  constexpr unsigned per = codes_per_group<Q::bits, 8 * N>, groups = 8 * N / per;
+  std::uint32_t g[groups];
+  pack_biased<Q::bits, Q::biased_zero>(m, g);
+  // Only the flagged values divide, patched over their packed code. A warp enters this loop when
+  // any lane has a flag (about half the time for 32-value chunks at 4 bits, though only ~0.1 % of
+  // values flag), so it visits only the set bits: testing all 32 cost ~130 instructions a call.
+  while (flags) {
+    const unsigned i = __ffs(static_cast<int>(flags)) - 1;
+    flags &= flags - 1;
+    const std::uint32_t c = Q::encode(value(i), P);
+    const unsigned gi = i / per, s = Q::bits * (i % per);
 #pragma unroll
-    for (int i = 0; i < 8 * N; ++i)
-      if (flags >> i & 1u) m[i] = Q::biased_zero + Q::encode(xv[i], P);
+    for (unsigned k = 0; k < groups; ++k)  // g[gi] without a dynamic index
+      if (groups == 1 || gi == k) g[k] = (g[k] & ~(Q::max_code << s)) | c << s;
   }
   std::uint32_t w[(8 * N * Q::bits + 31) / 32];
-  pack_biased<Q::bits, Q::biased_zero>(m, w);
+  group_words<Q::bits, 8 * N>(g, w);
   store_words<N * Q::bits>(dst, w);
 }
 
@@ -231,11 +250,19 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
   // Slot of piece p of lane L's chunk: swizzled so that 8 consecutive lanes (a 128-byte shared
   // memory phase) hit distinct 16-byte bank groups when writing consecutive pieces and when each
   // reads its own piece p.
-  [[maybe_unused]] auto slot = [](unsigned L, unsigned p) {
-    const unsigned f = pieces >= 8 ? (L & 7u) : ((L >> (pieces == 4 ? 1 : 0)) & (pieces - 1));
-    return L * pieces + (p ^ f);
+  [[maybe_unused]] auto swizzle = [](unsigned L) {  // some bits of L
+    return pieces >= 8 ? (L & 7u) : ((L >> (pieces == 4 ? 1 : 0)) & (pieces - 1));
   };
+  [[maybe_unused]] auto slot = [&](unsigned L, unsigned p) { return L * pieces + (p ^ swizzle(L)); };
   [[maybe_unused]] uint4* stage = nullptr;
+  // Pieces 4k .. 4k+3 of the lane's chunk into raw. They sit at slot(lane, 4k) ^ 0..3 (4k's low
+  // bits are 0): byte offsets 16·slot(lane, 4k) ^ 16i, and value j of the four at ... ^ 2j.
+  [[maybe_unused]] auto load4 = [&](int k) {
+    const unsigned at = 16 * slot(lane, 4 * k);
+#pragma unroll
+    for (int i = 0; i < (VPT == 8 ? 1 : 4); ++i)
+      raw[i] = *reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(stage) + (at ^ 16 * i));
+  };
   if constexpr (VPT == 8) {
     if (active) {
       raw[0] = *reinterpret_cast<const uint4*>(own);
@@ -245,27 +272,36 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
     __shared__ uint4 staged[4][32 * pieces];
     stage = staged[threadIdx.x / 32];
     const unsigned warp_first = id - lane;
-    auto copy = [&](unsigned L, unsigned p, const T* src) {
-      if (warp_first + L < total) {
-        const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(stage + slot(L, p)));
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-      }
+    // Copy k moves piece k·32 + lane of the warp's chunks: piece p = lane % pieces of chunk
+    // L = k·32/pieces + mine. The two terms of L share no bits and the swizzle takes bits of L, so
+    // its slot is 32k + (slot(mine, p) ^ swizzle(k·32/pieces)): one constant xor and offset per
+    // copy (slot() afresh, and the chunk's range check, cost ~15 instructions per copy).
+    constexpr unsigned per_copy = 32 / pieces;  // chunks per copy
+    const unsigned mine = lane / pieces, p = lane % pieces, at = 16 * slot(mine, p);
+    const unsigned base = static_cast<unsigned>(__cvta_generic_to_shared(stage));
+    // Chunk L exists iff warp_first + L < total, i.e. k·per_copy < room.
+    const int room =
+        warp_first < total ? static_cast<int>(min(total - warp_first, 32u)) - static_cast<int>(mine) : 0;
+    // The check predicates the copy inside the asm: as a branch around it, the compiler sank the
+    // address math into each branch and redid it there.
+    auto copy = [&](int k, const T* src) {
+      const unsigned dst = base + 512 * k + (at ^ 16 * swizzle(k * per_copy));
+      asm volatile(
+          "{\n .reg .pred p;\n setp.lt.s32 p, %2, %3;\n @p cp.async.cg.shared.global [%0], [%1], 16;\n}\n" ::"r"(dst),
+          "l"(src), "r"(k * static_cast<int>(per_copy)), "r"(room)
+          : "memory");
     };
     // The warp's chunks are usually one contiguous run (rows of `ld` = width, or a warp inside one
     // row); otherwise each piece's address comes from its chunk's lane.
     const T* first = reinterpret_cast<const T*>(__shfl_sync(0xffffffffu, reinterpret_cast<std::uintptr_t>(own), 0));
     if (__all_sync(0xffffffffu, !active || own == first + lane * VPT)) {
 #pragma unroll
-      for (int k = 0; k < pieces; ++k) {
-        const unsigned piece = k * 32u + lane;
-        copy(piece / pieces, piece % pieces, first + piece * 8);
-      }
+      for (int k = 0; k < pieces; ++k) copy(k, first + lane * 8 + k * 256);
     } else {
 #pragma unroll
       for (int k = 0; k < pieces; ++k) {
-        const unsigned piece = k * 32u + lane, L = piece / pieces;
-        copy(L, piece % pieces,
-             reinterpret_cast<const T*>(__shfl_sync(0xffffffffu, reinterpret_cast<std::uintptr_t>(own), L)) + piece % pieces * 8);
+        const unsigned L = k * per_copy + mine;
+        copy(k, reinterpret_cast<const T*>(__shfl_sync(0xffffffffu, reinterpret_cast<std::uintptr_t>(own), L)) + p * 8);
       }
     }
     asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -273,8 +309,7 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
     if (active) {
 #pragma unroll
       for (int k = 0; k < pieces / 4; ++k) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) raw[i] = stage[slot(lane, 4 * k + i)];
+        load4(k);
         float l, h;
         bool f;
         packed_range<T>(raw, l, h, f);
@@ -304,13 +339,24 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
     const bool in_levels = Q::rounds_within_levels(lo, hi, P, inv);
     std::uint8_t* out = v.row(seq, tok) + (j / 8) * Q::bits;
     if constexpr (VPT == 8) {
-      encode_store<Q, T, 1>(raw, P, inv, in_levels, out);
+      // Value i from the registers by selects on its bits.
+      auto value = [&](unsigned i) {
+        const std::uint32_t* u = reinterpret_cast<const std::uint32_t*>(raw);
+        const std::uint32_t pair = i & 4u ? (i & 2u ? u[3] : u[2]) : (i & 2u ? u[1] : u[0]);
+        const std::uint16_t h = static_cast<std::uint16_t>(i & 1u ? pair >> 16 : pair);
+        if constexpr (std::is_same_v<T, bf16>) return __uint_as_float(std::uint32_t(h) << 16);
+        else return __half2float(__ushort_as_half(h));
+      };
+      encode_store<Q, T, 1>(raw, P, inv, in_levels, out, value);
     } else {
 #pragma unroll 1
       for (int k = 0; k < pieces / 4; ++k) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) raw[i] = stage[slot(lane, 4 * k + i)];
-        encode_store<Q, T, 4>(raw, P, inv, in_levels, out + 4 * k * Q::bits);
+        load4(k);
+        // Value i of the four pieces, read back from the stage (see load4).
+        auto value = [&, at = 16 * slot(lane, 4 * k)](unsigned i) {
+          return to_float(*reinterpret_cast<const T*>(reinterpret_cast<const char*>(stage) + (at ^ 2 * i)));
+        };
+        encode_store<Q, T, 4>(raw, P, inv, in_levels, out + 4 * k * Q::bits, value);
       }
     }
   }
