@@ -232,6 +232,17 @@ void check_wgmma_remat(index_t group) {
     simple.fill_bytes(0xff, s);
     xc::remat_fused(st, begin, end, op, fused.data(), ldo, s);
     xc::remat_simple(st, begin, end, op, simple.data(), ldo, blas, scratch, s);
+    // The persistent grid with fewer blocks than tiles: each block works through several tiles,
+    // its ring's stages and phases running on across them. Same kernel, same sums: equal bits.
+    xc::DeviceBuffer<xc::bf16> few(fused.size());
+    few.fill_bytes(0xff, s);
+    xc::detail::remat_wgmma_max_blocks = 3;
+    xc::remat_fused(st, begin, end, op, few.data(), ldo, s);
+    xc::detail::remat_wgmma_max_blocks = 0;
+    {
+      const auto x = xqcuda::to_host(few), y = xqcuda::to_host(fused);  // bf16 bits, NaN padding included
+      CHECK(std::memcmp(x.data(), y.data(), x.size() * sizeof(xc::bf16)) == 0);
+    }
     const auto f = xqcuda::to_host_float(fused), g = xqcuda::to_host_float(simple);
     std::vector<float> fv, gv;
     int pad_written = 0;

@@ -3,17 +3,23 @@
 // registers straight into the tensor cores' A operand, so X̂ never exists in memory, not even in
 // shared memory.
 //
-// Per block: a 128 × 256 tile of out, two warpgroups of 64 rows each, K in steps of 64.
+// Per tile: 128 × 256 of out, two warpgroups of 64 rows each, K in steps of 64. The grid is
+// persistent (one block per SM, tiles N-tile fastest), so the producer loads the next tile while
+// the consumers store this one.
 //   - W (bf16, N × width, K-major as nn.Linear stores it) and the tile's packed codes arrive by
 //     bulk tensor copies (TMA) into a 4-stage shared-memory ring, each stage completing on an
 //     mbarrier; W lands 128-byte swizzled, the layout wgmma reads through its descriptor.
 //   - Each thread turns its rows' codes into the bf16 A fragment of wgmma m64n256k16 (rows g and
 //     g+8 of its warp's 16, columns 2c, 2c+1, 2c+8, 2c+9 of each 16-wide k step; g = lane/4,
-//     c = lane%4) while the previous k step's wgmmas run; A is double-buffered in registers.
+//     c = lane%4). One wgmma per commit group, one kept in flight while the next k step's A is
+//     built in the other of two register slots.
 //   - The dequantized value is Q::decode's float, bit for bit (see dequant_one), rounded to bf16
 //     as the simple path's X̂ is: both paths multiply the same bf16 matrices.
 //   - Epilogue from the accumulators: bias, RoPE on the adjacent column pairs each thread holds,
 //     bf16 stores.
+// Measured (bench/cuda/NOTES.md, items 15-16): without the dequantization the same kernel runs
+// at 0.9 of cuBLAS; the ~3.5 instructions per value of the dequantization cost about 20 % of the
+// tensor pipe's throughput, though issue slots are only ~37 % busy.
 // Applies to per-token 2- and 4-bit quantizers with groups of >= 64 (a k step lies in one group)
 // and width % 64 == 0; remat_fused falls back to the portable mainloop otherwise.
 
@@ -63,19 +69,20 @@ struct StepCodes<2> {
 };
 
 /// One row's group parameters, the scale pre-multiplied by 2^-offset(i) for each code position
-/// (exact: a power-of-two scaling of an fp16 value stays a normal float).
+/// (exact: a power-of-two scaling of an fp16 value stays a normal float). The fp16 values convert
+/// in hardware without Q::load's NaN test: the conversion is exact for every other value, and a
+/// NaN parameter gives NaN products either way (only its payload could differ).
 struct RowScale {
   float s[4];
   float z;
 };
 template <class Q>
 __device__ __forceinline__ RowScale row_scale(std::uint32_t prm) {
-  const std::uint16_t p[2] = {static_cast<std::uint16_t>(prm), static_cast<std::uint16_t>(prm >> 16)};
-  const auto P = Q::load(p);
+  const float scale = __half2float(__ushort_as_half(static_cast<unsigned short>(prm)));
   RowScale r;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) r.s[i] = __fmul_rn(P.scale, __uint_as_float((127u - StepCodes<Q::bits>::offset(i)) << 23));
-  r.z = P.zero;
+  for (int i = 0; i < 4; ++i) r.s[i] = __fmul_rn(scale, __uint_as_float((127u - StepCodes<Q::bits>::offset(i)) << 23));
+  r.z = Q::scheme == Scheme::Asymmetric ? __half2float(__ushort_as_half(static_cast<unsigned short>(prm >> 16))) : 0.0f;
   return r;
 }
 
@@ -98,16 +105,26 @@ __device__ __forceinline__ float dequant_one(std::uint32_t u, const RowScale& r)
   }
 }
 
-/// The A fragments of one 64-wide k step: [16-wide k step][fragment register].
-struct AFrags {
-  std::uint32_t r[4][4];
+/// Upper bound on the wgmma kernel's grid; 0 (the default): one block per SM. Tests lower it so
+/// that each block works through several tiles.
+inline int remat_wgmma_max_blocks = 0;
+
+/// Which output tile a block works on: tiles are numbered N-tile fastest (the blocks that run
+/// together share their rows' codes and read all of W, which stays in L2).
+struct RematTiles {
+  long long n_tiles, m_tiles, total;
+  __device__ void at(long long t, int& n0, int& m0, int& seq) const {
+    const long long n = t % n_tiles, rest = t / n_tiles;
+    n0 = static_cast<int>(n) * wg::BN, m0 = static_cast<int>(rest % m_tiles) * wg::BM;
+    seq = static_cast<int>(rest / m_tiles);
+  }
 };
 
 template <class Q>
 __global__ void __launch_bounds__(wg::THREADS, 1)
     remat_wgmma_kernel(const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap code_map,
-                       StreamView<Q> v, int begin, int count, int N, EpilogueArgs e, bf16* __restrict__ out,
-                       index_t ldo) {
+                       StreamView<Q> v, int begin, int count, int N, RematTiles tiles, EpilogueArgs e,
+                       bf16* __restrict__ out, index_t ldo) {
 #if XQ_SM90A
   using namespace wg;
   using C = StepCodes<Q::bits>;
@@ -120,7 +137,6 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
   std::uint64_t* const full = reinterpret_cast<std::uint64_t*>(code_tiles + STAGES * BM * RB);
   std::uint64_t* const empty = full + STAGES;
 
-  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM, seq = blockIdx.z;
   const int t = threadIdx.x, warp = t >> 5, lane = t & 31, g = lane >> 2, c = lane & 3;
   const int KT = static_cast<int>(v.width / BK);
 
@@ -134,115 +150,170 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
   }
   __syncthreads();  // the last block-wide barrier: the producer warpgroup leaves after its loop
 
+  // A block takes tiles blockIdx.x, + gridDim.x, ... (one tile each when the grid covers them all;
+  // a persistent grid's producer runs ahead into the next tile while the consumers store this
+  // one). k steps are counted across tiles: step i uses stage i % STAGES in phase i / STAGES.
   if (warp >= kConsumerWarps) {  // producer: one thread keeps the ring full
     sm90::set_max_registers<false, 40>();  // hand its registers to the consumers
     if (t == 32 * kConsumerWarps) {
-      for (int kt = 0; kt < KT; ++kt) {
-        const int s = kt % STAGES;
-        if (kt >= STAGES) sm90::mbar_wait(&empty[s], static_cast<unsigned>(kt / STAGES - 1) & 1u);
-        sm90::mbar_arrive_expect_tx(&full[s], kStageTx<Q>);
-        sm90::tma_load_2d(b_tiles + s * kBTileBytes, &w_map, kt * BK, n0, &full[s]);
-        sm90::tma_load_3d(code_tiles + s * BM * RB, &code_map, kt * RB, begin + m0, seq, &full[s]);
+      unsigned i = 0;
+      for (long long tile = blockIdx.x; tile < tiles.total; tile += gridDim.x) {
+        int n0, m0, seq;
+        tiles.at(tile, n0, m0, seq);
+        for (int kt = 0; kt < KT; ++kt, ++i) {
+          const unsigned s = i % STAGES;
+          if (i >= STAGES) sm90::mbar_wait(&empty[s], (i / STAGES - 1) & 1u);
+          sm90::mbar_arrive_expect_tx(&full[s], kStageTx<Q>);
+          sm90::tma_load_2d(b_tiles + s * kBTileBytes, &w_map, kt * BK, n0, &full[s]);
+          sm90::tma_load_3d(code_tiles + s * BM * RB, &code_map, kt * RB, begin + m0, seq, &full[s]);
+        }
       }
     }
     return;
   }
 
   sm90::set_max_registers<true, 232>();
-  // Consumers. This thread's two rows (tile-local), and their parameter rows (zeros past the range).
-  const int lr0 = (warp >> 2) * 64 + (warp & 3) * 16 + g, lr1 = lr0 + 8;
-  const bool ok0 = m0 + lr0 < count, ok1 = m0 + lr1 < count;
-  const index_t gpr = (v.width >> v.group_shift) * Q::params_per_group;  // fp16 values per row
-  const std::uint16_t* const prow0 = v.params + (static_cast<index_t>(seq) * v.capacity + begin + m0 + lr0) * gpr;
-  const std::uint16_t* const prow1 = prow0 + 8 * gpr;
-  auto param = [&](const std::uint16_t* prow, bool ok, int kt) -> std::uint32_t {
-    if (!ok || kt >= KT) return 0u;
-    const std::uint16_t* p = prow + ((kt * BK) >> v.group_shift) * Q::params_per_group;
-    if constexpr (Q::params_per_group == 2) return __ldg(reinterpret_cast<const unsigned int*>(p));
-    else return __ldg(reinterpret_cast<const unsigned short*>(p));
-  };
-  std::uint32_t pr0 = param(prow0, ok0, 0), pr1 = param(prow1, ok1, 0);
+  const int lr0 = (warp >> 2) * 64 + (warp & 3) * 16 + g, lr1 = lr0 + 8;  // this thread's rows in a tile
+  const index_t gpr = (v.width >> v.group_shift) * Q::params_per_group;   // fp16 parameters per row
+  unsigned i0 = 0;  // the step counter at the current tile's first k step
+  for (long long tile = blockIdx.x; tile < tiles.total; tile += gridDim.x, i0 += KT) {
+    int n0, m0, seq;
+    tiles.at(tile, n0, m0, seq);
+    // This thread's parameter rows (zeros past the range).
+    const bool ok0 = m0 + lr0 < count, ok1 = m0 + lr1 < count;
+    const std::uint16_t* const prow0 = v.params + (static_cast<index_t>(seq) * v.capacity + begin + m0 + lr0) * gpr;
+    const std::uint16_t* const prow1 = prow0 + 8 * gpr;
+    auto param = [&](const std::uint16_t* prow, bool ok, int kt) -> std::uint32_t {
+      if (!ok || kt >= KT) return 0u;
+      const std::uint16_t* p = prow + ((kt * BK) >> v.group_shift) * Q::params_per_group;
+      if constexpr (Q::params_per_group == 2) return __ldg(reinterpret_cast<const unsigned int*>(p));
+      else return __ldg(reinterpret_cast<const unsigned short*>(p));
+    };
+    std::uint32_t pr0 = param(prow0, ok0, 0), pr1 = param(prow1, ok1, 0);
+    auto stage_of = [&](int kt) { return static_cast<int>((i0 + kt) % STAGES); };
+    auto phase_of = [&](int kt) { return (i0 + kt) / STAGES & 1u; };
 
-  // Waits for k step kt's stage and turns this thread's codes into A fragments.
-  auto dequantize = [&](int kt, AFrags& a) {
-    const int s = kt % STAGES;
-    const RowScale rs0 = row_scale<Q>(pr0), rs1 = row_scale<Q>(pr1);
-    pr0 = param(prow0, ok0, kt + 1), pr1 = param(prow1, ok1, kt + 1);  // in flight until the next call
-    sm90::mbar_wait(&full[s], static_cast<unsigned>(kt / STAGES) & 1u);
-    const unsigned char* codes = code_tiles + s * BM * RB;
-    std::uint32_t w0[RB / 4], w1[RB / 4];
+    float acc[128];
 #pragma unroll
-    for (int i = 0; i < RB / 16; ++i) {
-      const uint4 x0 = reinterpret_cast<const uint4*>(codes + lr0 * RB)[i];
-      const uint4 x1 = reinterpret_cast<const uint4*>(codes + lr1 * RB)[i];
-      w0[4 * i] = x0.x, w0[4 * i + 1] = x0.y, w0[4 * i + 2] = x0.z, w0[4 * i + 3] = x0.w;
-      w1[4 * i] = x1.x, w1[4 * i + 1] = x1.y, w1[4 * i + 2] = x1.z, w1[4 * i + 3] = x1.w;
-    }
+    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+    // One wgmma (one 16-wide k step) per commit group, and one group kept in flight while the next
+    // step's A is built: the tensor cores never drain inside the loop. A lives in two register
+    // slots, step j in slot j % 2; wait_group 1 after issuing step j retires step j − 1, whose slot
+    // the next step then overwrites.
+    // This tile's codes of rows lr0, lr1 and their scales, and the next tile's, read ahead so that
+    // only one step's dequantization sits between two wgmma issues.
+    std::uint32_t w0[RB / 4], w1[RB / 4], nw0[RB / 4], nw1[RB / 4];
+    RowScale rs0, rs1, nrs0, nrs1;
+    auto prefetch_scales = [&](int kt) {  // tile kt's scales; tile kt + 1's parameters start loading
+      nrs0 = row_scale<Q>(pr0), nrs1 = row_scale<Q>(pr1);
+      pr0 = param(prow0, ok0, kt + 1), pr1 = param(prow1, ok1, kt + 1);
+    };
+    auto prefetch_codes = [&](int kt) {
+      sm90::mbar_wait(&full[stage_of(kt)], phase_of(kt));
+      const unsigned char* codes = code_tiles + stage_of(kt) * BM * RB;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
+      for (int i = 0; i < RB / 16; ++i) {
+        const uint4 x0 = reinterpret_cast<const uint4*>(codes + lr0 * RB)[i];
+        const uint4 x1 = reinterpret_cast<const uint4*>(codes + lr1 * RB)[i];
+        nw0[4 * i] = x0.x, nw0[4 * i + 1] = x0.y, nw0[4 * i + 2] = x0.z, nw0[4 * i + 3] = x0.w;
+        nw1[4 * i] = x1.x, nw1[4 * i + 1] = x1.y, nw1[4 * i + 2] = x1.z, nw1[4 * i + 3] = x1.w;
+      }
+    };
+    auto advance_tile = [&] {
+#pragma unroll
+      for (int i = 0; i < RB / 4; ++i) w0[i] = nw0[i], w1[i] = nw1[i];
+      rs0 = nrs0, rs1 = nrs1;
+    };
+    auto build = [&](int k, std::uint32_t(&a)[4]) {
       const std::uint32_t u0 = C::gather(w0, k, c), u1 = C::gather(w1, k, c);
-      a.r[k][0] = pack_bf16x2(dequant_one<Q, 0>(u0, rs0), dequant_one<Q, 1>(u0, rs0));
-      a.r[k][1] = pack_bf16x2(dequant_one<Q, 0>(u1, rs1), dequant_one<Q, 1>(u1, rs1));
-      a.r[k][2] = pack_bf16x2(dequant_one<Q, 2>(u0, rs0), dequant_one<Q, 3>(u0, rs0));
-      a.r[k][3] = pack_bf16x2(dequant_one<Q, 2>(u1, rs1), dequant_one<Q, 3>(u1, rs1));
+      a[0] = pack_bf16x2(dequant_one<Q, 0>(u0, rs0), dequant_one<Q, 1>(u0, rs0));
+      a[1] = pack_bf16x2(dequant_one<Q, 0>(u1, rs1), dequant_one<Q, 1>(u1, rs1));
+      a[2] = pack_bf16x2(dequant_one<Q, 2>(u0, rs0), dequant_one<Q, 3>(u0, rs0));
+      a[3] = pack_bf16x2(dequant_one<Q, 2>(u1, rs1), dequant_one<Q, 3>(u1, rs1));
+    };
+    std::uint32_t a[2][4];
+    prefetch_scales(0);
+    prefetch_codes(0);
+    advance_tile();
+    build(0, a[0]);
+#pragma unroll 1
+    for (int kt = 0; kt < KT; ++kt) {
+      const std::uint64_t desc0 = sm90::kmajor_sw128_desc(sm90::smem_addr(b_tiles + stage_of(kt) * kBTileBytes));
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        std::uint32_t(&cur)[4] = a[k & 1];
+        std::uint32_t(&nxt)[4] = a[(k + 1) & 1];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) sm90::fence_operand(cur[r]);
+        sm90::wgmma_fence();
+        sm90::wgmma_m64n256k16_rs(acc, cur, desc0 + 2 * k);  // +32 bytes per 16-wide k step
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<1>();  // the previous step has retired: its slot (nxt) is free
+#pragma unroll
+        for (int r = 0; r < 4; ++r) sm90::fence_operand(nxt[r]);
+        // Step 0's wait retired the previous tile's last step: its stage goes back to the producer.
+        if (k == 0 && kt > 0 && lane == 0) sm90::mbar_arrive(&empty[stage_of(kt - 1)]);
+        // The work between two issues stays short: the next tile's scales and codes come in
+        // during steps 0 and 1.
+        if (k < 3) build(k + 1, nxt);
+        if (k == 0 && kt + 1 < KT) prefetch_scales(kt + 1);
+        if (k == 1 && kt + 1 < KT) prefetch_codes(kt + 1);
+        if (k == 3 && kt + 1 < KT) advance_tile(), build(0, nxt);
+      }
     }
-  };
-
-  float acc[128];
-#pragma unroll
-  for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-  AFrags a, next;
-  dequantize(0, a);
-  for (int kt = 0; kt < KT; ++kt) {
-    const int s = kt % STAGES;
-    std::uint64_t desc[4];
-    const std::uint64_t desc0 = sm90::kmajor_sw128_desc(sm90::smem_addr(b_tiles + s * kBTileBytes));
-#pragma unroll
-    for (int k = 0; k < 4; ++k) desc[k] = desc0 + 2 * k;  // +32 bytes per 16-wide k step
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) sm90::fence_operand(a.r[k][r]);
-    sm90::wgmma_fence();
-#pragma unroll
-    for (int k = 0; k < 4; ++k) sm90::wgmma_m64n256k16_rs(acc, a.r[k], desc[k]);
-    sm90::wgmma_commit();
-    // The next step's dequantization runs while the tensor cores work on this one.
-    if (kt + 1 < KT) dequantize(kt + 1, next);
     sm90::wgmma_wait<0>();
-    // The wgmmas read their register operands until they retire: keeping those live up to here
-    // stops the allocator from handing them to `next` while in flight.
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      sm90::fence_operand(desc[k]);
-#pragma unroll
-      for (int r = 0; r < 4; ++r) sm90::fence_operand(a.r[k][r]);
-    }
 #pragma unroll
     for (int i = 0; i < 128; ++i) sm90::fence_operand(acc[i]);
-    if (lane == 0) sm90::mbar_arrive(&empty[s]);  // this warp is done with stage s
-    a = next;
-  }
+    if (lane == 0) sm90::mbar_arrive(&empty[stage_of(KT - 1)]);
 
-  // Epilogue: accumulator 4j + 2h + q holds (row lr0 + 8h, column n0 + 8j + 2c + q).
+    // Epilogue: accumulator 4j + 2h + q holds (row lr0 + 8h, column n0 + 8j + 2c + q). Bias and
+    // RoPE as epilogue2 computes them, but with the table reads of 8 column pairs issued together
+    // before their use (one latency per 8 pairs, not two per pair) and the pair's index within its
+    // head kept as a running remainder instead of a division per pair.
+    const bool has_bias = e.bias != nullptr;
+    const int hd = e.head_dim;
+    const int c0 = hd ? (n0 + 2 * c) % hd : 0;  // column of j = 0 within its head
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int lr = h ? lr1 : lr0;
-    if (!(h ? ok1 : ok0)) continue;
-    const index_t row = static_cast<index_t>(seq) * count + m0 + lr, pos = begin + m0 + lr;
-    bf16* const dst = out + row * ldo;
+    for (int h = 0; h < 2; ++h) {
+      if (!(h ? ok1 : ok0)) continue;
+      const int lr = h ? lr1 : lr0;
+      const index_t row = static_cast<index_t>(seq) * count + m0 + lr, pos = begin + m0 + lr;
+      bf16* const dst = out + row * ldo;
+      const float* const cos_row = hd ? e.cos + pos * (hd / 2) : nullptr;
+      const float* const sin_row = hd ? e.sin + pos * (hd / 2) : nullptr;
+      int within = c0;
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const int col = n0 + 8 * j + 2 * c;
-      if (col < N) {
-        float x0 = acc[4 * j + 2 * h], x1 = acc[4 * j + 2 * h + 1];
-        epilogue2(x0, x1, col, pos, e);
-        *reinterpret_cast<std::uint32_t*>(dst + col) = pack_bf16x2(x0, x1);
+      for (int j0 = 0; j0 < 32; j0 += 8) {
+        float b0[8], b1[8], cs[8], sn[8];
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+          const int col = n0 + 8 * (j0 + jj) + 2 * c;
+          b0[jj] = b1[jj] = 0.0f, cs[jj] = 1.0f, sn[jj] = 0.0f;
+          if (col < N) {
+            if (has_bias) b0[jj] = e.bias[col], b1[jj] = e.bias[col + 1];
+            if (hd) cs[jj] = cos_row[within >> 1], sn[jj] = sin_row[within >> 1];
+          }
+          within += 8;
+          within = within >= hd ? within - hd : within;
+        }
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+          const int j = j0 + jj, col = n0 + 8 * j + 2 * c;
+          if (col >= N) continue;
+          float x0 = acc[4 * j + 2 * h], x1 = acc[4 * j + 2 * h + 1];
+          if (has_bias) x0 += b0[jj], x1 += b1[jj];
+          if (hd) {
+            const float a = x0, b = x1;
+            x0 = a * cs[jj] - b * sn[jj];
+            x1 = a * sn[jj] + b * cs[jj];
+          }
+          *reinterpret_cast<std::uint32_t*>(dst + col) = pack_bf16x2(x0, x1);
+        }
       }
     }
   }
 #else
-  (void)w_map, (void)code_map, (void)v, (void)begin, (void)count, (void)N, (void)e, (void)out, (void)ldo;
+  (void)w_map, (void)code_map, (void)v, (void)begin, (void)count, (void)N, (void)tiles, (void)e, (void)out, (void)ldo;
   __trap();
 #endif
 }
@@ -254,8 +325,7 @@ bool remat_wgmma_applies(const DeviceStreamShape& s, index_t count) {
   if constexpr (!wg::supports<Q>) {
     return false;
   } else {
-    return s.width % wg::BK == 0 && s.group >= wg::BK && count < (index_t(1) << 30) &&
-           (count + wg::BM - 1) / wg::BM <= 65535 && s.batch <= 65535 && sm90a_kernels();
+    return s.width % wg::BK == 0 && s.group >= wg::BK && count < (index_t(1) << 30) && sm90a_kernels();
   }
 }
 
@@ -279,9 +349,17 @@ void launch_remat_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, 
                                                 cbox, CU_TENSOR_MAP_SWIZZLE_NONE);
   auto kernel = remat_wgmma_kernel<Q>;
   XQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes<Q>));
-  const dim3 grid(blocks_for(N, BN), blocks_for(count, BM), static_cast<unsigned>(s.batch));
-  kernel<<<grid, THREADS, kSmemBytes<Q>, stream>>>(w_map, code_map, x.view(), static_cast<int>(begin),
-                                                  static_cast<int>(count), static_cast<int>(N), e, out, ldo);
+  const long long n_tiles = blocks_for(N, BN), m_tiles = blocks_for(count, BM);
+  const RematTiles tiles{n_tiles, m_tiles, n_tiles * m_tiles * s.batch};
+  int cap = remat_wgmma_max_blocks;
+  if (cap <= 0) {  // persistent: one block per SM, each working through its tiles
+    int dev = 0;
+    XQ_CUDA_CHECK(cudaGetDevice(&dev));
+    XQ_CUDA_CHECK(cudaDeviceGetAttribute(&cap, cudaDevAttrMultiProcessorCount, dev));
+  }
+  const unsigned blocks = static_cast<unsigned>(tiles.total < cap ? tiles.total : cap);
+  kernel<<<blocks, THREADS, kSmemBytes<Q>, stream>>>(w_map, code_map, x.view(), static_cast<int>(begin),
+                                                    static_cast<int>(count), static_cast<int>(N), tiles, e, out, ldo);
   check_launch("remat_wgmma_kernel");
 }
 
