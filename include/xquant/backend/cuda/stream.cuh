@@ -144,10 +144,15 @@ class DeviceStream {
     const StreamView<Q> v = view();
     const index_t rows = count * n;
     if constexpr (Q::axis == Axis::Token) {
-      // Values per thread: up to a whole group (at most 128) when the launch has rows enough to
-      // fill the GPU; else 8 (groups of 8 and 16; decode-sized appends, which are latency-bound,
-      // so more threads share the wait). The kernel also bumps the lengths (its last block).
-      const index_t vpt = s_.group >= 32 && rows >= 256 ? std::min<index_t>(s_.group, 128) : 8;
+      // Values per thread: up to a whole group (at most 128), halved (down to 32) while the launch
+      // would have fewer than 2^18 threads: a launch of a few thousand rows is one partial wave and
+      // latency-bound, so more threads with less work each finish sooner. 8 for groups of 8 and 16
+      // and for decode-sized appends. The kernel also bumps the lengths (its last block).
+      index_t vpt = 8;
+      if (s_.group >= 32 && rows >= 256) {
+        vpt = std::min<index_t>(s_.group, 128);
+        while (vpt > 32 && rows * (s_.width / vpt) < (index_t(1) << 18)) vpt /= 2;
+      }
       const index_t chunks = s_.width / vpt;
       require<ShapeError>(rows * chunks < (index_t(1) << 31), "n: ", rows, " rows of width ", s_.width,
                              " exceed one launch's 2^31 chunks; append in smaller pieces");
