@@ -677,6 +677,8 @@ void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& value
   if (splits <= 0) splits = detail::pick_splits(B * a.kv_heads, tiles);
   const int tps = static_cast<int>((tiles + splits - 1) / splits);
   splits = static_cast<int>((tiles + tps - 1) / tps);
+  // Checked here, before any launch (launch_combine checks it too, after the main kernel has run).
+  require<ConfigError>(splits <= 1024, "attend_absorbed: 1 to 1024 splits, got ", splits);
   const std::size_t smem = detail::gemm::kSmemBytes +
                            sizeof(float) * (hpg * vs.width + 2 * hpg * 128 + 3 * detail::attn::kMaxGroup) + 8 * 64;
   require<ConfigError>(smem <= 227 * 1024, "attend_absorbed: ", hpg, " heads per KV head × value width ", vs.width,
