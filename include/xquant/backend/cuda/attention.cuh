@@ -349,14 +349,19 @@ static __global__ void __launch_bounds__(512)
   }
 }
 
+/// The split count a decode call has settled on, checked before its first launch: merge_splits_kernel
+/// keeps one weight per split in shared memory.
+inline void require_splits(int splits, const char* fn) {
+  require<ConfigError>(splits >= 1 && splits <= 1024, fn, ": 1 to 1024 splits, got ", splits);
+}
+
 /// Merges the splits of every (head, sequence) and projects: out_h = y_h·Wv_hᵀ + bias_h (w non-null),
 /// or out_h = y_h (w null: attend_kv, width Dh). One split with a projection goes straight to
 /// project_heads_kernel (it scales by 1/l); otherwise merge_splits_kernel writes y (into ws.y when
-/// projected).
+/// projected). `splits` has passed require_splits.
 inline void launch_combine(DecodeWorkspace& ws, int heads, int hpg, int splits, int batch, index_t width,
                            const bf16* w, index_t ldw, const float* bias, float* out, index_t ldo,
                            cudaStream_t stream) {
-  require<ConfigError>(splits >= 1 && splits <= 1024, "decode attention: 1 to 1024 splits, got ", splits);
   const float* y = ws.acc.data();
   const float* ml = ws.ml.data();
   if (!w || splits > 1) {
@@ -677,8 +682,7 @@ void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& value
   if (splits <= 0) splits = detail::pick_splits(B * a.kv_heads, tiles);
   const int tps = static_cast<int>((tiles + splits - 1) / splits);
   splits = static_cast<int>((tiles + tps - 1) / tps);
-  // Checked here, before any launch (launch_combine checks it too, after the main kernel has run).
-  require<ConfigError>(splits <= 1024, "attend_absorbed: 1 to 1024 splits, got ", splits);
+  detail::require_splits(splits, "attend_absorbed");
   const std::size_t smem = detail::gemm::kSmemBytes +
                            sizeof(float) * (hpg * vs.width + 2 * hpg * 128 + 3 * detail::attn::kMaxGroup) + 8 * 64;
   require<ConfigError>(smem <= 227 * 1024, "attend_absorbed: ", hpg, " heads per KV head × value width ", vs.width,
@@ -782,6 +786,7 @@ void attend_kv(const T* K, const T* V, index_t ld, index_t seq_rows, int batch, 
   if (splits <= 0) splits = detail::pick_splits(batch * a.kv_heads, (len + 127) / 128);
   const index_t chunk = ((len + splits - 1) / splits + 31) / 32 * 32;
   splits = static_cast<int>((len + chunk - 1) / chunk);
+  detail::require_splits(splits, "attend_kv");
   const std::size_t slots = static_cast<std::size_t>(batch) * a.heads * splits;
   ws.acc.reserve(slots * a.head_dim);
   ws.ml.reserve(slots * 2);
