@@ -98,16 +98,23 @@ void check_remat(index_t group) {
     const Operand o(rng, c.n, width, c.bias, c.rope ? &drope : nullptr);
     const xc::RematOperand& op = o.op;
     const auto ref = remat_reference(xhat, begin, end, width, o.w, c.n, c.bias ? o.bias.data() : nullptr, c.rope ? 64 : 0);
-    // remat_fused's kernel: wgmma for per-token 2/4-bit streams with groups >= 64 on sm_90a builds.
-    const bool wgmma = xc::sm90a_kernels() && Q::axis == Axis::Token && (Q::bits == 2 || Q::bits == 4) && group >= 64;
+    // remat_fused's kernel: wgmma for 2/4-bit streams with per-token groups >= 64 or per-channel
+    // groups >= 32 on sm_90a builds.
+    const bool wgmma = xc::sm90a_kernels() && (Q::bits == 2 || Q::bits == 4) &&
+                       group >= (Q::axis == Axis::Token ? 64 : 32);
     CHECK(xc::fused_remat_kernel(st, begin, end) ==
           (wgmma ? xc::FusedRematKernel::Wgmma : xc::FusedRematKernel::Mma));
     xc::DeviceBuffer<xc::bf16> out(static_cast<std::size_t>(B * count * c.n));
-    for (int path = 0; path < 2; ++path) {
+    // Paths: remat_fused as chosen, remat_fused on the portable kernel, remat_simple.
+    for (int path = 0; path < 3; ++path) {
       CAPTURE(path);
+      if (path == 1 && !wgmma) continue;  // the portable kernel was path 0
       out.fill_bytes(0xff, s);  // NaN everywhere
-      if (path == 0) xc::remat_fused(st, begin, end, op, out.data(), c.n, s);
+      xc::detail::remat_wgmma_disabled = path == 1;
+      if (path < 2) xc::remat_fused(st, begin, end, op, out.data(), c.n, s);
       else xc::remat_simple(st, begin, end, op, out.data(), c.n, blas, scratch, s);
+      if (path == 1) CHECK(xc::fused_remat_kernel(st, begin, end) == xc::FusedRematKernel::Mma);
+      xc::detail::remat_wgmma_disabled = false;
       const auto got = xqcuda::to_host_float(out);
       CHECK(xqtest::all_finite(got));
       CHECK(xqtest::rel_error(got, ref) < 5e-3);
@@ -199,7 +206,8 @@ void check_dequant_positions() {
 
 /// The wgmma kernel against the float64 reference and against the simple path (cuBLAS on the
 /// same bf16 X̂): several ring wraps (width 1024 = 16 k steps, 4 stages), partial row and column
-/// tiles, two sequences, bias and RoPE.
+/// tiles, two sequences, bias and RoPE. Per-channel streams: the range starts inside a token
+/// group (tiles and warps straddle groups) and ends with the open group's window rows.
 template <class Q>
 void check_wgmma_remat(index_t group) {
   XQ_REQUIRE_DEVICE();
@@ -207,10 +215,13 @@ void check_wgmma_remat(index_t group) {
   auto rng = xqtest::make_rng(seed);
   INFO("seed ", seed, " bits ", Q::bits, " group ", group, " symmetric ", Q::scheme == xq::Scheme::Symmetric);
   const int B = 2;
-  const index_t width = 1024, cap = 700, len = 650, begin = 3, end = 640, count = end - begin;
+  constexpr bool channel = Q::axis == Axis::Channel;
+  const index_t width = 1024, cap = channel ? 768 : 700, len = 650, begin = 3, end = channel ? len : 640;
+  const index_t count = end - begin;
   cudaStream_t s = nullptr;
   xc::DeviceStream<Q> st({B, cap, width, group});
-  const auto xhat = fill(st, rng, len, len);
+  const auto xhat = fill(st, rng, len, channel ? 200 : len);
+  if (channel) REQUIRE(len % group != 0);  // window rows in the range
   const xq::Rope rope(128, 1024);
   const xc::DeviceRope drope(rope);
   xc::Cublas blas;
@@ -288,4 +299,13 @@ TEST_CASE("cuda remat wgmma: 4-bit symmetric, groups of 256") {
 }
 TEST_CASE("cuda remat wgmma: 2-bit symmetric, groups of 128") {
   check_wgmma_remat<xq::quant::Uniform<2, Axis::Token, xq::Scheme::Symmetric>>(128);
+}
+TEST_CASE("cuda remat wgmma: 4-bit per-channel, groups of 128") {
+  check_wgmma_remat<xq::quant::Uniform<4, Axis::Channel>>(128);
+}
+TEST_CASE("cuda remat wgmma: 2-bit per-channel, groups of 32 (5 token groups per tile)") {
+  check_wgmma_remat<xq::quant::Uniform<2, Axis::Channel>>(32);
+}
+TEST_CASE("cuda remat wgmma: 4-bit symmetric per-channel, groups of 64") {
+  check_wgmma_remat<xq::quant::Uniform<4, Axis::Channel, xq::Scheme::Symmetric>>(64);
 }

@@ -142,8 +142,8 @@ EpilogueArgs check_remat(const DeviceStream<Q>& x, index_t begin, index_t end, c
 
 /// Which kernel remat_fused runs.
 enum class FusedRematKernel {
-  Wgmma,  ///< Hopper wgmma, X̂ dequantized into registers (sm_90a build on an sm_90 device; per-token
-          ///< 2/4-bit, group >= 64, width % 64 == 0)
+  Wgmma,  ///< Hopper wgmma, X̂ dequantized into registers (sm_90a build on an sm_90 device; 2/4-bit,
+          ///< width % 64 == 0, per-token groups >= 64, per-channel groups >= 32)
   Mma     ///< portable tensor-core mainloop (WMMA), X̂ staged in shared memory
 };
 template <class Q>
@@ -153,7 +153,7 @@ FusedRematKernel fused_remat_kernel(const DeviceStream<Q>& x, index_t begin, ind
 
 /// out = RoPE(X̂·Wᵀ + bias) for tokens [begin, end) of every sequence, in one fused kernel
 /// (X̂ never leaves the chip). Needs width % 64 == 0 and, for per-token groups, group >= 32.
-/// On Hopper (sm_90a build) per-token 2/4-bit streams take the wgmma kernel (remat_sm90.cuh).
+/// On Hopper (sm_90a build) 2/4-bit streams take the wgmma kernel (remat_sm90.cuh).
 template <class Q>
 void remat_fused(const DeviceStream<Q>& x, index_t begin, index_t end, const RematOperand& op, bf16* out, index_t ldo,
                  cudaStream_t stream) {

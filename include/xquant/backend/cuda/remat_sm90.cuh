@@ -20,8 +20,13 @@
 // Measured (bench/cuda/NOTES.md, items 15-16): without the dequantization the same kernel runs
 // at 0.9 of cuBLAS; the ~3.5 instructions per value of the dequantization cost about 20 % of the
 // tensor pipe's throughput, though issue slots are only ~37 % busy.
-// Applies to per-token 2- and 4-bit quantizers with groups of >= 64 (a k step lies in one group)
-// and width % 64 == 0; remat_fused falls back to the portable mainloop otherwise.
+// Per-channel streams (the latent keys) take the same kernel: their parameters (per token group
+// and channel) arrive by TMA with each stage, a tile's few token groups × the k step's 64
+// channels, and each k step's A is dequantized with its four channels' scales; rows of the open
+// group are read from the fp16 window instead.
+// Applies to 2- and 4-bit quantizers and width % 64 == 0, per-token groups of >= 64 (a k step lies
+// in one group) and per-channel groups of >= 32 (a tile's 128 rows span at most 5 token groups);
+// remat_fused falls back to the portable mainloop otherwise.
 
 #include "epilogue.cuh"
 #include "sm90.cuh"
@@ -36,14 +41,21 @@ inline constexpr int THREADS = 32 * kConsumerWarps + 128;  // + a producer warpg
 inline constexpr int kBTileBytes = BN * BK * 2;  // 32 KB, a multiple of the 1024-byte swizzle atom
 template <class Q>
 inline constexpr int kCodeRowBytes = BK * Q::bits / 8;  // one row's codes of a k step
+inline constexpr int kMinChannelGroup = 32;
+/// Per-channel streams: token groups whose parameters a stage holds (128 rows from any token on
+/// span at most BM / group + 1 groups), each row the k step's 64 channels.
 template <class Q>
-inline constexpr int kStageTx = kBTileBytes + BM * kCodeRowBytes<Q>;  // bytes a stage receives
+inline constexpr int kParamRows = Q::axis == Axis::Channel ? BM / kMinChannelGroup + 1 : 0;
+template <class Q>
+inline constexpr int kParamTileBytes = kParamRows<Q> * BK * Q::params_per_group * 2;
+template <class Q>
+inline constexpr int kStageTx = kBTileBytes + BM * kCodeRowBytes<Q> + kParamTileBytes<Q>;  // bytes a stage receives
 template <class Q>
 inline constexpr int kSmemBytes = STAGES * kStageTx<Q> + 2 * STAGES * 8 + 1024;  // + barriers, + alignment slack
 
 /// Quantizers the kernel handles.
 template <class Q>
-inline constexpr bool supports = Q::axis == Axis::Token && (Q::bits == 4 || Q::bits == 2);
+inline constexpr bool supports = Q::bits == 4 || Q::bits == 2;
 }  // namespace wg
 
 /// The four codes a thread needs from one row for one 16-wide k step, gathered into one word `u`
@@ -91,23 +103,64 @@ __device__ __forceinline__ RowScale row_scale(std::uint32_t prm) {
 /// for o + bits <= 23) and subtracting 2^23; (s·2^-o)·(c·2^o) is then exactly s·c. decode rounds
 /// s·c, then s·c + z; the first rounding is exact (an fp16 scale has 11 significant bits, a code at
 /// most 8, the product fits a float's 24), so one fused multiply-add gives the same float.
+/// `s` is the scale times 2^-offset(I), `z` the zero.
 template <class Q, int I>
-__device__ __forceinline__ float dequant_one(std::uint32_t u, const RowScale& r) {
+__device__ __forceinline__ float dequant_at(std::uint32_t u, float s, float z) {
   using C = StepCodes<Q::bits>;
   constexpr int o = C::offset(I);
   const float f = __uint_as_float(0x4B000000u | (u & (C::kMask << o)));
   if constexpr (Q::scheme == Scheme::Asymmetric) {
-    return __fmaf_rn(r.s[I], __fsub_rn(f, 8388608.0f), r.z);
+    return __fmaf_rn(s, __fsub_rn(f, 8388608.0f), z);
   } else {
     // (c − levels)·2^o exactly: both terms are integers below 2^24.
     constexpr float kBias = 8388608.0f + static_cast<float>(Q::sym_levels << o);
-    return __fmul_rn(r.s[I], __fsub_rn(f, kBias));
+    return __fmul_rn(s, __fsub_rn(f, kBias));
   }
+}
+template <class Q, int I>
+__device__ __forceinline__ float dequant_one(std::uint32_t u, const RowScale& r) {
+  return dequant_at<Q, I>(u, r.s[I], r.z);
+}
+
+/// Per-channel streams: the parameters of a thread's four channels of one k step (2c, 2c+1,
+/// 2c+8, 2c+9 of the 16), each scale pre-multiplied by 2^-offset(i) as in RowScale. `row` is one
+/// token group's row of the stage's parameter tile (the k step's 64 channels).
+struct ChanScale {
+  float s[4], z[4];
+};
+template <class Q>
+__device__ __forceinline__ ChanScale chan_scale(const std::uint16_t* row, int k, int c) {
+  constexpr int P = Q::params_per_group;
+  const std::uint16_t* p = row + (16 * k + 2 * c) * P;
+  std::uint32_t q[4];  // (scale | zero << 16) per channel
+  if constexpr (P == 2) {
+    const uint2 lo = *reinterpret_cast<const uint2*>(p), hi = *reinterpret_cast<const uint2*>(p + 8 * P);
+    q[0] = lo.x, q[1] = lo.y, q[2] = hi.x, q[3] = hi.y;
+  } else {
+    const std::uint32_t lo = *reinterpret_cast<const std::uint32_t*>(p), hi = *reinterpret_cast<const std::uint32_t*>(p + 8 * P);
+    q[0] = lo & 0xFFFFu, q[1] = lo >> 16, q[2] = hi & 0xFFFFu, q[3] = hi >> 16;
+  }
+  ChanScale r;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float scale = __half2float(__ushort_as_half(static_cast<unsigned short>(q[i])));
+    r.s[i] = __fmul_rn(scale, __uint_as_float((127u - StepCodes<Q::bits>::offset(i)) << 23));
+    r.z[i] = P == 2 ? __half2float(__ushort_as_half(static_cast<unsigned short>(q[i] >> 16))) : 0.0f;
+  }
+  return r;
+}
+
+/// Two adjacent fp16 window values as a bf16 pair (the open group of a per-channel stream).
+__device__ __forceinline__ std::uint32_t window_pair(const std::uint16_t* p) {
+  const std::uint32_t h = *reinterpret_cast<const std::uint32_t*>(p);
+  return pack_bf16x2(half_to_float(static_cast<std::uint16_t>(h)), half_to_float(static_cast<std::uint16_t>(h >> 16)));
 }
 
 /// Upper bound on the wgmma kernel's grid; 0 (the default): one block per SM. Tests lower it so
 /// that each block works through several tiles.
 inline int remat_wgmma_max_blocks = 0;
+/// Tests set it to run the portable kernel where the wgmma kernel would apply.
+inline bool remat_wgmma_disabled = false;
 
 /// Which output tile a block works on: tiles are numbered N-tile fastest (the blocks that run
 /// together share their rows' codes and read all of W, which stays in L2).
@@ -123,18 +176,21 @@ struct RematTiles {
 template <class Q>
 __global__ void __launch_bounds__(wg::THREADS, 1)
     remat_wgmma_kernel(const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap code_map,
-                       StreamView<Q> v, int begin, int count, int N, RematTiles tiles, EpilogueArgs e,
+                       const __grid_constant__ CUtensorMap param_map, StreamView<Q> v, int begin, int count, int N, RematTiles tiles, EpilogueArgs e,
                        bf16* __restrict__ out, index_t ldo) {
 #if XQ_SM90A
   using namespace wg;
   using C = StepCodes<Q::bits>;
   constexpr int RB = kCodeRowBytes<Q>;
+  constexpr bool kChannel = Q::axis == Axis::Channel;
+  constexpr int PPG = Q::params_per_group;
   extern __shared__ unsigned char smem_raw[];
   // The swizzled W tiles need 1024-byte alignment; dynamic shared memory guarantees only 16.
   unsigned char* smem = smem_raw + ((1024 - (sm90::smem_addr(smem_raw) & 1023)) & 1023);
   unsigned char* const b_tiles = smem;                            // STAGES × 32 KB
   unsigned char* const code_tiles = smem + STAGES * kBTileBytes;  // STAGES × BM × RB
-  std::uint64_t* const full = reinterpret_cast<std::uint64_t*>(code_tiles + STAGES * BM * RB);
+  unsigned char* const param_tiles = code_tiles + STAGES * BM * RB;  // STAGES × kParamTileBytes (per-channel)
+  std::uint64_t* const full = reinterpret_cast<std::uint64_t*>(param_tiles + STAGES * kParamTileBytes<Q>);
   std::uint64_t* const empty = full + STAGES;
 
   const int t = threadIdx.x, warp = t >> 5, lane = t & 31, g = lane >> 2, c = lane & 3;
@@ -166,6 +222,9 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
           sm90::mbar_arrive_expect_tx(&full[s], kStageTx<Q>);
           sm90::tma_load_2d(b_tiles + s * kBTileBytes, &w_map, kt * BK, n0, &full[s]);
           sm90::tma_load_3d(code_tiles + s * BM * RB, &code_map, kt * RB, begin + m0, seq, &full[s]);
+          if constexpr (kChannel)  // the parameters of the token groups from the tile's first row on
+            sm90::tma_load_3d(param_tiles + s * kParamTileBytes<Q>, &param_map, kt * BK * PPG,
+                              (begin + m0) >> v.group_shift, seq, &full[s]);
         }
       }
     }
@@ -184,12 +243,27 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     const std::uint16_t* const prow0 = v.params + (static_cast<index_t>(seq) * v.capacity + begin + m0 + lr0) * gpr;
     const std::uint16_t* const prow1 = prow0 + 8 * gpr;
     auto param = [&](const std::uint16_t* prow, bool ok, int kt) -> std::uint32_t {
-      if (!ok || kt >= KT) return 0u;
+      if (kChannel || !ok || kt >= KT) return 0u;
       const std::uint16_t* p = prow + ((kt * BK) >> v.group_shift) * Q::params_per_group;
       if constexpr (Q::params_per_group == 2) return __ldg(reinterpret_cast<const unsigned int*>(p));
       else return __ldg(reinterpret_cast<const unsigned short*>(p));
     };
     std::uint32_t pr0 = param(prow0, ok0, 0), pr1 = param(prow1, ok1, 0);
+    // Per-channel: the rows' token groups as rows q0, q1 of the stage's parameter tile (split: a
+    // warp whose rows straddle two groups), and which rows are in the open group, read from the
+    // fp16 window (rows past the range need no care: an A row only reaches its own output row).
+    int q0 = 0, q1 = 0;
+    bool split = false, win0 = false, win1 = false, any_window = false;
+    const std::uint16_t *wrow0 = nullptr, *wrow1 = nullptr;
+    if constexpr (kChannel) {
+      const int first = (begin + m0) >> v.group_shift;
+      q0 = ((begin + m0 + lr0) >> v.group_shift) - first, q1 = ((begin + m0 + lr1) >> v.group_shift) - first;
+      split = __any_sync(~0u, q0 != q1);
+      const index_t quantized = StreamView<Q>::quantized(v.length[seq], v.group);
+      win0 = ok0 && begin + m0 + lr0 >= quantized, win1 = ok1 && begin + m0 + lr1 >= quantized;
+      any_window = __any_sync(~0u, win0 || win1);
+      wrow0 = v.window_row(seq, begin + m0 + lr0), wrow1 = v.window_row(seq, begin + m0 + lr1);
+    }
     auto stage_of = [&](int kt) { return static_cast<int>((i0 + kt) % STAGES); };
     auto phase_of = [&](int kt) { return (i0 + kt) / STAGES & 1u; };
 
@@ -205,8 +279,10 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     std::uint32_t w0[RB / 4], w1[RB / 4], nw0[RB / 4], nw1[RB / 4];
     RowScale rs0, rs1, nrs0, nrs1;
     auto prefetch_scales = [&](int kt) {  // tile kt's scales; tile kt + 1's parameters start loading
-      nrs0 = row_scale<Q>(pr0), nrs1 = row_scale<Q>(pr1);
-      pr0 = param(prow0, ok0, kt + 1), pr1 = param(prow1, ok1, kt + 1);
+      if constexpr (!kChannel) {  // (per-channel scales come from the stage's parameter tile in build)
+        nrs0 = row_scale<Q>(pr0), nrs1 = row_scale<Q>(pr1);
+        pr0 = param(prow0, ok0, kt + 1), pr1 = param(prow1, ok1, kt + 1);
+      }
     };
     auto prefetch_codes = [&](int kt) {
       sm90::mbar_wait(&full[stage_of(kt)], phase_of(kt));
@@ -224,18 +300,33 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
       for (int i = 0; i < RB / 4; ++i) w0[i] = nw0[i], w1[i] = nw1[i];
       rs0 = nrs0, rs1 = nrs1;
     };
-    auto build = [&](int k, std::uint32_t(&a)[4]) {
+    auto build = [&](int kt, int k, std::uint32_t(&a)[4]) {  // step k of k tile kt
       const std::uint32_t u0 = C::gather(w0, k, c), u1 = C::gather(w1, k, c);
-      a[0] = pack_bf16x2(dequant_one<Q, 0>(u0, rs0), dequant_one<Q, 1>(u0, rs0));
-      a[1] = pack_bf16x2(dequant_one<Q, 0>(u1, rs1), dequant_one<Q, 1>(u1, rs1));
-      a[2] = pack_bf16x2(dequant_one<Q, 2>(u0, rs0), dequant_one<Q, 3>(u0, rs0));
-      a[3] = pack_bf16x2(dequant_one<Q, 2>(u1, rs1), dequant_one<Q, 3>(u1, rs1));
+      if constexpr (!kChannel) {
+        a[0] = pack_bf16x2(dequant_one<Q, 0>(u0, rs0), dequant_one<Q, 1>(u0, rs0));
+        a[1] = pack_bf16x2(dequant_one<Q, 0>(u1, rs1), dequant_one<Q, 1>(u1, rs1));
+        a[2] = pack_bf16x2(dequant_one<Q, 2>(u0, rs0), dequant_one<Q, 3>(u0, rs0));
+        a[3] = pack_bf16x2(dequant_one<Q, 2>(u1, rs1), dequant_one<Q, 3>(u1, rs1));
+      } else {
+        const std::uint16_t* prm = reinterpret_cast<const std::uint16_t*>(param_tiles + stage_of(kt) * kParamTileBytes<Q>);
+        const ChanScale s0 = chan_scale<Q>(prm + q0 * BK * PPG, k, c);
+        const ChanScale s1 = split ? chan_scale<Q>(prm + q1 * BK * PPG, k, c) : s0;
+        a[0] = pack_bf16x2(dequant_at<Q, 0>(u0, s0.s[0], s0.z[0]), dequant_at<Q, 1>(u0, s0.s[1], s0.z[1]));
+        a[1] = pack_bf16x2(dequant_at<Q, 0>(u1, s1.s[0], s1.z[0]), dequant_at<Q, 1>(u1, s1.s[1], s1.z[1]));
+        a[2] = pack_bf16x2(dequant_at<Q, 2>(u0, s0.s[2], s0.z[2]), dequant_at<Q, 3>(u0, s0.s[3], s0.z[3]));
+        a[3] = pack_bf16x2(dequant_at<Q, 2>(u1, s1.s[2], s1.z[2]), dequant_at<Q, 3>(u1, s1.s[3], s1.z[3]));
+        if (any_window) {
+          const int col = kt * BK + 16 * k + 2 * c;
+          if (win0) a[0] = window_pair(wrow0 + col), a[2] = window_pair(wrow0 + col + 8);
+          if (win1) a[1] = window_pair(wrow1 + col), a[3] = window_pair(wrow1 + col + 8);
+        }
+      }
     };
     std::uint32_t a[2][4];
     prefetch_scales(0);
     prefetch_codes(0);
     advance_tile();
-    build(0, a[0]);
+    build(0, 0, a[0]);
 #pragma unroll 1
     for (int kt = 0; kt < KT; ++kt) {
       const std::uint64_t desc0 = sm90::kmajor_sw128_desc(sm90::smem_addr(b_tiles + stage_of(kt) * kBTileBytes));
@@ -255,10 +346,10 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         if (k == 0 && kt > 0 && lane == 0) sm90::mbar_arrive(&empty[stage_of(kt - 1)]);
         // The work between two issues stays short: the next tile's scales and codes come in
         // during steps 0 and 1.
-        if (k < 3) build(k + 1, nxt);
+        if (k < 3) build(kt, k + 1, nxt);
         if (k == 0 && kt + 1 < KT) prefetch_scales(kt + 1);
         if (k == 1 && kt + 1 < KT) prefetch_codes(kt + 1);
-        if (k == 3 && kt + 1 < KT) advance_tile(), build(0, nxt);
+        if (k == 3 && kt + 1 < KT) advance_tile(), build(kt + 1, 0, nxt);
       }
     }
     sm90::wgmma_wait<0>();
@@ -313,7 +404,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     }
   }
 #else
-  (void)w_map, (void)code_map, (void)v, (void)begin, (void)count, (void)N, (void)tiles, (void)e, (void)out, (void)ldo;
+  (void)w_map, (void)code_map, (void)param_map, (void)v, (void)begin, (void)count, (void)N, (void)tiles, (void)e, (void)out, (void)ldo;
   __trap();
 #endif
 }
@@ -325,7 +416,9 @@ bool remat_wgmma_applies(const DeviceStreamShape& s, index_t count) {
   if constexpr (!wg::supports<Q>) {
     return false;
   } else {
-    return s.width % wg::BK == 0 && s.group >= wg::BK && count < (index_t(1) << 30) && sm90a_kernels();
+    const index_t min_group = Q::axis == Axis::Channel ? wg::kMinChannelGroup : wg::BK;
+    return s.width % wg::BK == 0 && s.group >= min_group && count < (index_t(1) << 30) && !remat_wgmma_disabled &&
+           sm90a_kernels();
   }
 }
 
@@ -347,6 +440,15 @@ void launch_remat_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, 
   const cuuint32_t cbox[3] = {static_cast<cuuint32_t>(kCodeRowBytes<Q>), BM, 1};
   const CUtensorMap code_map = sm90::tensor_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, x.codes().data(), cdims, cstrides,
                                                 cbox, CU_TENSOR_MAP_SWIZZLE_NONE);
+  CUtensorMap param_map = code_map;  // unused by per-token streams
+  if constexpr (Q::axis == Axis::Channel) {  // (token group, channel) parameters, per sequence
+    const cuuint64_t row = static_cast<cuuint64_t>(s.width) * Q::params_per_group, groups = s.capacity / s.group;
+    const cuuint64_t pdims[3] = {row, groups, static_cast<cuuint64_t>(s.batch)};
+    const cuuint64_t pstrides[2] = {row * 2, row * 2 * groups};
+    const cuuint32_t pbox[3] = {static_cast<cuuint32_t>(BK * Q::params_per_group), kParamRows<Q>, 1};
+    param_map = sm90::tensor_map(CU_TENSOR_MAP_DATA_TYPE_UINT16, 3, x.params().data(), pdims, pstrides, pbox,
+                                 CU_TENSOR_MAP_SWIZZLE_NONE);
+  }
   auto kernel = remat_wgmma_kernel<Q>;
   XQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes<Q>));
   const long long n_tiles = blocks_for(N, BN), m_tiles = blocks_for(count, BM);
@@ -358,7 +460,7 @@ void launch_remat_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, 
     XQ_CUDA_CHECK(cudaDeviceGetAttribute(&cap, cudaDevAttrMultiProcessorCount, dev));
   }
   const unsigned blocks = static_cast<unsigned>(tiles.total < cap ? tiles.total : cap);
-  kernel<<<blocks, THREADS, kSmemBytes<Q>, stream>>>(w_map, code_map, x.view(), static_cast<int>(begin),
+  kernel<<<blocks, THREADS, kSmemBytes<Q>, stream>>>(w_map, code_map, param_map, x.view(), static_cast<int>(begin),
                                                     static_cast<int>(count), static_cast<int>(N), tiles, e, out, ldo);
   check_launch("remat_wgmma_kernel");
 }
