@@ -28,9 +28,10 @@ for t in "$BUILD"/tests/cuda/test_cuda_*; do
   echo "== $(basename "$t")"
   # Save the statuses at once: with pipefail a failing test fails the pipeline, and a following
   # `|| true` would reset PIPESTATUS to (0) and hide the failure.
-  "$t" 2>&1 | tee -a "$OUT/tests.log" | grep -E "SKIPPED|ERROR|FAILED|test cases|assertions|Status"
+  # A time limit: a kernel that deadlocks must not eat the session's device time.
+  timeout "${XQ_TEST_TIMEOUT:-240}" "$t" 2>&1 | tee -a "$OUT/tests.log" | grep -E "SKIPPED|ERROR|FAILED|test cases|assertions|Status"
   st=("${PIPESTATUS[@]}")
-  [ "${st[0]}" -eq 0 ] || rc=1
+  [ "${st[0]}" -eq 0 ] || { rc=1; [ "${st[0]}" -eq 124 ] && echo "$(basename "$t"): timed out"; }
 done
 # Sanitizers first (all runs in parallel, each under a time limit), so that the benches run alone.
 src=0
