@@ -137,7 +137,8 @@ __device__ __forceinline__ ChanScale chan_scale(const std::uint16_t* row, int k,
     const uint2 lo = *reinterpret_cast<const uint2*>(p), hi = *reinterpret_cast<const uint2*>(p + 8 * P);
     q[0] = lo.x, q[1] = lo.y, q[2] = hi.x, q[3] = hi.y;
   } else {
-    const std::uint32_t lo = *reinterpret_cast<const std::uint32_t*>(p), hi = *reinterpret_cast<const std::uint32_t*>(p + 8 * P);
+    const std::uint32_t lo = *reinterpret_cast<const std::uint32_t*>(p);
+    const std::uint32_t hi = *reinterpret_cast<const std::uint32_t*>(p + 8 * P);
     q[0] = lo & 0xFFFFu, q[1] = lo >> 16, q[2] = hi & 0xFFFFu, q[3] = hi >> 16;
   }
   ChanScale r;
@@ -176,8 +177,8 @@ struct RematTiles {
 template <class Q>
 __global__ void __launch_bounds__(wg::THREADS, 1)
     remat_wgmma_kernel(const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap code_map,
-                       const __grid_constant__ CUtensorMap param_map, StreamView<Q> v, int begin, int count, int N, RematTiles tiles, EpilogueArgs e,
-                       bf16* __restrict__ out, index_t ldo) {
+                       const __grid_constant__ CUtensorMap param_map, StreamView<Q> v, int begin, int count, int N,
+                       RematTiles tiles, EpilogueArgs e, bf16* __restrict__ out, index_t ldo) {
 #if XQ_SM90A
   using namespace wg;
   using C = StepCodes<Q::bits>;
@@ -308,7 +309,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         a[2] = pack_bf16x2(dequant_one<Q, 2>(u0, rs0), dequant_one<Q, 3>(u0, rs0));
         a[3] = pack_bf16x2(dequant_one<Q, 2>(u1, rs1), dequant_one<Q, 3>(u1, rs1));
       } else {
-        const std::uint16_t* prm = reinterpret_cast<const std::uint16_t*>(param_tiles + stage_of(kt) * kParamTileBytes<Q>);
+        const auto* prm = reinterpret_cast<const std::uint16_t*>(param_tiles + stage_of(kt) * kParamTileBytes<Q>);
         const ChanScale s0 = chan_scale<Q>(prm + q0 * BK * PPG, k, c);
         const ChanScale s1 = split ? chan_scale<Q>(prm + q1 * BK * PPG, k, c) : s0;
         a[0] = pack_bf16x2(dequant_at<Q, 0>(u0, s0.s[0], s0.z[0]), dequant_at<Q, 1>(u0, s0.s[1], s0.z[1]));
@@ -404,7 +405,8 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     }
   }
 #else
-  (void)w_map, (void)code_map, (void)param_map, (void)v, (void)begin, (void)count, (void)N, (void)tiles, (void)e, (void)out, (void)ldo;
+  (void)w_map, (void)code_map, (void)param_map, (void)v, (void)begin, (void)count, (void)N, (void)tiles, (void)e;
+  (void)out, (void)ldo;
   __trap();
 #endif
 }
