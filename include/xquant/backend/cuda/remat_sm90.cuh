@@ -16,7 +16,9 @@
 //   - The dequantized value is Q::decode's float, bit for bit (see dequant_one), rounded to bf16
 //     as the simple path's X̂ is: both paths multiply the same bf16 matrices.
 //   - Epilogue from the accumulators: bias, RoPE on the adjacent column pairs each thread holds,
-//     bf16 stores.
+//     bf16 into a 128-byte swizzled tile in shared memory, stored by TMA (four 64-column boxes,
+//     clipped at the range's rows and N). The stores run on while the consumers start the next
+//     tile (measured: a few per cent in the K = 1024 latent rows, nothing visible at K = 4096).
 // Measured (bench/cuda/NOTES.md, items 15-16): without the dequantization the same kernel runs
 // at 0.9 of cuBLAS; the ~3.5 instructions per value of the dequantization cost about 20 % of the
 // tensor pipe's throughput, though issue slots are only ~37 % busy.
@@ -50,8 +52,12 @@ template <class Q>
 inline constexpr int kParamTileBytes = kParamRows<Q> * BK * Q::params_per_group * 2;
 template <class Q>
 inline constexpr int kStageTx = kBTileBytes + BM * kCodeRowBytes<Q> + kParamTileBytes<Q>;  // bytes a stage receives
+inline constexpr int kOutBoxCols = 64;                      // 128 bytes of bf16: the swizzle's row
+inline constexpr int kOutBoxBytes = BM * kOutBoxCols * 2;   // 16 KB
+inline constexpr int kOutTileBytes = BN / kOutBoxCols * kOutBoxBytes;  // 64 KB, the staged output tile
 template <class Q>
-inline constexpr int kSmemBytes = STAGES * kStageTx<Q> + 2 * STAGES * 8 + 1024;  // + barriers, + alignment slack
+inline constexpr int kSmemBytes =
+    STAGES * kStageTx<Q> + kOutTileBytes + 2 * STAGES * 8 + 1024;  // + barriers, + alignment slack
 
 /// Quantizers the kernel handles.
 template <class Q>
@@ -177,8 +183,8 @@ struct RematTiles {
 template <class Q>
 __global__ void __launch_bounds__(wg::THREADS, 1)
     remat_wgmma_kernel(const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap code_map,
-                       const __grid_constant__ CUtensorMap param_map, StreamView<Q> v, int begin, int count, int N,
-                       RematTiles tiles, EpilogueArgs e, bf16* __restrict__ out, index_t ldo) {
+                       const __grid_constant__ CUtensorMap param_map, const __grid_constant__ CUtensorMap out_map,
+                       StreamView<Q> v, int begin, int count, int N, RematTiles tiles, EpilogueArgs e) {
 #if XQ_SM90A
   using namespace wg;
   using C = StepCodes<Q::bits>;
@@ -189,7 +195,8 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
   // The swizzled W tiles need 1024-byte alignment; dynamic shared memory guarantees only 16.
   unsigned char* smem = smem_raw + ((1024 - (sm90::smem_addr(smem_raw) & 1023)) & 1023);
   unsigned char* const b_tiles = smem;                            // STAGES × 32 KB
-  unsigned char* const code_tiles = smem + STAGES * kBTileBytes;  // STAGES × BM × RB
+  unsigned char* const out_tile = smem + STAGES * kBTileBytes;    // 64 KB, 1024-byte aligned (swizzle)
+  unsigned char* const code_tiles = out_tile + kOutTileBytes;     // STAGES × BM × RB
   unsigned char* const param_tiles = code_tiles + STAGES * BM * RB;  // STAGES × kParamTileBytes (per-channel)
   std::uint64_t* const full = reinterpret_cast<std::uint64_t*>(param_tiles + STAGES * kParamTileBytes<Q>);
   std::uint64_t* const empty = full + STAGES;
@@ -362,6 +369,13 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     // RoPE as epilogue2 computes them, but with the table reads of 8 column pairs issued together
     // before their use (one latency per 8 pairs, not two per pair) and the pair's index within its
     // head kept as a running remainder instead of a division per pair.
+    // The results go to the staged tile: box j0 / 8 (columns 64·(j0/8) on), row lr, 16-byte chunk
+    // jj xor (lr mod 8), as TMA's 128-byte swizzle lays it out (and free of bank conflicts: the
+    // 8 rows of a warp's store hit 8 different chunks). Rows past the range are left out; TMA
+    // clips them, and columns past N.
+    // First, the previous tile's stores must have read the staged tile.
+    if (t == 0) sm90::bulk_wait<0, true>();
+    sm90::named_barrier(1, 32 * kConsumerWarps);
     const bool has_bias = e.bias != nullptr;
     const int hd = e.head_dim;
     const int c0 = hd ? (n0 + 2 * c) % hd : 0;  // column of j = 0 within its head
@@ -369,8 +383,8 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     for (int h = 0; h < 2; ++h) {
       if (!(h ? ok1 : ok0)) continue;
       const int lr = h ? lr1 : lr0;
-      const index_t row = static_cast<index_t>(seq) * count + m0 + lr, pos = begin + m0 + lr;
-      bf16* const dst = out + row * ldo;
+      const index_t pos = begin + m0 + lr;
+      unsigned char* const dst = out_tile + lr * (kOutBoxCols * 2) + 4 * c;
       const float* const cos_row = hd ? e.cos + pos * (hd / 2) : nullptr;
       const float* const sin_row = hd ? e.sin + pos * (hd / 2) : nullptr;
       int within = c0;
@@ -399,14 +413,23 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
             x0 = a * cs[jj] - b * sn[jj];
             x1 = a * sn[jj] + b * cs[jj];
           }
-          *reinterpret_cast<std::uint32_t*>(dst + col) = pack_bf16x2(x0, x1);
+          *reinterpret_cast<std::uint32_t*>(dst + (j0 / 8) * kOutBoxBytes + ((jj ^ (lr & 7)) << 4)) =
+              pack_bf16x2(x0, x1);
         }
       }
     }
+    sm90::fence_proxy_async_smem();  // the writes above, visible to the TMA stores
+    sm90::named_barrier(1, 32 * kConsumerWarps);
+    if (t == 0) {
+      for (int b = 0; b < BN / kOutBoxCols && n0 + b * kOutBoxCols < N; ++b)
+        sm90::tma_store_3d(&out_map, out_tile + b * kOutBoxBytes, n0 + b * kOutBoxCols, m0, seq);
+      sm90::bulk_commit();
+    }
   }
+  if (t == 0) sm90::bulk_wait<0, false>();  // the last stores done before the block (and its shared memory) ends
 #else
-  (void)w_map, (void)code_map, (void)param_map, (void)v, (void)begin, (void)count, (void)N, (void)tiles, (void)e;
-  (void)out, (void)ldo;
+  (void)w_map, (void)code_map, (void)param_map, (void)out_map, (void)v, (void)begin, (void)count, (void)N;
+  (void)tiles, (void)e;
   __trap();
 #endif
 }
@@ -451,6 +474,13 @@ void launch_remat_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, 
     param_map = sm90::tensor_map(CU_TENSOR_MAP_DATA_TYPE_UINT16, 3, x.params().data(), pdims, pstrides, pbox,
                                  CU_TENSOR_MAP_SWIZZLE_NONE);
   }
+  // The output as (N columns, count rows, batch): a box never reaches past a sequence's rows.
+  const cuuint64_t odims[3] = {static_cast<cuuint64_t>(N), static_cast<cuuint64_t>(count),
+                               static_cast<cuuint64_t>(s.batch)};
+  const cuuint64_t ostrides[2] = {static_cast<cuuint64_t>(ldo) * 2, static_cast<cuuint64_t>(ldo) * 2 * count};
+  const cuuint32_t obox[3] = {kOutBoxCols, BM, 1};
+  const CUtensorMap out_map =
+      sm90::tensor_map(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, out, odims, ostrides, obox, CU_TENSOR_MAP_SWIZZLE_128B);
   auto kernel = remat_wgmma_kernel<Q>;
   XQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes<Q>));
   const long long n_tiles = blocks_for(N, BN), m_tiles = blocks_for(count, BM);
@@ -462,8 +492,9 @@ void launch_remat_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, 
     XQ_CUDA_CHECK(cudaDeviceGetAttribute(&cap, cudaDevAttrMultiProcessorCount, dev));
   }
   const unsigned blocks = static_cast<unsigned>(tiles.total < cap ? tiles.total : cap);
-  kernel<<<blocks, THREADS, kSmemBytes<Q>, stream>>>(w_map, code_map, param_map, x.view(), static_cast<int>(begin),
-                                                    static_cast<int>(count), static_cast<int>(N), tiles, e, out, ldo);
+  kernel<<<blocks, THREADS, kSmemBytes<Q>, stream>>>(w_map, code_map, param_map, out_map, x.view(),
+                                                    static_cast<int>(begin), static_cast<int>(count),
+                                                    static_cast<int>(N), tiles, e);
   check_launch("remat_wgmma_kernel");
 }
 

@@ -145,6 +145,41 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, i
 #endif
 }
 
+/// Bulk tensor copy shared -> global of one box at coordinates (innermost first); the parts of the
+/// box outside the tensor are not written. Completes in the calling thread's bulk group.
+__device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, const void* src, int c0, int c1, int c2) {
+#if XQ_SM90A
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
+                   reinterpret_cast<std::uint64_t>(map)),
+               "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_commit() {
+#if XQ_SM90A
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+/// Waits until at most N of this thread's bulk groups are pending (Read: only their reads of shared
+/// memory need to be done, so the buffer may be reused).
+template <int N, bool Read>
+__device__ __forceinline__ void bulk_wait() {
+#if XQ_SM90A
+  if constexpr (Read) asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+  else asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+/// Makes this thread's shared-memory writes visible to the async proxy (a following TMA store).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+#if XQ_SM90A
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+/// Barrier `id` (1..15; 0 is __syncthreads') over the first `threads` threads' warps.
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // ---- device: wgmma --------------------------------------------------------------------------------
 
 /// Descriptor of a K-major bf16 operand tile in shared memory written by TMA with 128-byte
