@@ -452,6 +452,8 @@ template <class Q>
 void launch_remat_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, const bf16* w, index_t ldw, index_t N,
                         const EpilogueArgs& e, bf16* out, index_t ldo, cudaStream_t stream) {
   using namespace wg;
+  static_assert(kSmemBytes<Q> <= 227 * 1024, "remat_wgmma: over sm_90's 227 KB of shared memory per block");
+  static_assert(STAGES * kBTileBytes % 1024 == 0, "remat_wgmma: the staged output tile must start 1024-byte aligned");
   const auto& s = x.shape();
   const cuuint64_t wdims[2] = {static_cast<cuuint64_t>(s.width), static_cast<cuuint64_t>(N)};
   const cuuint64_t wstrides[1] = {static_cast<cuuint64_t>(ldw) * 2};
