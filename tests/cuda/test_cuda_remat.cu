@@ -15,14 +15,16 @@ namespace {
 /// bf16-rounded copy of v.
 std::vector<float> bf(std::vector<float> v) { return xqcuda::round_to<xc::bf16>(std::move(v)); }
 
-/// Appends `len` random activation rows to every sequence of `st` (in two chunks, the first of
-/// `first` rows) and returns each sequence's X̂ from the CPU reference, rounded to bf16 (the
-/// remat kernels' A operand).
+/// Appends `len` random activation rows (`len + extra` to the last sequence) to every sequence of
+/// `st` (in two chunks, the first of `first` rows) and returns each sequence's X̂ from the CPU
+/// reference, rounded to bf16 (the remat kernels' A operand).
 template <class Q>
-std::vector<std::vector<float>> fill(xc::DeviceStream<Q>& st, std::mt19937_64& rng, index_t len, index_t first) {
+std::vector<std::vector<float>> fill(xc::DeviceStream<Q>& st, std::mt19937_64& rng, index_t len0, index_t first,
+                                     index_t extra = 0) {
   const auto& sh = st.shape();
   std::vector<std::vector<float>> xhat(static_cast<std::size_t>(sh.batch));
   for (int b = 0; b < sh.batch; ++b) {
+    const index_t len = len0 + (b == sh.batch - 1 ? extra : 0);
     auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, len, sh.width));
     auto d = xqcuda::to_device<xc::bf16>(x);
     st.append(b, d.data(), first, sh.width, nullptr);
@@ -206,8 +208,11 @@ void check_dequant_positions() {
 
 /// The wgmma kernel against the float64 reference and against the simple path (cuBLAS on the
 /// same bf16 X̂): several ring wraps (width 1024 = 16 k steps, 4 stages), partial row and column
-/// tiles, two sequences, bias and RoPE. Per-channel streams: the range starts inside a token
-/// group (tiles and warps straddle groups) and ends with the open group's window rows.
+/// tiles, two sequences, bias and RoPE; a long range and a one-token range. Storage is poisoned
+/// (NaN parameters) before the appends, and the output buffer has poisoned rows past its end.
+/// Per-channel streams: the range starts inside a token group (tiles and warps straddle groups)
+/// and ends with sequence 0's open-group window rows; sequence 1 is longer, so the same tokens
+/// have codes there (each tile must use its own sequence's length).
 template <class Q>
 void check_wgmma_remat(index_t group) {
   XQ_REQUIRE_DEVICE();
@@ -216,70 +221,83 @@ void check_wgmma_remat(index_t group) {
   INFO("seed ", seed, " bits ", Q::bits, " group ", group, " symmetric ", Q::scheme == xq::Scheme::Symmetric);
   const int B = 2;
   constexpr bool channel = Q::axis == Axis::Channel;
-  const index_t width = 1024, cap = channel ? 768 : 700, len = 650, begin = 3, end = channel ? len : 640;
-  const index_t count = end - begin;
+  const index_t width = 1024, cap = channel ? 1024 : 700, len = 650, longer = channel ? 140 : 0;
   cudaStream_t s = nullptr;
   xc::DeviceStream<Q> st({B, cap, width, group});
-  const auto xhat = fill(st, rng, len, channel ? 200 : len);
-  if (channel) REQUIRE(len % group != 0);  // window rows in the range
-  const xq::Rope rope(128, 1024);
-  const xc::DeviceRope drope(rope);
-  xc::Cublas blas;
-  xc::DeviceBuffer<xc::bf16> scratch;
-  for (const Case c : {Case{512, true, true}, Case{264, false, false}, Case{384, true, false}}) {
-    CAPTURE(c.n);
-    CAPTURE(c.rope);
-    CAPTURE(c.bias);
-    const bool rotate = c.rope && c.n % 128 == 0;
-    const Operand o(rng, c.n, width, c.bias, rotate ? &drope : nullptr);
-    const xc::RematOperand& op = o.op;
-    if (xc::sm90a_kernels()) CHECK(xc::fused_remat_kernel(st, begin, end) == xc::FusedRematKernel::Wgmma);
-    else MESSAGE("no sm_90a code for this device: remat_fused runs the portable kernel");
+  st.fill_storage(0xff, s);  // codes 0xff, NaN parameters and window: a read of unwritten storage shows
+  const auto xhat = fill(st, rng, len, channel ? 200 : len, longer);
+  if (channel) {  // window rows in sequence 0's part of the range, codes for the same tokens in sequence 1's
+    REQUIRE(len % group != 0);
+    REQUIRE(xc::StreamView<Q>::quantized(len + longer, group) >= len);
+  }
+  struct Range {
+    index_t begin, end;
+  };
+  const index_t last = channel ? len : 640;
+  for (const Range range : {Range{3, last}, Range{last - 1, last}}) {
+    const index_t begin = range.begin, end = range.end, count = end - begin;
+    CAPTURE(begin);
+    CAPTURE(end);
+    const xq::Rope rope(128, 1024);
+    const xc::DeviceRope drope(rope);
+    xc::Cublas blas;
+    xc::DeviceBuffer<xc::bf16> scratch;
+    for (const Case c : {Case{512, true, true}, Case{264, false, false}, Case{384, true, false}}) {
+      CAPTURE(c.n);
+      CAPTURE(c.rope);
+      CAPTURE(c.bias);
+      const bool rotate = c.rope && c.n % 128 == 0;
+      const Operand o(rng, c.n, width, c.bias, rotate ? &drope : nullptr);
+      const xc::RematOperand& op = o.op;
+      if (xc::sm90a_kernels()) CHECK(xc::fused_remat_kernel(st, begin, end) == xc::FusedRematKernel::Wgmma);
+      else MESSAGE("no sm_90a code for this device: remat_fused runs the portable kernel");
 
-    const auto ref = remat_reference(xhat, begin, end, width, o.w, c.n, c.bias ? o.bias.data() : nullptr, rotate ? 128 : 0);
-    const index_t ldo = c.n + 8;  // a row stride past N: nothing outside [0, N) may be written
-    xc::DeviceBuffer<xc::bf16> fused(static_cast<std::size_t>(B * count * ldo)), simple(fused.size());
-    fused.fill_bytes(0xff, s);
-    simple.fill_bytes(0xff, s);
-    xc::remat_fused(st, begin, end, op, fused.data(), ldo, s);
-    xc::remat_simple(st, begin, end, op, simple.data(), ldo, blas, scratch, s);
-    // The persistent grid with fewer blocks than tiles: each block works through several tiles,
-    // its ring's stages and phases running on across them. Same kernel, same sums: equal bits.
-    xc::DeviceBuffer<xc::bf16> few(fused.size());
-    few.fill_bytes(0xff, s);
-    xc::detail::remat_wgmma_max_blocks = 3;
-    xc::remat_fused(st, begin, end, op, few.data(), ldo, s);
-    xc::detail::remat_wgmma_max_blocks = 0;
-    {
-      const auto x = xqcuda::to_host(few), y = xqcuda::to_host(fused);  // bf16 bits, NaN padding included
-      CHECK(std::memcmp(x.data(), y.data(), x.size() * sizeof(xc::bf16)) == 0);
-    }
-    const auto f = xqcuda::to_host_float(fused), g = xqcuda::to_host_float(simple);
-    std::vector<float> fv, gv;
-    int pad_written = 0;
-    for (index_t r = 0; r < B * count; ++r)
-      for (index_t j = 0; j < ldo; ++j) {
-        const float a = f[r * ldo + j], b = g[r * ldo + j];
-        if (j < c.n) fv.push_back(a), gv.push_back(b);
-        else pad_written += !std::isnan(a);
+      const auto ref = remat_reference(xhat, begin, end, width, o.w, c.n, c.bias ? o.bias.data() : nullptr, rotate ? 128 : 0);
+      const index_t ldo = c.n + 8;  // a row stride past N: nothing outside [0, N) may be written
+      const index_t guard = 64;      // rows past the output's end: nothing may be written there either
+      xc::DeviceBuffer<xc::bf16> fused(static_cast<std::size_t>((B * count + guard) * ldo)), simple(fused.size());
+      fused.fill_bytes(0xff, s);
+      simple.fill_bytes(0xff, s);
+      xc::remat_fused(st, begin, end, op, fused.data(), ldo, s);
+      xc::remat_simple(st, begin, end, op, simple.data(), ldo, blas, scratch, s);
+      // The persistent grid with fewer blocks than tiles: each block works through several tiles,
+      // its ring's stages and phases running on across them. Same kernel, same sums: equal bits.
+      xc::DeviceBuffer<xc::bf16> few(fused.size());
+      few.fill_bytes(0xff, s);
+      xc::detail::remat_wgmma_max_blocks = 3;
+      xc::remat_fused(st, begin, end, op, few.data(), ldo, s);
+      xc::detail::remat_wgmma_max_blocks = 0;
+      {
+        const auto x = xqcuda::to_host(few), y = xqcuda::to_host(fused);  // bf16 bits, NaN padding included
+        CHECK(std::memcmp(x.data(), y.data(), x.size() * sizeof(xc::bf16)) == 0);
       }
-    CHECK(pad_written == 0);
-    CHECK(xqtest::all_finite(fv));
-    // bf16 outputs of the same bf16 product: float64 reference within bf16 rounding (2^-9 per
-    // element, norm-wise ~1e-3); fused vs simple differ only by fp32 summation order and the simple
-    // path's extra rounding before the epilogue.
-    CHECK(xqtest::rel_error(fv, ref) < 5e-3);
-    CHECK(xqtest::rel_error(fv, gv) < 5e-3);
-    if (!c.rope && !c.bias) {
-      // Without an epilogue both are round_bf16 of fp32 sums of identical products: at most one
-      // bf16 ulp (2^-7 relative) apart, plus fp32 summation noise near zero.
-      double rms = 0;
-      for (float x : gv) rms += static_cast<double>(x) * x;
-      rms = std::sqrt(rms / static_cast<double>(gv.size()));
-      int far = 0;
-      for (std::size_t i = 0; i < fv.size(); ++i)
-        far += std::fabs(fv[i] - gv[i]) > std::ldexp(std::max(std::fabs(fv[i]), std::fabs(gv[i])), -7) + 1e-4 * rms;
-      CHECK(far == 0);
+      const auto f = xqcuda::to_host_float(fused), g = xqcuda::to_host_float(simple);
+      std::vector<float> fv, gv;
+      int pad_written = 0;
+      for (index_t r = 0; r < B * count + guard; ++r)
+        for (index_t j = 0; j < ldo; ++j) {
+          const float a = f[r * ldo + j], b = g[r * ldo + j];
+          if (j < c.n && r < B * count) fv.push_back(a), gv.push_back(b);
+          else pad_written += !std::isnan(a);
+        }
+      CHECK(pad_written == 0);
+      CHECK(xqtest::all_finite(fv));
+      // bf16 outputs of the same bf16 product: float64 reference within bf16 rounding (2^-9 per
+      // element, norm-wise ~1e-3); fused vs simple differ only by fp32 summation order and the simple
+      // path's extra rounding before the epilogue.
+      CHECK(xqtest::rel_error(fv, ref) < 5e-3);
+      CHECK(xqtest::rel_error(fv, gv) < 5e-3);
+      if (!c.rope && !c.bias) {
+        // Without an epilogue both are round_bf16 of fp32 sums of identical products: at most one
+        // bf16 ulp (2^-7 relative) apart, plus fp32 summation noise near zero.
+        double rms = 0;
+        for (float x : gv) rms += static_cast<double>(x) * x;
+        rms = std::sqrt(rms / static_cast<double>(gv.size()));
+        int far = 0;
+        for (std::size_t i = 0; i < fv.size(); ++i)
+          far += std::fabs(fv[i] - gv[i]) > std::ldexp(std::max(std::fabs(fv[i]), std::fabs(gv[i])), -7) + 1e-4 * rms;
+        CHECK(far == 0);
+      }
     }
   }
 }
@@ -308,4 +326,7 @@ TEST_CASE("cuda remat wgmma: 2-bit per-channel, groups of 32 (5 token groups per
 }
 TEST_CASE("cuda remat wgmma: 4-bit symmetric per-channel, groups of 64") {
   check_wgmma_remat<xq::quant::Uniform<4, Axis::Channel, xq::Scheme::Symmetric>>(64);
+}
+TEST_CASE("cuda remat wgmma: 4-bit per-channel, groups of 256") {
+  check_wgmma_remat<xq::quant::Uniform<4, Axis::Channel>>(256);
 }
