@@ -94,13 +94,22 @@ struct RowScale {
   float s[4];
   float z;
 };
+/// The fp16 parameter in the low 16 bits of `h` as a float (in hardware, see RowScale).
+__device__ __forceinline__ float param_float(std::uint32_t h) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(h)));
+}
+/// `scale` times 2^-offset(i): what dequant_at takes for code position i.
+template <int Bits>
+__device__ __forceinline__ float step_scale(float scale, int i) {
+  return __fmul_rn(scale, __uint_as_float((127u - StepCodes<Bits>::offset(i)) << 23));
+}
 template <class Q>
 __device__ __forceinline__ RowScale row_scale(std::uint32_t prm) {
-  const float scale = __half2float(__ushort_as_half(static_cast<unsigned short>(prm)));
+  const float scale = param_float(prm);
   RowScale r;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) r.s[i] = __fmul_rn(scale, __uint_as_float((127u - StepCodes<Q::bits>::offset(i)) << 23));
-  r.z = Q::scheme == Scheme::Asymmetric ? __half2float(__ushort_as_half(static_cast<unsigned short>(prm >> 16))) : 0.0f;
+  for (int i = 0; i < 4; ++i) r.s[i] = step_scale<Q::bits>(scale, i);
+  r.z = Q::scheme == Scheme::Asymmetric ? param_float(prm >> 16) : 0.0f;
   return r;
 }
 
@@ -150,9 +159,8 @@ __device__ __forceinline__ ChanScale chan_scale(const std::uint16_t* row, int k,
   ChanScale r;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float scale = __half2float(__ushort_as_half(static_cast<unsigned short>(q[i])));
-    r.s[i] = __fmul_rn(scale, __uint_as_float((127u - StepCodes<Q::bits>::offset(i)) << 23));
-    r.z[i] = P == 2 ? __half2float(__ushort_as_half(static_cast<unsigned short>(q[i] >> 16))) : 0.0f;
+    r.s[i] = step_scale<Q::bits>(param_float(q[i]), i);
+    r.z[i] = P == 2 ? param_float(q[i] >> 16) : 0.0f;
   }
   return r;
 }
@@ -306,7 +314,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     auto advance_tile = [&] {
 #pragma unroll
       for (int i = 0; i < RB / 4; ++i) w0[i] = nw0[i], w1[i] = nw1[i];
-      rs0 = nrs0, rs1 = nrs1;
+      if constexpr (!kChannel) rs0 = nrs0, rs1 = nrs1;  // (per-channel streams have no row scales)
     };
     auto build = [&](int kt, int k, std::uint32_t(&a)[4]) {  // step k of k tile kt
       const std::uint32_t u0 = C::gather(w0, k, c), u1 = C::gather(w1, k, c);
