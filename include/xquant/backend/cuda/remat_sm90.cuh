@@ -19,9 +19,10 @@
 //     bf16 into a 128-byte swizzled tile in shared memory, stored by TMA (four 64-column boxes,
 //     clipped at the range's rows and N). The stores run on while the consumers start the next
 //     tile (measured: a few per cent in the K = 1024 latent rows, nothing visible at K = 4096).
-// Measured (bench/cuda/NOTES.md, items 15-16): without the dequantization the same kernel runs
-// at 0.9 of cuBLAS; the ~3.5 instructions per value of the dequantization cost about 20 % of the
-// tensor pipe's throughput, though issue slots are only ~37 % busy.
+// Measured (bench/cuda/NOTES.md, items 15-16 and 23): without the dequantization the same kernel
+// runs at 0.9 of cuBLAS; the dequantization (three instructions per value and half a pack, plus
+// the parameters' conversion) costs tensor-pipe throughput although issue slots are far from busy,
+// and taking instructions out of it measured faster.
 // Per-channel streams (the latent keys) take the same kernel: their parameters (per token group
 // and channel) arrive by TMA with each stage, a tile's few token groups × the k step's 64
 // channels, and each k step's A is dequantized with its four channels' scales; rows of the open
@@ -101,7 +102,9 @@ __device__ __forceinline__ float param_float(std::uint32_t h) {
 /// `scale` times 2^-offset(i): what dequant_at takes for code position i.
 template <int Bits>
 __device__ __forceinline__ float step_scale(float scale, int i) {
-  return __fmul_rn(scale, __uint_as_float((127u - StepCodes<Bits>::offset(i)) << 23));
+  // (The compiler keeps a multiplication by 1 written as __fmul_rn: code position 0 skips it.)
+  const int o = StepCodes<Bits>::offset(i);
+  return o == 0 ? scale : __fmul_rn(scale, __uint_as_float((127u - o) << 23));
 }
 template <class Q>
 __device__ __forceinline__ RowScale row_scale(std::uint32_t prm) {
@@ -113,6 +116,15 @@ __device__ __forceinline__ RowScale row_scale(std::uint32_t prm) {
   return r;
 }
 
+/// `(u & mask) | 0x4B000000` in one LOP3. Written as C++, the compiler emits an AND and an OR (a
+/// LOP3 takes one immediate), four instructions per value instead of three. The asm takes the
+/// exponent from a register, which ptxas keeps loaded across the loop.
+template <std::uint32_t Mask>
+__device__ __forceinline__ std::uint32_t or_exponent(std::uint32_t u, std::uint32_t exponent) {
+  std::uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(u), "n"(Mask), "r"(exponent));  // (a & b) | c
+  return r;
+}
 /// Q::decode of the code at position I of `u`, bit for bit, in three instructions. A code c at
 /// bit offset o is read as a float by or-ing it into the mantissa of 2^23 (F = 2^23 + c·2^o, exact
 /// for o + bits <= 23) and subtracting 2^23; (s·2^-o)·(c·2^o) is then exactly s·c. decode rounds
@@ -123,7 +135,7 @@ template <class Q, int I>
 __device__ __forceinline__ float dequant_at(std::uint32_t u, float s, float z) {
   using C = StepCodes<Q::bits>;
   constexpr int o = C::offset(I);
-  const float f = __uint_as_float(0x4B000000u | (u & (C::kMask << o)));
+  const float f = __uint_as_float(or_exponent<(C::kMask << o)>(u, 0x4B000000u));
   if constexpr (Q::scheme == Scheme::Asymmetric) {
     return __fmaf_rn(s, __fsub_rn(f, 8388608.0f), z);
   } else {
@@ -182,6 +194,14 @@ inline bool remat_wgmma_disabled = false;
 struct RematTiles {
   long long n_tiles, m_tiles, total;
   __device__ void at(long long t, int& n0, int& m0, int& seq) const {
+    if (total <= 0xFFFFFFFFll) {  // 32-bit divisions: a few instructions, not a 64-bit division's call
+      const unsigned u = static_cast<unsigned>(t), nt = static_cast<unsigned>(n_tiles);
+      const unsigned rest = u / nt;
+      n0 = static_cast<int>(u - rest * nt) * wg::BN;
+      m0 = static_cast<int>(rest % static_cast<unsigned>(m_tiles)) * wg::BM;
+      seq = static_cast<int>(rest / static_cast<unsigned>(m_tiles));
+      return;
+    }
     const long long n = t % n_tiles, rest = t / n_tiles;
     n0 = static_cast<int>(n) * wg::BN, m0 = static_cast<int>(rest % m_tiles) * wg::BM;
     seq = static_cast<int>(rest / m_tiles);
@@ -270,7 +290,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     // fp16 window (rows past the range need no care: an A row only reaches its own output row).
     int q0 = 0, q1 = 0;
     bool split = false, win0 = false, win1 = false, any_window = false;
-    const std::uint16_t *wrow0 = nullptr, *wrow1 = nullptr;
+    const std::uint16_t *wrow0 = nullptr, *wrow1 = nullptr;  // window columns 2c of the k tile build reads
     if constexpr (kChannel) {
       const int first = (begin + m0) >> v.group_shift;
       q0 = ((begin + m0 + lr0) >> v.group_shift) - first, q1 = ((begin + m0 + lr1) >> v.group_shift) - first;
@@ -278,7 +298,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
       const index_t quantized = StreamView<Q>::quantized(v.length[seq], v.group);
       win0 = ok0 && begin + m0 + lr0 >= quantized, win1 = ok1 && begin + m0 + lr1 >= quantized;
       any_window = __any_sync(~0u, win0 || win1);
-      wrow0 = v.window_row(seq, begin + m0 + lr0), wrow1 = v.window_row(seq, begin + m0 + lr1);
+      wrow0 = v.window_row(seq, begin + m0 + lr0) + 2 * c, wrow1 = v.window_row(seq, begin + m0 + lr1) + 2 * c;
     }
     auto stage_of = [&](int kt) { return static_cast<int>((i0 + kt) % STAGES); };
     auto phase_of = [&](int kt) { return (i0 + kt) / STAGES & 1u; };
@@ -331,10 +351,9 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         a[1] = pack_bf16x2(dequant_at<Q, 0>(u1, s1.s[0], s1.z[0]), dequant_at<Q, 1>(u1, s1.s[1], s1.z[1]));
         a[2] = pack_bf16x2(dequant_at<Q, 2>(u0, s0.s[2], s0.z[2]), dequant_at<Q, 3>(u0, s0.s[3], s0.z[3]));
         a[3] = pack_bf16x2(dequant_at<Q, 2>(u1, s1.s[2], s1.z[2]), dequant_at<Q, 3>(u1, s1.s[3], s1.z[3]));
-        if (any_window) {
-          const int col = kt * BK + 16 * k + 2 * c;
-          if (win0) a[0] = window_pair(wrow0 + col), a[2] = window_pair(wrow0 + col + 8);
-          if (win1) a[1] = window_pair(wrow1 + col), a[3] = window_pair(wrow1 + col + 8);
+        if (any_window) {  // (wrow0/1 point at k tile kt: constant offsets here, no address math per step)
+          if (win0) a[0] = window_pair(wrow0 + 16 * k), a[2] = window_pair(wrow0 + 16 * k + 8);
+          if (win1) a[1] = window_pair(wrow1 + 16 * k), a[3] = window_pair(wrow1 + 16 * k + 8);
         }
       }
     };
@@ -365,7 +384,10 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         if (k < 3) build(kt, k + 1, nxt);
         if (k == 0 && kt + 1 < KT) prefetch_scales(kt + 1);
         if (k == 1 && kt + 1 < KT) prefetch_codes(kt + 1);
-        if (k == 3 && kt + 1 < KT) advance_tile(), build(kt + 1, 0, nxt);
+        if (k == 3 && kt + 1 < KT) {
+          if constexpr (kChannel) wrow0 += BK, wrow1 += BK;  // build reads k tile kt + 1 from here on
+          advance_tile(), build(kt + 1, 0, nxt);
+        }
       }
     }
     sm90::wgmma_wait<0>();
@@ -374,55 +396,63 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     if (lane == 0) sm90::mbar_arrive(&empty[stage_of(KT - 1)]);
 
     // Epilogue: accumulator 4j + 2h + q holds (row lr0 + 8h, column n0 + 8j + 2c + q). Bias and
-    // RoPE as epilogue2 computes them, but with the table reads of 8 column pairs issued together
-    // before their use (one latency per 8 pairs, not two per pair) and the pair's index within its
-    // head kept as a running remainder instead of a division per pair.
-    // The results go to the staged tile: box j0 / 8 (columns 64·(j0/8) on), row lr, 16-byte chunk
-    // jj xor (lr mod 8), as TMA's 128-byte swizzle lays it out (and free of bank conflicts: the
-    // 8 rows of a warp's store hit 8 different chunks). Rows past the range are left out; TMA
-    // clips them, and columns past N.
+    // RoPE with epilogue2's float operations, arranged for few load latencies and instructions:
+    //   - a row's table reads for 16 column pairs are issued together, before their use;
+    //   - the pair's index within its head is a running remainder (no division per pair), and
+    //     when the head width divides 128, columns j and j + 16 are 128 apart and read the same
+    //     table entries: the second half of the row reuses the first half's reads;
+    //   - the column checks against N are predicates; columns past N are written to the staged
+    //     tile anyway (their W rows were zero-filled) and TMA does not store them.
+    // (Measured, ncu: with both rows' reads issued before either is used, register pressure
+    // made the epilogue spill and run slower.)
+    // The results go to the staged tile: box j / 8 (columns 64·(j/8) on), row lr, 16-byte chunk
+    // (j mod 8) xor (lr mod 8), as TMA's 128-byte swizzle lays it out (and free of bank conflicts:
+    // the 8 rows of a warp's store hit 8 different chunks). Rows past the range are left out;
+    // TMA clips them.
     // First, the previous tile's stores must have read the staged tile.
     if (t == 0) sm90::bulk_wait<0, true>();
     sm90::named_barrier(1, 32 * kConsumerWarps);
-    const bool has_bias = e.bias != nullptr;
-    const int hd = e.head_dim;
-    const int c0 = hd ? (n0 + 2 * c) % hd : 0;  // column of j = 0 within its head
+    {
+      constexpr int kHalf = 16;  // column pairs per batch of table reads
+      const bool has_bias = e.bias != nullptr;
+      const int hd = e.head_dim;
+      const bool same_halves = hd != 0 && (8 * kHalf) % hd == 0;
+      const int c0 = hd ? (n0 + 2 * c) % hd : 0;  // column of j = 0 within its head
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (!(h ? ok1 : ok0)) continue;
-      const int lr = h ? lr1 : lr0;
-      const index_t pos = begin + m0 + lr;
-      unsigned char* const dst = out_tile + lr * (kOutBoxCols * 2) + 4 * c;
-      const float* const cos_row = hd ? e.cos + pos * (hd / 2) : nullptr;
-      const float* const sin_row = hd ? e.sin + pos * (hd / 2) : nullptr;
-      int within = c0;
+      for (int h = 0; h < 2; ++h) {
+        if (!(h ? ok1 : ok0)) continue;
+        const int lr = h ? lr1 : lr0;
+        const index_t pos = begin + m0 + lr;
+        unsigned char* const dst = out_tile + lr * (kOutBoxCols * 2) + 4 * c;
+        const float* const cos_row = hd ? e.cos + pos * (hd / 2) : nullptr;
+        const float* const sin_row = hd ? e.sin + pos * (hd / 2) : nullptr;
+        float cs[kHalf], sn[kHalf];
+        int within = c0;
 #pragma unroll
-      for (int j0 = 0; j0 < 32; j0 += 8) {
-        float b0[8], b1[8], cs[8], sn[8];
+        for (int j0 = 0; j0 < 32; j0 += kHalf) {
+          if (j0 == 0 || !same_halves) {
 #pragma unroll
-        for (int jj = 0; jj < 8; ++jj) {
-          const int col = n0 + 8 * (j0 + jj) + 2 * c;
-          b0[jj] = b1[jj] = 0.0f, cs[jj] = 1.0f, sn[jj] = 0.0f;
-          if (col < N) {
-            if (has_bias) b0[jj] = e.bias[col], b1[jj] = e.bias[col + 1];
-            if (hd) cs[jj] = cos_row[within >> 1], sn[jj] = sin_row[within >> 1];
+            for (int jj = 0; jj < kHalf; ++jj) {
+              const int col = n0 + 8 * (j0 + jj) + 2 * c;
+              cs[jj] = 1.0f, sn[jj] = 0.0f;
+              if (hd && col < N) cs[jj] = cos_row[within >> 1], sn[jj] = sin_row[within >> 1];
+              within += 8;
+              within = within >= hd ? within - hd : within;
+            }
           }
-          within += 8;
-          within = within >= hd ? within - hd : within;
-        }
 #pragma unroll
-        for (int jj = 0; jj < 8; ++jj) {
-          const int j = j0 + jj, col = n0 + 8 * j + 2 * c;
-          if (col >= N) continue;
-          float x0 = acc[4 * j + 2 * h], x1 = acc[4 * j + 2 * h + 1];
-          if (has_bias) x0 += b0[jj], x1 += b1[jj];
-          if (hd) {
-            const float a = x0, b = x1;
-            x0 = a * cs[jj] - b * sn[jj];
-            x1 = a * sn[jj] + b * cs[jj];
+          for (int jj = 0; jj < kHalf; ++jj) {
+            const int j = j0 + jj, col = n0 + 8 * j + 2 * c;
+            float x0 = acc[4 * j + 2 * h], x1 = acc[4 * j + 2 * h + 1];
+            if (has_bias && col < N) x0 += e.bias[col], x1 += e.bias[col + 1];
+            if (hd) {
+              const float a = x0, b = x1;
+              x0 = a * cs[jj] - b * sn[jj];
+              x1 = a * sn[jj] + b * cs[jj];
+            }
+            *reinterpret_cast<std::uint32_t*>(dst + (j / 8) * kOutBoxBytes + (((j % 8) ^ (lr & 7)) << 4)) =
+                pack_bf16x2(x0, x1);
           }
-          *reinterpret_cast<std::uint32_t*>(dst + (j0 / 8) * kOutBoxBytes + ((jj ^ (lr & 7)) << 4)) =
-              pack_bf16x2(x0, x1);
         }
       }
     }
