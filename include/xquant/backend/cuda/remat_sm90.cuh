@@ -150,29 +150,44 @@ __device__ __forceinline__ float dequant_one(std::uint32_t u, const RowScale& r)
 }
 
 /// Per-channel streams: the parameters of a thread's four channels of one k step (2c, 2c+1,
-/// 2c+8, 2c+9 of the 16), each scale pre-multiplied by 2^-offset(i) as in RowScale. `row` is one
-/// token group's row of the stage's parameter tile (the k step's 64 channels).
+/// 2c+8, 2c+9 of the 16), each scale pre-multiplied by 2^-offset(i) as in RowScale. They are
+/// read in two parts: chan_words takes the raw fp16 words from `row`, one token group's row of
+/// the stage's parameter tile (the k step's 64 channels), and chan_scale converts them. The
+/// kernel reads a step ahead, so the shared-memory latency is not on the path between two wgmma
+/// issues.
+struct ChanWords {
+  std::uint32_t q[4];  // (scale | zero << 16) per channel
+};
 struct ChanScale {
   float s[4], z[4];
 };
 template <class Q>
-__device__ __forceinline__ ChanScale chan_scale(const std::uint16_t* row, int k, int c) {
+__device__ __forceinline__ ChanWords chan_words(const std::uint16_t* row, int k, int c) {
   constexpr int P = Q::params_per_group;
   const std::uint16_t* p = row + (16 * k + 2 * c) * P;
-  std::uint32_t q[4];  // (scale | zero << 16) per channel
+  // volatile asm: the compiler moved plain loads down to their use, right behind the next wgmma
+  // issue, where the conversion then waited for them (ncu: the mainloop's top stall).
+  const std::uint32_t a = sm90::smem_addr(p);
+  ChanWords w;
   if constexpr (P == 2) {
-    const uint2 lo = *reinterpret_cast<const uint2*>(p), hi = *reinterpret_cast<const uint2*>(p + 8 * P);
-    q[0] = lo.x, q[1] = lo.y, q[2] = hi.x, q[3] = hi.y;
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%4];\n\tld.shared.v2.u32 {%2, %3}, [%4 + 32];\n"
+                 : "=r"(w.q[0]), "=r"(w.q[1]), "=r"(w.q[2]), "=r"(w.q[3])
+                 : "r"(a)
+                 : "memory");
   } else {
-    const std::uint32_t lo = *reinterpret_cast<const std::uint32_t*>(p);
-    const std::uint32_t hi = *reinterpret_cast<const std::uint32_t*>(p + 8 * P);
-    q[0] = lo & 0xFFFFu, q[1] = lo >> 16, q[2] = hi & 0xFFFFu, q[3] = hi >> 16;
+    std::uint32_t lo, hi;
+    asm volatile("ld.shared.u32 %0, [%2];\n\tld.shared.u32 %1, [%2 + 16];\n" : "=r"(lo), "=r"(hi) : "r"(a) : "memory");
+    w.q[0] = lo & 0xFFFFu, w.q[1] = lo >> 16, w.q[2] = hi & 0xFFFFu, w.q[3] = hi >> 16;
   }
+  return w;
+}
+template <class Q>
+__device__ __forceinline__ ChanScale chan_scale(const ChanWords& w) {
   ChanScale r;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    r.s[i] = step_scale<Q::bits>(param_float(q[i]), i);
-    r.z[i] = P == 2 ? param_float(q[i] >> 16) : 0.0f;
+    r.s[i] = step_scale<Q::bits>(param_float(w.q[i]), i);
+    r.z[i] = Q::params_per_group == 2 ? param_float(w.q[i] >> 16) : 0.0f;
   }
   return r;
 }
@@ -336,6 +351,17 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
       for (int i = 0; i < RB / 4; ++i) w0[i] = nw0[i], w1[i] = nw1[i];
       if constexpr (!kChannel) rs0 = nrs0, rs1 = nrs1;  // (per-channel streams have no row scales)
     };
+    // Per-channel: the parameter words of rows lr0, lr1 for step k in slot k % 2. They are read
+    // two steps ahead, before the wait for the previous wgmma (ncu: read one step ahead, right
+    // before the next wgmma issue, their conversion waited for shared memory).
+    ChanWords pw0[2], pw1[2];
+    auto fetch_params = [&](int kt, int k) {  // step k of k tile kt, whose stage has arrived
+      if constexpr (kChannel) {
+        const auto* prm = reinterpret_cast<const std::uint16_t*>(param_tiles + stage_of(kt) * kParamTileBytes<Q>);
+        pw0[k & 1] = chan_words<Q>(prm + q0 * BK * PPG, k, c);
+        if (split) pw1[k & 1] = chan_words<Q>(prm + q1 * BK * PPG, k, c);
+      }
+    };
     auto build = [&](int kt, int k, std::uint32_t(&a)[4]) {  // step k of k tile kt
       const std::uint32_t u0 = C::gather(w0, k, c), u1 = C::gather(w1, k, c);
       if constexpr (!kChannel) {
@@ -344,13 +370,17 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         a[2] = pack_bf16x2(dequant_one<Q, 2>(u0, rs0), dequant_one<Q, 3>(u0, rs0));
         a[3] = pack_bf16x2(dequant_one<Q, 2>(u1, rs1), dequant_one<Q, 3>(u1, rs1));
       } else {
-        const auto* prm = reinterpret_cast<const std::uint16_t*>(param_tiles + stage_of(kt) * kParamTileBytes<Q>);
-        const ChanScale s0 = chan_scale<Q>(prm + q0 * BK * PPG, k, c);
-        const ChanScale s1 = split ? chan_scale<Q>(prm + q1 * BK * PPG, k, c) : s0;
-        a[0] = pack_bf16x2(dequant_at<Q, 0>(u0, s0.s[0], s0.z[0]), dequant_at<Q, 1>(u0, s0.s[1], s0.z[1]));
-        a[1] = pack_bf16x2(dequant_at<Q, 0>(u1, s1.s[0], s1.z[0]), dequant_at<Q, 1>(u1, s1.s[1], s1.z[1]));
-        a[2] = pack_bf16x2(dequant_at<Q, 2>(u0, s0.s[2], s0.z[2]), dequant_at<Q, 3>(u0, s0.s[3], s0.z[3]));
-        a[3] = pack_bf16x2(dequant_at<Q, 2>(u1, s1.s[2], s1.z[2]), dequant_at<Q, 3>(u1, s1.s[3], s1.z[3]));
+        auto dequant = [&](const ChanScale& s0, const ChanScale& s1) {
+          a[0] = pack_bf16x2(dequant_at<Q, 0>(u0, s0.s[0], s0.z[0]), dequant_at<Q, 1>(u0, s0.s[1], s0.z[1]));
+          a[1] = pack_bf16x2(dequant_at<Q, 0>(u1, s1.s[0], s1.z[0]), dequant_at<Q, 1>(u1, s1.s[1], s1.z[1]));
+          a[2] = pack_bf16x2(dequant_at<Q, 2>(u0, s0.s[2], s0.z[2]), dequant_at<Q, 3>(u0, s0.s[3], s0.z[3]));
+          a[3] = pack_bf16x2(dequant_at<Q, 2>(u1, s1.s[2], s1.z[2]), dequant_at<Q, 3>(u1, s1.s[3], s1.z[3]));
+        };
+        // Two code paths (split is the same for the whole warp): with `s1 = split ? ... : s0`, the
+        // common case paid a register copy of s0 per value.
+        const ChanScale s0 = chan_scale<Q>(pw0[k & 1]);
+        if (split) dequant(s0, chan_scale<Q>(pw1[k & 1]));
+        else dequant(s0, s0);
         if (any_window) {  // (wrow0/1 point at k tile kt: constant offsets here, no address math per step)
           if (win0) a[0] = window_pair(wrow0 + 16 * k), a[2] = window_pair(wrow0 + 16 * k + 8);
           if (win1) a[1] = window_pair(wrow1 + 16 * k), a[3] = window_pair(wrow1 + 16 * k + 8);
@@ -361,7 +391,9 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     prefetch_scales(0);
     prefetch_codes(0);
     advance_tile();
+    fetch_params(0, 0);
     build(0, 0, a[0]);
+    fetch_params(0, 1);
 #pragma unroll 1
     for (int kt = 0; kt < KT; ++kt) {
       const std::uint64_t desc0 = sm90::kmajor_sw128_desc(sm90::smem_addr(b_tiles + stage_of(kt) * kBTileBytes));
@@ -374,6 +406,10 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         sm90::wgmma_fence();
         sm90::wgmma_m64n256k16_rs(acc, cur, desc0 + 2 * k);  // +32 bytes per 16-wide k step
         sm90::wgmma_commit();
+        // Step k + 2's parameters, into the slot build(k) has used (k tile kt + 1's stage arrived
+        // in step 1, before its codes were read).
+        if (k < 2) fetch_params(kt, k + 2);
+        else if (kt + 1 < KT) fetch_params(kt + 1, k - 2);
         sm90::wgmma_wait<1>();  // the previous step has retired: its slot (nxt) is free
 #pragma unroll
         for (int r = 0; r < 4; ++r) sm90::fence_operand(nxt[r]);
