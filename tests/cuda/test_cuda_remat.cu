@@ -238,21 +238,29 @@ void check_wgmma_remat(index_t group) {
     const index_t begin = range.begin, end = range.end, count = end - begin;
     CAPTURE(begin);
     CAPTURE(end);
-    const xq::Rope rope(128, 1024);
-    const xc::DeviceRope drope(rope);
+    // RoPE tables of three head widths: the epilogue reuses a thread's table reads for its second
+    // 128 columns when the head width divides 128 (64, 128), and reads them again when not (96).
+    const xc::DeviceRope rope64(xq::Rope(64, 1024)), rope96(xq::Rope(96, 1024)), rope128(xq::Rope(128, 1024));
+    auto rope_of = [&](index_t hd) { return hd == 64 ? &rope64 : hd == 96 ? &rope96 : hd == 128 ? &rope128 : nullptr; };
     xc::Cublas blas;
     xc::DeviceBuffer<xc::bf16> scratch;
-    for (const Case c : {Case{512, true, true}, Case{264, false, false}, Case{384, true, false}}) {
+    struct EpilogueCase {
+      index_t n, head_dim;  // head_dim 0: no RoPE
+      bool bias;
+    };
+    const EpilogueCase cases[] = {{512, 128, true}, {264, 0, false}, {384, 128, false}, {768, 96, true}, {320, 64, true}};
+    for (const EpilogueCase& c : cases) {
       CAPTURE(c.n);
-      CAPTURE(c.rope);
+      CAPTURE(c.head_dim);
       CAPTURE(c.bias);
-      const bool rotate = c.rope && c.n % 128 == 0;
-      const Operand o(rng, c.n, width, c.bias, rotate ? &drope : nullptr);
+      const bool rotate = c.head_dim != 0;
+      REQUIRE(c.n % (rotate ? c.head_dim : 1) == 0);
+      const Operand o(rng, c.n, width, c.bias, rope_of(c.head_dim));
       const xc::RematOperand& op = o.op;
       if (xc::sm90a_kernels()) CHECK(xc::fused_remat_kernel(st, begin, end) == xc::FusedRematKernel::Wgmma);
       else MESSAGE("no sm_90a code for this device: remat_fused runs the portable kernel");
 
-      const auto ref = remat_reference(xhat, begin, end, width, o.w, c.n, c.bias ? o.bias.data() : nullptr, rotate ? 128 : 0);
+      const auto ref = remat_reference(xhat, begin, end, width, o.w, c.n, c.bias ? o.bias.data() : nullptr, c.head_dim);
       const index_t ldo = c.n + 8;  // a row stride past N: nothing outside [0, N) may be written
       const index_t guard = 64;      // rows past the output's end: nothing may be written there either
       xc::DeviceBuffer<xc::bf16> fused(static_cast<std::size_t>((B * count + guard) * ldo)), simple(fused.size());
@@ -287,7 +295,7 @@ void check_wgmma_remat(index_t group) {
       // path's extra rounding before the epilogue.
       CHECK(xqtest::rel_error(fv, ref) < 5e-3);
       CHECK(xqtest::rel_error(fv, gv) < 5e-3);
-      if (!c.rope && !c.bias) {
+      if (!rotate && !c.bias) {
         // Without an epilogue both are round_bf16 of fp32 sums of identical products: at most one
         // bf16 ulp (2^-7 relative) apart, plus fp32 summation noise near zero.
         double rms = 0;
