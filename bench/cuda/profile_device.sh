@@ -7,6 +7,9 @@
 #       one launch of the kernel: speed-of-light, occupancy, scheduler statistics and the stall
 #       reasons per issued instruction (e.g. kernel remat_wgmma 'remat_fused/L2-7B/B1/L32k/4b',
 #       kernel quantize_tokens 'append/w4096/B8/L32k/4b').
+#   bench/cuda/profile_device.sh source <kernel-regex> <benchmark-filter>
+#       one launch with the full set, then the warp-state samples per SASS instruction
+#       ($OUT/ncu_source.csv) and the instructions that collect the most samples.
 #   bench/cuda/profile_device.sh timeline <benchmark-filter> [launches]
 #       the duration of every kernel of a few iterations of one benchmark (e.g. timeline
 #       'decode_absorbed_gemm/L3.1-8B/B1/L4k/4b'), to see where a multi-kernel path spends its time.
@@ -29,6 +32,12 @@ case "$mode" in
     grep -E "Duration|Throughput|Registers Per|Achieved Occupancy|Eligible|Issued Warp|Executed Instructions|Mem Busy|Max Bandwidth|stalled" "$OUT/ncu_kernel.txt" |
       awk '!/stalled/ || $NF + 0 >= 0.05'
     ;;
+  source)
+    ncu --kernel-name "regex:$1" --launch-skip 2 --launch-count 1 --set full --import-source yes \
+      -o "$OUT/ncu_source" -f "$B" --benchmark_filter="$2" > "$OUT/ncu_source.log" 2>&1 || { tail -20 "$OUT/ncu_source.log"; exit 1; }
+    ncu -i "$OUT/ncu_source.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_source.csv" 2>&1
+    python3 "$(dirname "$0")/top_stalls.py" "$OUT/ncu_source.csv" 40 || head -c 3000 "$OUT/ncu_source.csv"
+    ;;
   timeline)
     ncu --launch-skip "${2:-60}" --launch-count 16 --metrics gpu__time_duration.sum "$B" --benchmark_filter="$1" \
       > "$OUT/ncu_timeline.txt" 2>&1
@@ -36,7 +45,7 @@ case "$mode" in
       awk '{ printf "%10s us  %s\n", $NF, $1 }'
     ;;
   *)
-    echo "usage: $0 kernel <kernel-regex> <benchmark-filter> | timeline <benchmark-filter> [launch-skip]"
+    echo "usage: $0 kernel|source <kernel-regex> <benchmark-filter> | timeline <benchmark-filter> [launch-skip]"
     exit 2
     ;;
 esac
