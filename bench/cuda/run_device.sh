@@ -3,7 +3,8 @@
 # Logs go to $OUT (or ./device-out). Usage: bench/cuda/run_device.sh [benchmark_filter]
 # Dependencies (Eigen, doctest, Google Benchmark) are taken from the system, or from a prefix
 # in $XQ_DEPS (CMAKE_PREFIX_PATH) when the machine lacks them. XQ_SANITIZE=1 also runs every GPU
-# test under compute-sanitizer (memcheck, racecheck) before the benches; full logs in $OUT/sanitize.log.
+# test under compute-sanitizer (memcheck, racecheck) before the benches; full logs in $OUT/sanitize.log
+# (racecheck hazards inside cuBLAS's kernels are reported but do not fail the run).
 # SKIP_BENCH=1 neither builds nor runs the benches (tests and sanitizers only).
 set -o pipefail
 OUT=${OUT:-$PWD/device-out}
@@ -41,7 +42,7 @@ if [ "${XQ_SANITIZE:-0}" = 1 ]; then
   for t in "$BUILD"/tests/cuda/test_cuda_*; do
     [ -x "$t" ] || continue
     for tool in memcheck racecheck; do
-      ( timeout "${XQ_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" "$t" > "$SAN/$tool.$(basename "$t").log" 2>&1
+      ( timeout "${XQ_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --print-limit 100000 "$t" > "$SAN/$tool.$(basename "$t").log" 2>&1
         echo "exit $?" >> "$SAN/$tool.$(basename "$t").log" ) &
       pids+=($!)
     done
@@ -51,6 +52,10 @@ if [ "${XQ_SANITIZE:-0}" = 1 ]; then
     { echo "== $(basename "$f" .log)"; cat "$f"; } >> "$OUT/sanitize.log"
     echo "== $(basename "$f" .log): $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Status:" "$f" | tr '\n' ' ') $(tail -1 "$f")"
     tail -1 "$f" | grep -q "exit 0" || src=1
+    # racecheck exits 0 with hazards. It reports some inside cuBLAS's own GEMM kernels (nvjet*,
+    # seen with CUDA 13.0), which are not ours to fix; a hazard in any other kernel fails the run.
+    ours=$(grep "Race reported" "$f" | grep -vc "nvjet")
+    [ "$ours" -eq 0 ] || { echo "   $ours hazards outside cuBLAS's kernels"; src=1; }
   done
 fi
 brc=0
