@@ -362,7 +362,9 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         if (split) pw1[k & 1] = chan_words<Q>(prm + q1 * BK * PPG, k, c);
       }
     };
-    auto build = [&](int kt, int k, std::uint32_t(&a)[4]) {  // step k of k tile kt
+    // Step k of the k tile whose codes are in w0/w1 (and, per-channel, parameter slot k % 2 and
+    // window pointers wrow0/1).
+    auto build = [&](int k, std::uint32_t(&a)[4]) {
       const std::uint32_t u0 = C::gather(w0, k, c), u1 = C::gather(w1, k, c);
       if constexpr (!kChannel) {
         a[0] = pack_bf16x2(dequant_one<Q, 0>(u0, rs0), dequant_one<Q, 1>(u0, rs0));
@@ -392,7 +394,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     prefetch_codes(0);
     advance_tile();
     fetch_params(0, 0);
-    build(0, 0, a[0]);
+    build(0, a[0]);
     fetch_params(0, 1);
 #pragma unroll 1
     for (int kt = 0; kt < KT; ++kt) {
@@ -417,12 +419,12 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         if (k == 0 && kt > 0 && lane == 0) sm90::mbar_arrive(&empty[stage_of(kt - 1)]);
         // The work between two issues stays short: the next tile's scales and codes come in
         // during steps 0 and 1.
-        if (k < 3) build(kt, k + 1, nxt);
+        if (k < 3) build(k + 1, nxt);
         if (k == 0 && kt + 1 < KT) prefetch_scales(kt + 1);
         if (k == 1 && kt + 1 < KT) prefetch_codes(kt + 1);
         if (k == 3 && kt + 1 < KT) {
           if constexpr (kChannel) wrow0 += BK, wrow1 += BK;  // build reads k tile kt + 1 from here on
-          advance_tile(), build(kt + 1, 0, nxt);
+          advance_tile(), build(0, nxt);
         }
       }
     }
