@@ -233,22 +233,22 @@ void check_wgmma_remat(index_t group) {
   struct Range {
     index_t begin, end;
   };
+  // RoPE tables of three head widths: the epilogue reuses a thread's table reads for its second
+  // 128 columns when the head width divides 128 (64, 128), and reads them again when not (96).
+  const xc::DeviceRope rope64(xq::Rope(64, 1024)), rope96(xq::Rope(96, 1024)), rope128(xq::Rope(128, 1024));
+  auto rope_of = [&](index_t hd) { return hd == 64 ? &rope64 : hd == 96 ? &rope96 : hd == 128 ? &rope128 : nullptr; };
+  xc::Cublas blas;
+  xc::DeviceBuffer<xc::bf16> scratch;
+  struct EpilogueCase {
+    index_t n, head_dim;  // head_dim 0: no RoPE
+    bool bias;
+  };
+  const EpilogueCase cases[] = {{512, 128, true}, {264, 0, false}, {384, 128, false}, {768, 96, true}, {320, 64, true}};
   const index_t last = channel ? len : 640;
   for (const Range range : {Range{3, last}, Range{last - 1, last}}) {
     const index_t begin = range.begin, end = range.end, count = end - begin;
     CAPTURE(begin);
     CAPTURE(end);
-    // RoPE tables of three head widths: the epilogue reuses a thread's table reads for its second
-    // 128 columns when the head width divides 128 (64, 128), and reads them again when not (96).
-    const xc::DeviceRope rope64(xq::Rope(64, 1024)), rope96(xq::Rope(96, 1024)), rope128(xq::Rope(128, 1024));
-    auto rope_of = [&](index_t hd) { return hd == 64 ? &rope64 : hd == 96 ? &rope96 : hd == 128 ? &rope128 : nullptr; };
-    xc::Cublas blas;
-    xc::DeviceBuffer<xc::bf16> scratch;
-    struct EpilogueCase {
-      index_t n, head_dim;  // head_dim 0: no RoPE
-      bool bias;
-    };
-    const EpilogueCase cases[] = {{512, 128, true}, {264, 0, false}, {384, 128, false}, {768, 96, true}, {320, 64, true}};
     for (const EpilogueCase& c : cases) {
       CAPTURE(c.n);
       CAPTURE(c.head_dim);
