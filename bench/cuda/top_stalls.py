@@ -20,7 +20,7 @@ total_col = next((i for i, c in enumerate(cols) if c.startswith("Warp Stall Samp
 if total_col is None:
     sys.exit("no 'Warp Stall Sampling (All Samples)' column")
 src = cols.index("Source")
-stall_cols = [i for i, c in enumerate(cols) if c.startswith("stall_") or "Stall" in c and i != total_col]
+stall_cols = [i for i, c in enumerate(cols) if c.startswith("stall_") and "Not Issued" not in c]  # reasons, all samples
 total = sum(number(r[total_col]) for r in body if len(r) > total_col)
 print(f"samples: {total:.0f} over {len(body)} instructions")
 top = sorted((r for r in body if len(r) > total_col), key=lambda r: -number(r[total_col]))[: int(sys.argv[2]) if len(sys.argv) > 2 else 30]
