@@ -5,7 +5,8 @@
 # in $XQ_DEPS (CMAKE_PREFIX_PATH) when the machine lacks them. XQ_SANITIZE=1 also runs every GPU
 # test under compute-sanitizer (memcheck, racecheck) before the benches; full logs in $OUT/sanitize.log
 # (racecheck hazards inside cuBLAS's kernels are reported but do not fail the run).
-# SKIP_BENCH=1 neither builds nor runs the benches (tests and sanitizers only).
+# SKIP_BENCH=1 neither builds nor runs the benches (tests and sanitizers only); SKIP_TESTS=1 neither
+# builds nor runs the tests (benches only, e.g. before bench/cuda/ab_device.sh or profile_device.sh).
 set -o pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
@@ -18,14 +19,16 @@ PREFIX=()
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DXQUANT_BUILD_EXAMPLES=OFF -DXQUANT_ENABLE_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES=OFF -DCMAKE_CUDA_FLAGS="-gencode=arch=compute_90a,code=sm_90a -Xptxas -warn-spills" \
   "${PREFIX[@]}" > "$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
-TARGETS=(test_cuda_quantize test_cuda_remat test_cuda_attention)
+TARGETS=()
+[ "${SKIP_TESTS:-0}" = 1 ] || TARGETS+=(test_cuda_quantize test_cuda_remat test_cuda_attention)
 [ "${SKIP_BENCH:-0}" = 1 ] || TARGETS+=(bench_cuda)
+[ ${#TARGETS[@]} -gt 0 ] || { echo "SKIP_TESTS=1 and SKIP_BENCH=1: nothing to do"; exit 2; }
 cmake --build "$BUILD" -j16 --target "${TARGETS[@]}" \
   > "$OUT/build.log" 2>&1 || { grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
 grep -iE "spill|warning" "$OUT/build.log" | sort -u | head -20
 rc=0
 for t in "$BUILD"/tests/cuda/test_cuda_*; do
-  [ -x "$t" ] || continue
+  [ -x "$t" ] && [ "${SKIP_TESTS:-0}" != 1 ] || continue
   echo "== $(basename "$t")"
   # Save the statuses at once: with pipefail a failing test fails the pipeline, and a following
   # `|| true` would reset PIPESTATUS to (0) and hide the failure.
@@ -36,7 +39,7 @@ for t in "$BUILD"/tests/cuda/test_cuda_*; do
 done
 # Sanitizers first (all runs in parallel, each under a time limit), so that the benches run alone.
 src=0
-if [ "${XQ_SANITIZE:-0}" = 1 ]; then
+if [ "${XQ_SANITIZE:-0}" = 1 ] && [ "${SKIP_TESTS:-0}" != 1 ]; then
   SAN=$(mktemp -d)
   pids=()
   for t in "$BUILD"/tests/cuda/test_cuda_*; do
