@@ -13,12 +13,8 @@
 # mean of those ratios per shape (the benchmark name's second part) and the spread between rounds.
 set -o pipefail
 [ $# -ge 4 ] || { sed -n '2,12p' "$0"; exit 2; }
-OUT=${OUT:-$PWD/device-out}
-mkdir -p "$OUT"
-BUILD=${BUILD:-build-device}
-B="$BUILD/bench/cuda/bench_cuda"
-[ -x "$B" ] || { echo "no $B: run bench/cuda/run_device.sh first (same BUILD)"; exit 1; }
-[ -n "$XQ_DEPS" ] && export LD_LIBRARY_PATH="$XQ_DEPS/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH"
+# shellcheck source=SCRIPTDIR/device_env.sh
+. "$(dirname "$0")/device_env.sh"
 filter=$1 rounds=$2
 shift 2
 : > "$OUT/ab.txt"

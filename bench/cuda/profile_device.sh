@@ -14,12 +14,8 @@
 #       the duration of every kernel of a few iterations of one benchmark (e.g. timeline
 #       'decode_absorbed_gemm/L3.1-8B/B1/L4k/4b'), to see where a multi-kernel path spends its time.
 set -o pipefail
-OUT=${OUT:-$PWD/device-out}
-mkdir -p "$OUT"
-BUILD=${BUILD:-build-device}
-B="$BUILD/bench/cuda/bench_cuda"
-[ -x "$B" ] || { echo "no $B: run bench/cuda/run_device.sh first (same BUILD)"; exit 1; }
-[ -n "$XQ_DEPS" ] && export LD_LIBRARY_PATH="$XQ_DEPS/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH"
+# shellcheck source=SCRIPTDIR/device_env.sh
+. "$(dirname "$0")/device_env.sh"
 mode=$1
 shift
 case "$mode" in
