@@ -35,10 +35,10 @@ std::vector<std::vector<float>> fill(xc::DeviceStream<Q>& st, std::mt19937_64& r
   return xhat;
 }
 
-/// One remat shape: N, and whether RoPE and a bias apply.
+/// One remat shape: N, the RoPE head width (0: no RoPE), and whether a bias applies.
 struct Case {
-  index_t n;
-  bool rope, bias;
+  index_t n, head_dim;
+  bool bias;
 };
 
 /// A random bf16 right-hand side W (n × width) and bias on host and device, and the RematOperand
@@ -94,12 +94,12 @@ void check_remat(index_t group) {
   xc::Cublas blas;
   xc::DeviceBuffer<xc::bf16> scratch;
 
-  for (const Case c : {Case{256, true, false}, Case{200, false, true}, Case{384, true, true}}) {
+  for (const Case c : {Case{256, 64, false}, Case{200, 0, true}, Case{384, 64, true}}) {
     CAPTURE(c.n);
-    CAPTURE(c.rope);
-    const Operand o(rng, c.n, width, c.bias, c.rope ? &drope : nullptr);
+    CAPTURE(c.head_dim);
+    const Operand o(rng, c.n, width, c.bias, c.head_dim ? &drope : nullptr);
     const xc::RematOperand& op = o.op;
-    const auto ref = remat_reference(xhat, begin, end, width, o.w, c.n, c.bias ? o.bias.data() : nullptr, c.rope ? 64 : 0);
+    const auto ref = remat_reference(xhat, begin, end, width, o.w, c.n, c.bias ? o.bias.data() : nullptr, c.head_dim);
     // remat_fused's kernel: wgmma for 2/4-bit streams with per-token groups >= 64 or per-channel
     // groups >= 32 on sm_90a builds.
     const bool wgmma = xc::sm90a_kernels() && (Q::bits == 2 || Q::bits == 4) &&
@@ -239,17 +239,13 @@ void check_wgmma_remat(index_t group) {
   auto rope_of = [&](index_t hd) { return hd == 64 ? &rope64 : hd == 96 ? &rope96 : hd == 128 ? &rope128 : nullptr; };
   xc::Cublas blas;
   xc::DeviceBuffer<xc::bf16> scratch;
-  struct EpilogueCase {
-    index_t n, head_dim;  // head_dim 0: no RoPE
-    bool bias;
-  };
-  const EpilogueCase cases[] = {{512, 128, true}, {264, 0, false}, {384, 128, false}, {768, 96, true}, {320, 64, true}};
+  const Case cases[] = {{512, 128, true}, {264, 0, false}, {384, 128, false}, {768, 96, true}, {320, 64, true}};
   const index_t last = channel ? len : 640;
   for (const Range range : {Range{3, last}, Range{last - 1, last}}) {
     const index_t begin = range.begin, end = range.end, count = end - begin;
     CAPTURE(begin);
     CAPTURE(end);
-    for (const EpilogueCase& c : cases) {
+    for (const Case& c : cases) {
       CAPTURE(c.n);
       CAPTURE(c.head_dim);
       CAPTURE(c.bias);
