@@ -77,8 +77,8 @@ struct Timer {
 /// over the timed iterations, after `warmup` untimed calls. `reset`, if given, runs before every
 /// call of f (warm-up and timed) outside the timed events: the bench's own bookkeeping, such as
 /// emptying a stream that the previous call filled.
-double time_it(benchmark::State& state, const std::function<void()>& f, int warmup = 3,
-               const std::function<void()>& reset = {}) {
+double time_it(benchmark::State& state, const std::function<void()>& f,
+               const std::function<void()>& reset = {}, int warmup = 3) {
   Timer t;
   for (int i = 0; i < warmup; ++i) {
     if (reset) reset();
@@ -126,7 +126,7 @@ void bench_append(benchmark::State& st, int B, index_t L, index_t width, std::st
   xc::DeviceStream<Q> s({B, L, width, 128});
   // The stream holds one call's tokens; emptying it (a memset of the lengths) is not timed.
   const double ms = time_it(
-      st, [&] { for (int b = 0; b < B; ++b) s.append(b, x.data(), L, width, nullptr); }, 3,
+      st, [&] { for (int b = 0; b < B; ++b) s.append(b, x.data(), L, width, nullptr); },
       [&] { s.clear(nullptr); });
   const double bytes = static_cast<double>(B) * L * (width * 2 + Q::code_bytes(width) + (width / 128) * 4);
   st.counters["GB/s"] = bytes / ms / 1e6;
@@ -147,7 +147,7 @@ void bench_decode_append(benchmark::State& st, int B, index_t width, std::string
   auto x = random_buffer<xc::bf16>(static_cast<std::size_t>(B * width));
   xc::DeviceStream<Q> s({B, 4096, width, 128});
   const double ms = time_it(
-      st, [&] { s.append_all(x.data(), width, nullptr); }, 3,
+      st, [&] { s.append_all(x.data(), width, nullptr); },
       [&] { if (s.length(0) == 4096) s.clear(nullptr); });
   g_ms[name] = ms;
 }
