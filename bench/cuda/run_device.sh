@@ -26,9 +26,10 @@ TARGETS=()
 cmake --build "$BUILD" -j16 --target "${TARGETS[@]}" \
   > "$OUT/build.log" 2>&1 || { grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
 grep -iE "spill|warning" "$OUT/build.log" | sort -u | head -20
+TESTS=()  # the test binaries the test and sanitizer runs take
+[ "${SKIP_TESTS:-0}" = 1 ] || TESTS=("$BUILD"/tests/cuda/test_cuda_*)
 rc=0
-for t in "$BUILD"/tests/cuda/test_cuda_*; do
-  [ "${SKIP_TESTS:-0}" = 1 ] && break
+for t in "${TESTS[@]}"; do
   [ -x "$t" ] || continue
   echo "== $(basename "$t")"
   # Save the statuses at once: with pipefail a failing test fails the pipeline, and a following
@@ -40,10 +41,10 @@ for t in "$BUILD"/tests/cuda/test_cuda_*; do
 done
 # Sanitizers first (all runs in parallel, each under a time limit), so that the benches run alone.
 src=0
-if [ "${XQ_SANITIZE:-0}" = 1 ] && [ "${SKIP_TESTS:-0}" != 1 ]; then
+if [ "${XQ_SANITIZE:-0}" = 1 ] && [ ${#TESTS[@]} -gt 0 ]; then
   SAN=$(mktemp -d)
   pids=()
-  for t in "$BUILD"/tests/cuda/test_cuda_*; do
+  for t in "${TESTS[@]}"; do
     [ -x "$t" ] || continue
     for tool in memcheck racecheck; do
       ( timeout "${XQ_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --print-limit 100000 "$t" > "$SAN/$tool.$(basename "$t").log" 2>&1
