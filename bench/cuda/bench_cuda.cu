@@ -11,6 +11,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -73,33 +74,77 @@ struct Timer {
     cudaEventDestroy(b);
   }
 };
+
+/// Spins until the host sets *release (or a second has passed: then *timed_out is set, and the
+/// bench fails rather than hangs). Placed before the start event, it holds the stream while the
+/// host enqueues the timed work, so the events time the GPU's execution and not the host's
+/// submission latency: without it, the start event runs on an idle GPU and the interval also
+/// holds the host's checks and launch calls, a large part of a call of a few µs (nvbench holds
+/// its streams the same way).
+__global__ void hold_kernel(const volatile int* release, int* timed_out) {
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (*release == 0 && t - t0 < 1000000000ull);
+  if (*release == 0) *timed_out = 1;
+}
+/// A host word the hold kernel polls, and one it raises on a timeout (mapped pinned memory).
+struct HoldFlags {
+  int* host = nullptr;  // [0] release, [1] timed out
+  HoldFlags() {
+    XQ_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host), 2 * sizeof(int), cudaHostAllocMapped));
+    host[0] = host[1] = 0;
+  }
+  ~HoldFlags() { cudaFreeHost(host); }
+  HoldFlags(const HoldFlags&) = delete;
+  HoldFlags& operator=(const HoldFlags&) = delete;
+};
+
 /// Runs `f` under Google Benchmark's loop with CUDA-event timing; returns the median in ms of f
 /// over the timed iterations, after `warmup` untimed calls. `reset`, if given, runs before every
 /// call of f (warm-up and timed) outside the timed events: the bench's own bookkeeping, such as
-/// emptying a stream that the previous call filled.
+/// emptying a stream that the previous call filled. Each timed call is enqueued behind
+/// hold_kernel and released once enqueued, so the interval holds the GPU's work alone; the
+/// host's own time to enqueue f is reported as the counter host_us (median).
+/// f must not synchronize with the device (it would wait for the hold: the bench then fails).
 double time_it(benchmark::State& state, const std::function<void()>& f,
                const std::function<void()>& reset = {}, int warmup = 3) {
   Timer t;
+  static HoldFlags hold;
   for (int i = 0; i < warmup; ++i) {
     if (reset) reset();
     f();
   }
   XQ_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<double> ms;
+  std::vector<double> ms, host_us;
+  volatile int* release = hold.host;
   for (auto _ : state) {
     if (reset) reset();  // stream-ordered before event a: its work is not inside the timed interval
+    *release = 0;
+    hold_kernel<<<1, 1>>>(hold.host, hold.host + 1);
     XQ_CUDA_CHECK(cudaEventRecord(t.a));
+    const auto h0 = std::chrono::steady_clock::now();
     f();
+    host_us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - h0).count());
     XQ_CUDA_CHECK(cudaEventRecord(t.b));
+    *release = 1;
     XQ_CUDA_CHECK(cudaEventSynchronize(t.b));
+    if (hold.host[1]) {
+      state.SkipWithError("the timed call took over a second to enqueue, or synchronized with the device");
+      hold.host[1] = 0;
+      break;
+    }
     float e = 0;
     XQ_CUDA_CHECK(cudaEventElapsedTime(&e, t.a, t.b));
     state.SetIterationTime(e / 1e3);
     ms.push_back(e);
   }
   std::sort(ms.begin(), ms.end());
+  std::sort(host_us.begin(), host_us.end());
   const double med = ms.empty() ? 0.0 : ms[ms.size() / 2];
   state.counters["median_us"] = med * 1e3;
+  if (!host_us.empty()) state.counters["host_us"] = host_us[host_us.size() / 2];
   return med;
 }
 
