@@ -55,8 +55,11 @@ class DeviceBuffer {
     require<ShapeError>(n <= n_, "download: ", n, " elements exceed a buffer of ", n_);
     XQ_CUDA_CHECK(cudaMemcpyAsync(host, p_, n * sizeof(T), cudaMemcpyDeviceToHost, s));
   }
-  /// Fills every byte with `byte` (tests poison outputs with 0xff: NaN in every float type).
-  void fill_bytes(int byte, cudaStream_t s) { XQ_CUDA_CHECK(cudaMemsetAsync(p_, byte, bytes(), s)); }
+  /// Fills every byte with `byte` (tests poison outputs with 0xff: NaN in every float type); an
+  /// empty buffer is left alone.
+  void fill_bytes(int byte, cudaStream_t s) {
+    if (n_) XQ_CUDA_CHECK(cudaMemsetAsync(p_, byte, bytes(), s));
+  }
 
  private:
   void release() noexcept {
