@@ -80,20 +80,46 @@ void check_decode(const xq::AttentionShape& a, bool latent, index_t d = 512) {
     auto r = reference(bf(xk[b]), wk_in, xv[b], wv_in, wk, wv, bv, qb, lens[b], a);
     ref.insert(ref.end(), r.begin(), r.end());
   }
-  for (int splits : {0, 1, 3}) {
-    CAPTURE(splits);
-    out.fill_bytes(0xff, s);
-    xc::attend_absorbed(ks, vs, a, xc::DecodeWeights{dwk.data(), 0, dwv.data(), 0, dbv.data()}, drope, dq.data(),
-                        out.data(), ws, s, 0, 0, splits);
-    const auto got = xqcuda::to_host(out);
-    CHECK(xqtest::all_finite(got));
-    CHECK(xqtest::rel_error(got, ref) < 1e-2);
-  }
+  // attend_absorbed's two paths: on sm_90a the wgmma scores + absorb_values kernels (splits: the
+  // token splits of P·X̂v), also with the scores kernel's grid capped at 2 blocks, so that each
+  // block works through several tiles in turn; elsewhere (and here with the switch) the portable
+  // kernel (splits: its token ranges). From the second call on, the grown scratch is poisoned
+  // (NaN) first, so a score or partial sum that no kernel writes shows up as a non-finite output.
+  for (int path = 0; path < 3; ++path)
+    for (int splits : {0, 1, 3}) {
+      CAPTURE(path);
+      CAPTURE(splits);
+      const bool was_disabled = xc::detail::decode_wgmma_disabled;
+      const int was_blocks = xc::detail::remat_wgmma_max_blocks;
+      xc::detail::decode_wgmma_disabled = path == 2;
+      xc::detail::remat_wgmma_max_blocks = path == 1 ? 2 : was_blocks;
+      out.fill_bytes(0xff, s);
+      ws.s.fill_bytes(0xff, s);
+      ws.p.fill_bytes(0xff, s);
+      ws.part.fill_bytes(0xff, s);
+      ws.acc.fill_bytes(0xff, s);
+      auto restore = [&] {
+        xc::detail::decode_wgmma_disabled = was_disabled;
+        xc::detail::remat_wgmma_max_blocks = was_blocks;
+      };
+      try {
+        xc::attend_absorbed(ks, vs, a, xc::DecodeWeights{dwk.data(), 0, dwv.data(), 0, dbv.data()}, drope, dq.data(),
+                            out.data(), ws, s, 0, 0, splits);
+      } catch (...) {
+        restore();
+        throw;
+      }
+      restore();
+      const auto got = xqcuda::to_host(out);
+      CHECK(xqtest::all_finite(got));
+      CHECK(xqtest::rel_error(got, ref) < 1e-2);
+    }
   {  // the cuBLAS path (K and X̂ in scratch), twice: the second run reuses the grown workspace
     // Tolerance: this path rounds three more operands to bf16 than the reference does — X̂, K
     // (before RoPE) and the softmax weights P, each with a relative error up to 2^-9 — and the
     // latent values carry outlier channels, so errors of 1-2% occur on some seeds (1.8% seen).
-    // 3e-2 bounds that; the fused path above, which keeps them in fp32, meets 1e-2.
+    // 3e-2 bounds that. attend_absorbed above meets 1e-2: it keeps K in fp32 (the error that
+    // exponentiation amplifies); its sm_90a path rounds P and X̂v to bf16 as this one does.
     xc::Cublas blas;
     for (int rep = 0; rep < 2; ++rep) {
       CAPTURE(rep);
@@ -140,9 +166,16 @@ TEST_CASE("cuda decode attention, absorbed values: MHA, 2-bit") {
 TEST_CASE("cuda decode attention, absorbed values: 8 and 3 query heads per KV head, widths not multiples of 256") {
   check_decode<xq::quant::Uniform<4>, xq::quant::Uniform<4>>({16, 2, 128}, false, 640);
   check_decode<xq::quant::Uniform<4>, xq::quant::Uniform<4>>({6, 2, 128}, false, 384);
+  check_decode<xq::quant::Uniform<4>, xq::quant::Uniform<4>>({6, 3, 128}, false, 384);  // a tile with one KV head
 }
 TEST_CASE("cuda decode attention, absorbed values: latent codec (X·Uk per channel, X·Uv per token)") {
   check_decode<xq::quant::Uniform<4, Axis::Channel>, xq::quant::Uniform<4>>({8, 2, 128}, true);
+}
+TEST_CASE("cuda decode attention, absorbed values: per-channel and 3-bit values (the general value decode)") {
+  // absorb_values_kernel decodes per-token 2- and 4-bit values inline and every other quantizer
+  // through dequant8 (per-channel: the newest tokens from the fp16 window).
+  check_decode<xq::quant::Uniform<4, Axis::Channel>, xq::quant::Uniform<2, Axis::Channel>>({8, 2, 128}, true);
+  check_decode<xq::quant::Uniform<4, Axis::Channel>, xq::quant::Uniform<3>>({8, 2, 128}, true);
 }
 TEST_CASE("cuda decode attention rejects unsupported head sizes") {
   XQ_REQUIRE_DEVICE();

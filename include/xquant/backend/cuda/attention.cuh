@@ -1,13 +1,19 @@
 #pragma once
 // Decode attention (one new query token per sequence, GQA) on the GPU.
 //
-// attend_absorbed — over the quantized cache, with absorbed values. A block takes one sequence,
-//   one KV head and a run of 128-token tiles. Per tile: K = X̂_tile·Wk_headᵀ through the fused
-//   dequantize + tensor-core mainloop (kept in shared memory), RoPE at each token's position,
-//   scores for the head's query heads, online softmax, and acc_h += p_h·X̂_tile. K and V are
-//   never written to device memory. Then the blocks' partial softmax sums are merged (a kernel of
-//   its own when there are several splits) and projected once per KV head's query heads:
-//   o_h = (acc_h / l_h)·Wv_hᵀ + bv_h.
+// attend_absorbed — over the quantized cache, with absorbed values; K, V and X̂ are never written
+//   to device memory. Two implementations:
+//   - sm_90a (attend_absorbed_wgmma, where remat_wgmma applies to the key stream): the scores come
+//     out of the wgmma remat kernel, whose epilogue rotates each K row in its accumulators and
+//     dots it with the queries (score_tile); a softmax over each row; acc_h = P_h·X̂v by
+//     absorb_values_kernel, which decodes X̂v into shared memory tile by tile (tensor cores,
+//     split over tokens); then the projection o_h = (acc_h / l_h)·Wv_hᵀ + bv_h.
+//   - elsewhere (absorbed_decode_kernel): a block takes one sequence, one KV head and a run of
+//     128-token tiles. Per tile: K = X̂_tile·Wk_headᵀ through the portable fused mainloop (kept in
+//     shared memory), RoPE at each token's position, scores for the head's query heads, online
+//     softmax, and acc_h += p_h·X̂_tile. Then the blocks' partial softmax sums are merged (a kernel
+//     of its own when there are several splits) and projected as above.
+// attend_absorbed_gemm — the same result through cuBLAS, with X̂ and K in scratch.
 // attend_kv — the same decode attention over materialized K (post-RoPE) and V in bf16 or fp16:
 //   the baseline (FP16 KV cache, or materialize-then-attend).
 //
@@ -26,8 +32,10 @@ namespace xquant::cuda {
 struct DecodeWorkspace {
   DeviceBuffer<float> acc, ml, q;
   DeviceBuffer<float> y;            // the merged splits, when several are projected
-  DeviceBuffer<bf16> xk, xv, k, p;  // attend_absorbed_gemm: X̂ (keys, values), K before RoPE, weights
-  DeviceBuffer<float> s;            // attend_absorbed_gemm: scores
+  DeviceBuffer<bf16> xk, xv, k;     // attend_absorbed_gemm: X̂ (keys, values), K before RoPE
+  DeviceBuffer<bf16> p;             // softmax weights (attend_absorbed_gemm; attend_absorbed on sm_90a)
+  DeviceBuffer<float> s;            // scores (the same two)
+  DeviceBuffer<float> part;         // attend_absorbed on sm_90a: P·X̂v partial sums per token split
 };
 
 namespace detail {
@@ -569,12 +577,15 @@ inline void launch_gemm_scores(const bf16* K, index_t Lp, int batch, const Atten
   check_launch("gemm_scores_kernel");
 }
 
-/// Softmax of the GEMM path, one block per (head, sequence): P = bf16(e^{S−m}) (zeros past the
+/// Threads of gemm_softmax_kernel: a row of up to 32k scores is one block's, and with one block per
+/// (head, sequence) a batch of one runs only `heads` blocks, so each takes many threads.
+inline constexpr int kSoftmaxThreads = 1024;
+/// Softmax of the GEMM paths, one block per (head, sequence): P = bf16(e^{S−m}) (zeros past the
 /// sequence's length), ml = (m, l) with l the sum of the rounded weights (splits = 1 for combine).
-static __global__ void __launch_bounds__(256) gemm_softmax_kernel(const float* __restrict__ S, index_t Lp,
-                                                                  const int* __restrict__ length, int heads,
-                                                                  bf16* __restrict__ P, float* __restrict__ ml) {
-  using BlockReduce = cub::BlockReduce<float, 256>;
+static __global__ void __launch_bounds__(kSoftmaxThreads)
+    gemm_softmax_kernel(const float* __restrict__ S, index_t Lp, const int* __restrict__ length, int heads,
+                        bf16* __restrict__ P, float* __restrict__ ml) {
+  using BlockReduce = cub::BlockReduce<float, kSoftmaxThreads>;
   __shared__ typename BlockReduce::TempStorage tmp;
   __shared__ float bcast;
   const int h = blockIdx.x, b = blockIdx.y, t = threadIdx.x;
@@ -582,13 +593,13 @@ static __global__ void __launch_bounds__(256) gemm_softmax_kernel(const float* _
   const float* s = S + slot * Lp;
   bf16* p = P + slot * Lp;
   float mx = -INFINITY;
-  for (index_t i = t; i < len; i += 256) mx = fmaxf(mx, s[i]);
+  for (index_t i = t; i < len; i += kSoftmaxThreads) mx = fmaxf(mx, s[i]);
   mx = BlockReduce(tmp).Reduce(mx, MaxOp{});
   if (t == 0) bcast = mx;
   __syncthreads();
   mx = bcast;
   float sum = 0.0f;
-  for (index_t i = t; i < Lp; i += 256) {
+  for (index_t i = t; i < Lp; i += kSoftmaxThreads) {
     const bf16 w = __float2bfloat16_rn(i < len ? __expf(s[i] - mx) : 0.0f);
     p[i] = w;
     sum += __bfloat162float(w);
@@ -600,6 +611,182 @@ static __global__ void __launch_bounds__(256) gemm_softmax_kernel(const float* _
     ml[2 * slot + 1] = sum;
   }
 }
+
+namespace pv {
+/// absorb_values_kernel's tile: kTok tokens × kCols columns of X̂v against kHeads rows of weights.
+inline constexpr int kCols = 128, kTok = 64, kHeads = 32, kThreads = 256;
+/// Row strides in bf16 elements: rows 16 bytes apart modulo 128, so ldmatrix's eight row reads
+/// hit distinct banks.
+inline constexpr int kXld = kCols + 8, kPld = kTok + 8;
+/// Rows of the X̂v tile a thread decodes (one 8-column chunk each) and its 16-byte weight loads.
+inline constexpr int kRowsPerThread = kTok * kCols / 8 / kThreads, kChunksPerRow = kCols / 8;
+}  // namespace pv
+
+/// Whether absorb_values_kernel decodes QV's codes by dequant_bits (per-token, 2 or 4 bits); other
+/// quantizers go through dequant8, at a few times the instructions per value.
+template <class QV>
+inline constexpr bool kAbsorbFastDecode = QV::axis == Axis::Token && (QV::bits == 2 || QV::bits == 4);
+
+/// The 8 values of one chunk of a per-token row (codes of 8 consecutive columns from bit 0 of `w`;
+/// `prm` the group's fp16 scale and zero) as 4 bf16 pairs: Q::decode's floats bit for bit
+/// (dequant_bits), rounded as dequantize_kernel rounds them. Codes are taken 4 at a time from bit
+/// offsets 0, bits, 2·bits, 3·bits, so each offset's pre-scaled scale serves both halves.
+template <class Q>
+__device__ __forceinline__ uint4 decode8_bf16(std::uint32_t w, std::uint32_t prm) {
+  constexpr int b = Q::bits;
+  const float scale = param_float(prm), z = Q::scheme == Scheme::Asymmetric ? param_float(prm >> 16) : 0.0f;
+  const float s0 = offset_scale<0>(scale), s1 = offset_scale<b>(scale), s2 = offset_scale<2 * b>(scale),
+              s3 = offset_scale<3 * b>(scale);
+  const std::uint32_t hi = w >> (4 * b);
+  return make_uint4(pack_bf16x2(dequant_bits<Q, 0>(w, s0, z), dequant_bits<Q, b>(w, s1, z)),
+                    pack_bf16x2(dequant_bits<Q, 2 * b>(w, s2, z), dequant_bits<Q, 3 * b>(w, s3, z)),
+                    pack_bf16x2(dequant_bits<Q, 0>(hi, s0, z), dequant_bits<Q, b>(hi, s1, z)),
+                    pack_bf16x2(dequant_bits<Q, 2 * b>(hi, s2, z), dequant_bits<Q, 3 * b>(hi, s3, z)));
+}
+
+/// What one thread of absorb_values_kernel loads for a tile, issued two tiles ahead so that the
+/// loads are in flight while the block decodes and multiplies the two before: for
+/// kAbsorbFastDecode streams the code words and group parameters of its rows (column chunk t % 16,
+/// rows t / 16 + 16j), and one 16-byte piece of the weights (head t / 8, tokens 8·(t % 8) ..).
+template <class QV>
+struct AbsorbLoads {
+  std::uint32_t code[pv::kRowsPerThread], prm[pv::kRowsPerThread];
+  uint4 w;
+
+  __device__ void issue(const StreamView<QV>& vv, const bf16* P, index_t Lp, int heads, int b, int h0, int c0, int t0,
+                        int t_end) {
+    const int t = threadIdx.x, col = c0 + 8 * (t % pv::kChunksPerRow);
+#pragma unroll
+    for (int j = 0; j < pv::kRowsPerThread; ++j) {
+      const int tok = t0 + t / pv::kChunksPerRow + j * (pv::kThreads / pv::kChunksPerRow);
+      code[j] = 0, prm[j] = 0;
+      if constexpr (kAbsorbFastDecode<QV>) {
+        if (tok < t_end && col < vv.width) {
+          const std::uint8_t* row = vv.row(b, tok) + (col / 8) * QV::bits;  // 8 codes: QV::bits bytes
+          code[j] = QV::bits == 4 ? __ldg(reinterpret_cast<const std::uint32_t*>(row))
+                                  : __ldg(reinterpret_cast<const std::uint16_t*>(row));
+          const std::uint16_t* pp = vv.param(b, tok, col);
+          prm[j] = QV::params_per_group == 2 ? __ldg(reinterpret_cast<const std::uint32_t*>(pp)) : __ldg(pp);
+        }
+      }
+    }
+    const int h = h0 + t / 8, tok = t0 + 8 * (t % 8);  // tok + 7 < Lp: Lp and tok are multiples of 8, tok < t_end <= Lp
+    w = h < heads && tok < t_end ? __ldg(reinterpret_cast<const uint4*>(P + (static_cast<index_t>(b) * heads + h) * Lp + tok))
+                                 : make_uint4(0, 0, 0, 0);
+  }
+};
+
+/// part[split][b][h][c] = Σ_t P[b][h][t]·X̂v[b][t][c] over the split's tokens t < length(b): the
+/// absorbed values, with X̂v dequantized on the fly (never written to device memory). Block
+/// (128 columns, 32 heads, sequence × split), 8 warps; per 64-token tile the block decodes X̂v into
+/// shared memory as bf16 (the values dequantize_kernel writes, so the GEMM path's X̂v), stages the
+/// bf16 weights, and warp w accumulates heads 0..31 × its columns 16w..16w+15 with mma m16n8k16
+/// (fp32 accumulation), A from ldmatrix and B from ldmatrix.trans. The loads of the next two tiles
+/// are in flight meanwhile (two AbsorbLoads). Rows of X̂v at or past the split's end are zeros: their
+/// weights may belong to the next split, and stale codes there may decode to anything.
+template <class QV>
+__global__ void __launch_bounds__(pv::kThreads) absorb_values_kernel(StreamView<QV> vv, const bf16* __restrict__ P,
+                                                                     index_t Lp, int heads, int splits, index_t per_split,
+                                                                     float* __restrict__ part) {
+  using namespace pv;
+  __shared__ __align__(16) bf16 Xs[kTok][kXld];
+  __shared__ __align__(16) bf16 Ps[kHeads][kPld];
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, c = lane % 4;
+  const int b = static_cast<int>(blockIdx.z) / splits, split = static_cast<int>(blockIdx.z) % splits;
+  // (32-bit indices: lengths and widths are below 2^31, per_split below the longest length)
+  const int c0 = static_cast<int>(blockIdx.x) * kCols, h0 = static_cast<int>(blockIdx.y) * kHeads;
+  const int width = static_cast<int>(vv.width), len = vv.length[b];
+  const index_t quantized = StreamView<QV>::quantized(len, vv.group);
+  const int t_begin = split * static_cast<int>(per_split), t_end = min(t_begin + static_cast<int>(per_split), len);
+  const int ch = t % kChunksPerRow;
+  float acc[2][2][4] = {};  // [head tile of 16][column tile of 8][fragment]
+  // ldmatrix row addresses: A (weights, 16 × 16 per head tile) rows lane % 16, columns 8·(lane / 16);
+  // B (X̂v, transposed) token rows lane % 8 + 8·((lane / 8) % 2), columns 16·warp + 8·(lane / 16).
+  const std::uint32_t a_addr = sm90::smem_addr(&Ps[lane % 16][8 * (lane / 16)]);
+  const std::uint32_t b_addr = sm90::smem_addr(&Xs[lane % 8 + 8 * ((lane / 8) % 2)][16 * warp + 8 * (lane / 16)]);
+  // One tile: decode the loads `ld` holds into shared memory, then issue the tile two ahead into
+  // `ld` (two register sets alternate, so a tile's loads have two tiles' time to arrive), multiply.
+  auto step = [&](AbsorbLoads<QV>& ld, int t0) {
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int r = t / kChunksPerRow + j * (kThreads / kChunksPerRow);
+      const bool in = t0 + r < t_end && c0 + 8 * ch < width;
+      uint4 x = make_uint4(0, 0, 0, 0);
+      if constexpr (kAbsorbFastDecode<QV>) {
+        if (in) x = decode8_bf16<QV>(ld.code[j], ld.prm[j]);
+      } else if (in) {
+        float f[8];
+        dequant8(vv, b, t0 + r, c0 + 8 * ch, quantized, f);
+        x = make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]), pack_bf16x2(f[6], f[7]));
+      }
+      *reinterpret_cast<uint4*>(&Xs[r][8 * ch]) = x;
+    }
+    *reinterpret_cast<uint4*>(&Ps[t / 8][8 * (t % 8)]) = ld.w;
+    __syncthreads();
+    if (t0 + 2 * kTok < t_end) ld.issue(vv, P, Lp, heads, b, h0, c0, t0 + 2 * kTok, t_end);
+#pragma unroll
+    for (int k = 0; k < kTok; k += 16) {
+      std::uint32_t a[2][4], x[4];
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(a[m][0]), "=r"(a[m][1]), "=r"(a[m][2]), "=r"(a[m][3])
+                     : "r"(a_addr + 2 * (16 * m * kPld + k)));
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])
+                   : "r"(b_addr + 2 * k * kXld));
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+          asm volatile(
+              "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+              "{%0, %1, %2, %3};\n"
+              : "+f"(acc[m][n][0]), "+f"(acc[m][n][1]), "+f"(acc[m][n][2]), "+f"(acc[m][n][3])
+              : "r"(a[m][0]), "r"(a[m][1]), "r"(a[m][2]), "r"(a[m][3]), "r"(x[2 * n]), "r"(x[2 * n + 1]));
+    }
+    __syncthreads();
+  };
+  AbsorbLoads<QV> ld0, ld1;
+  if (t_begin < t_end) ld0.issue(vv, P, Lp, heads, b, h0, c0, t_begin, t_end);
+  if (t_begin + kTok < t_end) ld1.issue(vv, P, Lp, heads, b, h0, c0, t_begin + kTok, t_end);
+  for (int t0 = t_begin; t0 < t_end; t0 += 2 * kTok) {
+    step(ld0, t0);
+    if (t0 + kTok < t_end) step(ld1, t0 + kTok);
+  }
+  // Fragment (m, n): element 2·rh + q is head 16m + g + 8·rh, column 16·warp + 8n + 2c + q.
+  const index_t batch = gridDim.z / splits;
+  float* const out = part + (split * batch + b) * heads * width;
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      const index_t h = h0 + 16 * m + g + 8 * rh;
+      if (h >= heads) continue;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const index_t col = c0 + 16 * warp + 8 * n + 2 * c;
+        if (col < width) *reinterpret_cast<float2*>(out + h * width + col) = make_float2(acc[m][n][2 * rh], acc[m][n][2 * rh + 1]);
+      }
+    }
+}
+
+/// acc[i] = Σ_s part[s·n + i], i < n (n % 4 == 0): the token splits of absorb_values_kernel added
+/// in a fixed order (the result does not depend on the schedule).
+static __global__ void __launch_bounds__(256) sum_splits_kernel(const float* __restrict__ part, int splits, index_t n,
+                                                                float* __restrict__ acc) {
+  const index_t i = (static_cast<index_t>(blockIdx.x) * 256 + threadIdx.x) * 4;
+  if (i >= n) return;
+  float4 a = __ldg(reinterpret_cast<const float4*>(part + i));
+  for (int s = 1; s < splits; ++s) {
+    const float4 p = __ldg(reinterpret_cast<const float4*>(part + s * n + i));
+    a.x += p.x, a.y += p.y, a.z += p.z, a.w += p.w;
+  }
+  *reinterpret_cast<float4*>(acc + i) = a;
+}
+
+/// Tests set it to run the portable absorbed kernel where the sm_90a path would apply.
+inline bool decode_wgmma_disabled = false;
 
 inline void check_attention(const AttentionShape& a) {
   require<ConfigError>(a.head_dim == attn::kDh, "CUDA decode attention: head_dim must be 128, got ", a.head_dim);
@@ -650,11 +837,82 @@ inline void check_decode_weights(const DecodeWeights& w, index_t key_width, inde
 }
 }  // namespace detail
 
+namespace detail {
+/// Whether attend_absorbed takes its sm_90a path for these streams (tokens: the longest sequence).
+template <class QK, class QV>
+bool absorbed_wgmma_applies(const DeviceStreamShape& ks, const DeviceStreamShape& vs, index_t tokens) {
+  return !decode_wgmma_disabled && vs.width % 8 == 0 && remat_wgmma_applies<QK>(ks, tokens + 8);  // (+8: Lp)
+}
+
+/// attend_absorbed on sm_90a, in five launches, none of which writes K, V or X̂ to device memory:
+///   1. the queries rotated at their position and scaled (ws.q);
+///   2. scores S = q·RoPE(X̂k·Wkᵀ) for tokens [0, Lp) by the wgmma remat kernel with its scores
+///      epilogue (K stays in its accumulators), −inf at and past each sequence's length (ws.s);
+///   3. softmax over each (sequence, head) row: bf16 weights (ws.p) and (m, l) for the combine
+///      (ws.ml), as attend_absorbed_gemm's;
+///   4. acc_h = P_h·X̂v by absorb_values_kernel, per token split, then the splits added (ws.acc);
+///   5. o_h = (acc_h / l_h)·Wv_hᵀ + bv_h (launch_combine with one split).
+/// `splits` > 0 fixes step 4's token splits (tests), 0 picks them.
+template <class QK, class QV>
+void attend_absorbed_wgmma(const DeviceStream<QK>& keys, const DeviceStream<QV>& values, const AttentionShape& a,
+                           const DecodeWeights& w, const DeviceRope& rope, const float* q, index_t ldq, float* out,
+                           index_t ldo, DecodeWorkspace& ws, int splits, index_t maxlen, cudaStream_t stream) {
+  const auto &ks = keys.shape(), &vs = values.shape();
+  const int B = ks.batch, H = static_cast<int>(a.heads), hpg = static_cast<int>(a.heads / a.kv_heads);
+  const index_t Lp = (maxlen + 7) / 8 * 8, width = vs.width;
+  const int* length = keys.view().length;
+  ws.s.reserve(static_cast<std::size_t>(B) * H * Lp);
+  ws.p.reserve(static_cast<std::size_t>(B) * H * Lp);
+  ws.acc.reserve(static_cast<std::size_t>(B) * H * width);
+  ws.ml.reserve(static_cast<std::size_t>(B) * H * 2);
+  rope_queries(q, ldq, B, a, length, rope, ws, stream);
+  const EpilogueArgs e{nullptr, rope.cos(), rope.sin(), static_cast<int>(a.head_dim)};
+  const ScoreArgs sc{ws.q.data(), ws.s.data(), static_cast<int>(Lp), H, hpg, static_cast<int>(a.kv_heads)};
+  launch_score_wgmma<QK>(keys, Lp, w.wk, w.ldwk ? w.ldwk : ks.width, a.kv_width(), e, sc, stream);
+  gemm_softmax_kernel<<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(B)), kSoftmaxThreads, 0, stream>>>(
+      ws.s.data(), Lp, length, H, ws.p.data(), ws.ml.data());
+  check_launch("gemm_softmax_kernel");
+
+  const index_t col_blocks = blocks_for(width, pv::kCols), head_blocks = blocks_for(H, pv::kHeads);
+  const index_t tiles = blocks_for(maxlen, pv::kTok), max_splits = std::max<index_t>(1, std::min<index_t>(tiles, 65535 / B));
+  if (splits <= 0) {  // as many as fill the device once: a second, partial wave would double the time
+    static const int resident = [] {  // (measured on the first call's device: a heuristic only)
+      int dev = 0, sms = 0, per_sm = 0;
+      XQ_CUDA_CHECK(cudaGetDevice(&dev));
+      XQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+      XQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, absorb_values_kernel<QV>, pv::kThreads, 0));
+      return sms * std::max(per_sm, 1);
+    }();
+    splits = static_cast<int>(std::max<index_t>(1, resident / (col_blocks * head_blocks * B)));
+  }
+  const index_t use = std::min<index_t>(splits, max_splits);
+  const index_t per_split = (tiles + use - 1) / use * pv::kTok;  // whole tiles per split
+  splits = static_cast<int>((maxlen + per_split - 1) / per_split);
+  const index_t n = static_cast<index_t>(B) * H * width;
+  float* part = ws.acc.data();  // one split: its sums are the result
+  if (splits > 1) {
+    ws.part.reserve(static_cast<std::size_t>(splits) * n);
+    part = ws.part.data();
+  }
+  absorb_values_kernel<QV><<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(head_blocks),
+                                  static_cast<unsigned>(B * splits)),
+                             pv::kThreads, 0, stream>>>(values.view(), ws.p.data(), Lp, H, splits, per_split, part);
+  check_launch("absorb_values_kernel");
+  if (splits > 1) {
+    sum_splits_kernel<<<blocks_for(n / 4, 256), 256, 0, stream>>>(ws.part.data(), splits, n, ws.acc.data());
+    check_launch("sum_splits_kernel");
+  }
+  launch_combine(ws, H, hpg, 1, B, width, w.wv, w.ldwv ? w.ldwv : width, w.bv, out, ldo, stream);
+}
+}  // namespace detail
+
 /// Decode attention with absorbed values over a quantized cache.
 /// \tparam QK, QV quantizers of the key-side and value-side streams: the same stream (XQuant:
 ///                both are X) or two (latent codec: X·Uk and X·Uv, weights ΣBᵀ).
 /// \param q   batch × H·Dh floats (row stride ldq, 0: H·Dh), before RoPE
 /// \param out batch × H·Dh floats (row stride ldo, 0: H·Dh): the heads' outputs
+/// \param splits how many token ranges the sequences are cut into for parallel work (0: chosen
+///               for the device); the result does not depend on it beyond rounding
 template <class QK, class QV>
 void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& values, const AttentionShape& a,
                      const DecodeWeights& w, const DeviceRope& rope, const float* q, float* out, DecodeWorkspace& ws,
@@ -678,6 +936,10 @@ void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& value
   }
   ldq = ldq ? ldq : a.q_width();
   ldo = ldo ? ldo : a.q_width();
+  if (detail::absorbed_wgmma_applies<QK, QV>(ks, vs, maxlen)) {
+    detail::attend_absorbed_wgmma(keys, values, a, w, rope, q, ldq, out, ldo, ws, splits, maxlen, stream);
+    return;
+  }
   const index_t tiles = (maxlen + detail::attn::kTile - 1) / detail::attn::kTile;
   if (splits <= 0) splits = detail::pick_splits(B * a.kv_heads, tiles);
   const int tps = static_cast<int>((tiles + splits - 1) / splits);
@@ -749,7 +1011,8 @@ void attend_absorbed_gemm(const DeviceStream<QK>& keys, const DeviceStream<QV>& 
   gemm_bf16_nt(blas, B * Lp, dkv, ks.width, ws.xk.data(), ks.width, w.wk, w.ldwk ? w.ldwk : ks.width, ws.k.data(), dkv,
                stream);
   detail::launch_gemm_scores(ws.k.data(), Lp, B, a, length, q, ldq, rope, ws.s.data(), stream);
-  detail::gemm_softmax_kernel<<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(B)), 256, 0, stream>>>(
+  detail::gemm_softmax_kernel<<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(B)), detail::kSoftmaxThreads, 0,
+                                stream>>>(
       ws.s.data(), Lp, length, static_cast<int>(H), ws.p.data(), ws.ml.data());
   check_launch("gemm_softmax_kernel");
   const bf16* xv = ws.xk.data();

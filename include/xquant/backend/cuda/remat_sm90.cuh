@@ -27,6 +27,9 @@
 // and channel) arrive by TMA with each stage, a tile's few token groups × the k step's 64
 // channels, and each k step's A is dequantized with its four channels' scales; rows of the open
 // group are read from the fp16 window instead.
+// The same kernel serves the decode attention (kScores): its epilogue rotates each K row in the
+// accumulators and dots it with the queries of the tile's two KV heads (score_tile), so only the
+// scores leave the block.
 // Applies to 2- and 4-bit quantizers and width % 64 == 0, per-token groups of >= 64 (a k step lies
 // in one group) and per-channel groups of >= 32 (a tile's 128 rows span at most 5 token groups);
 // remat_fused falls back to the portable mainloop otherwise.
@@ -56,9 +59,10 @@ inline constexpr int kStageTx = kBTileBytes + BM * kCodeRowBytes<Q> + kParamTile
 inline constexpr int kOutBoxCols = 64;                      // 128 bytes of bf16: the swizzle's row
 inline constexpr int kOutBoxBytes = BM * kOutBoxCols * 2;   // 16 KB
 inline constexpr int kOutTileBytes = BN / kOutBoxCols * kOutBoxBytes;  // 64 KB, the staged output tile
-template <class Q>
-inline constexpr int kSmemBytes =
-    STAGES * kStageTx<Q> + kOutTileBytes + 2 * STAGES * 8 + 1024;  // + barriers, + alignment slack
+/// Shared memory of the kernel: the ring, the staged output tile (not for the decode scores, which
+/// leave the block as a few floats per row), the barriers and the alignment slack.
+template <class Q, bool kScores = false>
+inline constexpr int kSmemBytes = STAGES * kStageTx<Q> + (kScores ? 0 : kOutTileBytes) + 2 * STAGES * 8 + 1024;
 
 /// Quantizers the kernel handles.
 template <class Q>
@@ -125,24 +129,36 @@ __device__ __forceinline__ std::uint32_t or_exponent(std::uint32_t u, std::uint3
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(u), "n"(Mask), "r"(exponent));  // (a & b) | c
   return r;
 }
-/// Q::decode of the code at position I of `u`, bit for bit, in three instructions. A code c at
+/// Q::decode of the code at bit offset O of `u`, bit for bit, in three instructions. A code c at
 /// bit offset o is read as a float by or-ing it into the mantissa of 2^23 (F = 2^23 + c·2^o, exact
 /// for o + bits <= 23) and subtracting 2^23; (s·2^-o)·(c·2^o) is then exactly s·c. decode rounds
 /// s·c, then s·c + z; the first rounding is exact (an fp16 scale has 11 significant bits, a code at
 /// most 8, the product fits a float's 24), so one fused multiply-add gives the same float.
-/// `s` is the scale times 2^-offset(I), `z` the zero.
-template <class Q, int I>
-__device__ __forceinline__ float dequant_at(std::uint32_t u, float s, float z) {
-  using C = StepCodes<Q::bits>;
-  constexpr int o = C::offset(I);
-  const float f = __uint_as_float(or_exponent<(C::kMask << o)>(u, 0x4B000000u));
+/// `s` is the scale times 2^-O (offset_scale), `z` the zero.
+template <class Q, int O>
+__device__ __forceinline__ float dequant_bits(std::uint32_t u, float s, float z) {
+  static_assert(O + Q::bits <= 23, "dequant_bits: the code must fit the mantissa below bit 23");
+  const float f = __uint_as_float(or_exponent<(Q::max_code << O)>(u, 0x4B000000u));
   if constexpr (Q::scheme == Scheme::Asymmetric) {
     return __fmaf_rn(s, __fsub_rn(f, 8388608.0f), z);
   } else {
     // (c − levels)·2^o exactly: both terms are integers below 2^24.
-    constexpr float kBias = 8388608.0f + static_cast<float>(Q::sym_levels << o);
+    constexpr float kBias = 8388608.0f + static_cast<float>(Q::sym_levels << O);
     return __fmul_rn(s, __fsub_rn(f, kBias));
   }
+}
+/// `scale` times 2^-o: what dequant_bits<Q, o> takes (exact: a power-of-two scaling of an fp16
+/// value stays a normal float).
+template <int O>
+__device__ __forceinline__ float offset_scale(float scale) {
+  // (The compiler keeps a multiplication by 1 written as __fmul_rn: offset 0 skips it.)
+  if constexpr (O == 0) return scale;
+  else return __fmul_rn(scale, __uint_as_float((127u - O) << 23));
+}
+/// dequant_bits at code position I of a StepCodes word; `s` is the scale times 2^-offset(I).
+template <class Q, int I>
+__device__ __forceinline__ float dequant_at(std::uint32_t u, float s, float z) {
+  return dequant_bits<Q, StepCodes<Q::bits>::offset(I)>(u, s, z);
 }
 template <class Q, int I>
 __device__ __forceinline__ float dequant_one(std::uint32_t u, const RowScale& r) {
@@ -223,11 +239,79 @@ struct RematTiles {
   }
 };
 
-template <class Q>
+/// The decode scores the kernel forms instead of storing K (kScores): the tile's 256 columns are
+/// two KV heads' keys, and each row, rotated, is dotted with those heads' queries.
+struct ScoreArgs {
+  const float* qr = nullptr;  // [batch][heads][128]: queries after RoPE at their own position, / sqrt(128)
+  float* S = nullptr;         // [batch][heads][Lp]: scores of tokens [0, Lp); −inf at and past a sequence's length
+  int Lp = 0, heads = 0, hpg = 0, kv_heads = 0;
+};
+
+/// Scores of one finished tile (kScores): S[seq][h][m0 + lr] = qr_h · RoPE(K row lr) for the hpg
+/// query heads h of each KV head whose 128 columns the tile holds, −inf for rows at or past the
+/// sequence's length. Thread layout as in the kernel's epilogue: accumulator 4j + 2r + q holds
+/// (row lr_r, column n0 + 8j + 2c + q); a row's 128 columns of one KV head are spread over the
+/// quad's four lanes (c), so each partial dot product is summed over the quad by two shuffles.
+/// Every lane runs the shuffles (rows past the range only skip their stores).
+__device__ __forceinline__ void score_tile(float (&acc)[128], int n0, int m0, int seq, int lr0, int count, int len,
+                                           int c, const EpilogueArgs& e, const ScoreArgs& sc) {
+  constexpr int kHeadPairs = 64;  // RoPE pairs of a 128-wide head
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int pos = m0 + lr0 + 8 * r;
+    if (pos >= len) continue;  // its score is −inf whatever the accumulators hold
+    // Pair 4j + c of the head for column pair j: j and j + 16 (the second KV head) share a table entry.
+    const float* cs = e.cos + static_cast<index_t>(pos) * kHeadPairs + c;
+    const float* sn = e.sin + static_cast<index_t>(pos) * kHeadPairs + c;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float co = cs[4 * j], si = sn[4 * j];
+#pragma unroll
+      for (int kh = 0; kh < 2; ++kh) {
+        float& x0 = acc[4 * (j + 16 * kh) + 2 * r];
+        float& x1 = acc[4 * (j + 16 * kh) + 2 * r + 1];
+        const float a = x0, b = x1;
+        x0 = a * co - b * si;
+        x1 = a * si + b * co;
+      }
+    }
+  }
+  const bool ok0 = m0 + lr0 < count, ok1 = m0 + lr0 + 8 < count;
+  const bool in0 = m0 + lr0 < len, in1 = m0 + lr0 + 8 < len;
+#pragma unroll
+  for (int kh = 0; kh < 2; ++kh) {
+    const int g = n0 / 128 + kh;  // the KV head (the same for the whole block)
+    if (g >= sc.kv_heads) break;
+#pragma unroll 1
+    for (int jq = 0; jq < sc.hpg; ++jq) {
+      const int h = g * sc.hpg + jq;
+      const float* q = sc.qr + (static_cast<index_t>(seq) * sc.heads + h) * 128 + 2 * c;
+      float d0 = 0.0f, d1 = 0.0f;
+#pragma unroll
+      for (int jj = 0; jj < 16; ++jj) {
+        const float2 qq = __ldg(reinterpret_cast<const float2*>(q + 8 * jj));
+        const int j = jj + 16 * kh;
+        d0 = fmaf(qq.x, acc[4 * j], fmaf(qq.y, acc[4 * j + 1], d0));
+        d1 = fmaf(qq.x, acc[4 * j + 2], fmaf(qq.y, acc[4 * j + 3], d1));
+      }
+      d0 += __shfl_xor_sync(0xffffffffu, d0, 1);
+      d1 += __shfl_xor_sync(0xffffffffu, d1, 1);
+      d0 += __shfl_xor_sync(0xffffffffu, d0, 2);
+      d1 += __shfl_xor_sync(0xffffffffu, d1, 2);
+      float* const srow = sc.S + (static_cast<index_t>(seq) * sc.heads + h) * sc.Lp + m0 + lr0;
+      if (c == 0 && ok0) srow[0] = in0 ? d0 : -INFINITY;
+      if (c == 1 && ok1) srow[8] = in1 ? d1 : -INFINITY;
+    }
+  }
+}
+
+/// kScores = false: out = RoPE(X̂·Wᵀ + bias) for rows [begin, begin + count) of every sequence.
+/// kScores = true: the decode scores of rows [0, count) (score_tile; begin is 0, out_map unused).
+template <class Q, bool kScores = false>
 __global__ void __launch_bounds__(wg::THREADS, 1)
     remat_wgmma_kernel(const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap code_map,
                        const __grid_constant__ CUtensorMap param_map, const __grid_constant__ CUtensorMap out_map,
-                       StreamView<Q> v, int begin, int count, int N, RematTiles tiles, EpilogueArgs e) {
+                       StreamView<Q> v, int begin, int count, int N, RematTiles tiles, EpilogueArgs e, ScoreArgs sc) {
 #if XQ_SM90A
   using namespace wg;
   using C = StepCodes<Q::bits>;
@@ -239,7 +323,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
   unsigned char* smem = smem_raw + ((1024 - (sm90::smem_addr(smem_raw) & 1023)) & 1023);
   unsigned char* const b_tiles = smem;                            // STAGES × 32 KB
   unsigned char* const out_tile = smem + STAGES * kBTileBytes;    // 64 KB, 1024-byte aligned (swizzle)
-  unsigned char* const code_tiles = out_tile + kOutTileBytes;     // STAGES × BM × RB
+  unsigned char* const code_tiles = out_tile + (kScores ? 0 : kOutTileBytes);  // STAGES × BM × RB
   unsigned char* const param_tiles = code_tiles + STAGES * BM * RB;  // STAGES × kParamTileBytes (per-channel)
   std::uint64_t* const full = reinterpret_cast<std::uint64_t*>(param_tiles + STAGES * kParamTileBytes<Q>);
   std::uint64_t* const empty = full + STAGES;
@@ -289,8 +373,10 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
   for (long long tile = blockIdx.x; tile < tiles.total; tile += gridDim.x, i0 += KT) {
     int n0, m0, seq;
     tiles.at(tile, n0, m0, seq);
-    // This thread's parameter rows (zeros past the range).
-    const bool ok0 = m0 + lr0 < count, ok1 = m0 + lr1 < count;
+    // This thread's parameter rows (zeros past the range; for the scores also past the sequence's
+    // length, whose rows may lie past the stream's capacity: their scores are −inf anyway).
+    const int limit = kScores ? min(count, v.length[seq]) : count;
+    const bool ok0 = m0 + lr0 < limit, ok1 = m0 + lr1 < limit;
     const std::uint16_t* const prow0 = v.params + (static_cast<index_t>(seq) * v.capacity + begin + m0 + lr0) * gpr;
     const std::uint16_t* const prow1 = prow0 + 8 * gpr;
     auto param = [&](const std::uint16_t* prow, bool ok, int kt) -> std::uint32_t {
@@ -432,6 +518,10 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
 #pragma unroll
     for (int i = 0; i < 128; ++i) sm90::fence_operand(acc[i]);
     if (lane == 0) sm90::mbar_arrive(&empty[stage_of(KT - 1)]);
+    if constexpr (kScores) {
+      score_tile(acc, n0, m0, seq, lr0, count, v.length[seq], c, e, sc);
+      continue;
+    }
 
     // Epilogue: accumulator 4j + 2h + q holds (row lr0 + 8h, column n0 + 8j + 2c + q). Bias and
     // RoPE with epilogue2's float operations, arranged for few load latencies and instructions:
@@ -505,7 +595,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
   if (t == 0) sm90::bulk_wait<0, false>();  // the last stores done before the block (and its shared memory) ends
 #else
   (void)w_map, (void)code_map, (void)param_map, (void)out_map, (void)v, (void)begin, (void)count, (void)N;
-  (void)tiles, (void)e;
+  (void)tiles, (void)e, (void)sc;
   __trap();
 #endif
 }
@@ -523,12 +613,12 @@ bool remat_wgmma_applies(const DeviceStreamShape& s, index_t count) {
   }
 }
 
-/// out rows seq·count + i = RoPE(X̂[seq, begin + i]·Wᵀ + bias), i < count, for every sequence.
-template <class Q>
-void launch_remat_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, const bf16* w, index_t ldw, index_t N,
-                        const EpilogueArgs& e, bf16* out, index_t ldo, cudaStream_t stream) {
+/// Sets up and launches remat_wgmma_kernel<Q, kScores> (see there; out and ldo unused with kScores).
+template <class Q, bool kScores>
+void launch_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, const bf16* w, index_t ldw, index_t N,
+                  const EpilogueArgs& e, bf16* out, index_t ldo, const ScoreArgs& sc, cudaStream_t stream) {
   using namespace wg;
-  static_assert(kSmemBytes<Q> <= 227 * 1024, "remat_wgmma: over sm_90's 227 KB of shared memory per block");
+  static_assert(kSmemBytes<Q, kScores> <= 227 * 1024, "remat_wgmma: over sm_90's 227 KB of shared memory per block");
   static_assert(STAGES * kBTileBytes % 1024 == 0, "remat_wgmma: the staged output tile must start 1024-byte aligned");
   const auto& s = x.shape();
   const cuuint64_t wdims[2] = {static_cast<cuuint64_t>(s.width), static_cast<cuuint64_t>(N)};
@@ -552,15 +642,17 @@ void launch_remat_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, 
     param_map = sm90::tensor_map(CU_TENSOR_MAP_DATA_TYPE_UINT16, 3, x.params().data(), pdims, pstrides, pbox,
                                  CU_TENSOR_MAP_SWIZZLE_NONE);
   }
-  // The output as (N columns, count rows, batch): a box never reaches past a sequence's rows.
-  const cuuint64_t odims[3] = {static_cast<cuuint64_t>(N), static_cast<cuuint64_t>(count),
-                               static_cast<cuuint64_t>(s.batch)};
-  const cuuint64_t ostrides[2] = {static_cast<cuuint64_t>(ldo) * 2, static_cast<cuuint64_t>(ldo) * 2 * count};
-  const cuuint32_t obox[3] = {kOutBoxCols, BM, 1};
-  const CUtensorMap out_map =
-      sm90::tensor_map(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, out, odims, ostrides, obox, CU_TENSOR_MAP_SWIZZLE_128B);
-  auto kernel = remat_wgmma_kernel<Q>;
-  XQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes<Q>));
+  CUtensorMap out_map = w_map;  // unused by the scores
+  if constexpr (!kScores) {
+    // The output as (N columns, count rows, batch): a box never reaches past a sequence's rows.
+    const cuuint64_t odims[3] = {static_cast<cuuint64_t>(N), static_cast<cuuint64_t>(count),
+                                 static_cast<cuuint64_t>(s.batch)};
+    const cuuint64_t ostrides[2] = {static_cast<cuuint64_t>(ldo) * 2, static_cast<cuuint64_t>(ldo) * 2 * count};
+    const cuuint32_t obox[3] = {kOutBoxCols, BM, 1};
+    out_map = sm90::tensor_map(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, out, odims, ostrides, obox, CU_TENSOR_MAP_SWIZZLE_128B);
+  }
+  auto kernel = remat_wgmma_kernel<Q, kScores>;
+  XQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes<Q, kScores>));
   const long long n_tiles = blocks_for(N, BN), m_tiles = blocks_for(count, BM);
   const RematTiles tiles{n_tiles, m_tiles, n_tiles * m_tiles * s.batch};
   int cap = remat_wgmma_max_blocks;
@@ -570,10 +662,25 @@ void launch_remat_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, 
     XQ_CUDA_CHECK(cudaDeviceGetAttribute(&cap, cudaDevAttrMultiProcessorCount, dev));
   }
   const unsigned blocks = static_cast<unsigned>(tiles.total < cap ? tiles.total : cap);
-  kernel<<<blocks, THREADS, kSmemBytes<Q>, stream>>>(w_map, code_map, param_map, out_map, x.view(),
-                                                    static_cast<int>(begin), static_cast<int>(count),
-                                                    static_cast<int>(N), tiles, e);
+  kernel<<<blocks, THREADS, kSmemBytes<Q, kScores>, stream>>>(w_map, code_map, param_map, out_map, x.view(),
+                                                             static_cast<int>(begin), static_cast<int>(count),
+                                                             static_cast<int>(N), tiles, e, sc);
   check_launch("remat_wgmma_kernel");
+}
+
+/// out rows seq·count + i = RoPE(X̂[seq, begin + i]·Wᵀ + bias), i < count, for every sequence.
+template <class Q>
+void launch_remat_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, const bf16* w, index_t ldw, index_t N,
+                        const EpilogueArgs& e, bf16* out, index_t ldo, cudaStream_t stream) {
+  launch_wgmma<Q, false>(x, begin, count, w, ldw, N, e, out, ldo, ScoreArgs{}, stream);
+}
+
+/// The decode scores over tokens [0, Lp) of every sequence (ScoreArgs, score_tile): K = X̂·Wkᵀ
+/// rotated at each token's position, never written. e holds the RoPE tables (head width 128).
+template <class Q>
+void launch_score_wgmma(const DeviceStream<Q>& x, index_t Lp, const bf16* wk, index_t ldw, index_t N,
+                        const EpilogueArgs& e, const ScoreArgs& sc, cudaStream_t stream) {
+  launch_wgmma<Q, true>(x, 0, Lp, wk, ldw, N, e, nullptr, 0, sc, stream);
 }
 
 }  // namespace xquant::cuda::detail
