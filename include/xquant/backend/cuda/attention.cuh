@@ -612,6 +612,14 @@ static __global__ void __launch_bounds__(kSoftmaxThreads)
   }
 }
 
+/// gemm_softmax_kernel over ws.s (B·heads rows of Lp scores) into ws.p and ws.ml, both reserved.
+inline void launch_softmax(DecodeWorkspace& ws, index_t Lp, int batch, int heads, const int* length,
+                           cudaStream_t stream) {
+  gemm_softmax_kernel<<<dim3(static_cast<unsigned>(heads), static_cast<unsigned>(batch)), kSoftmaxThreads, 0, stream>>>(
+      ws.s.data(), Lp, length, heads, ws.p.data(), ws.ml.data());
+  check_launch("gemm_softmax_kernel");
+}
+
 namespace pv {
 /// absorb_values_kernel's tile: kTok tokens × kCols columns of X̂v against kHeads rows of weights.
 inline constexpr int kCols = 128, kTok = 64, kHeads = 32, kThreads = 256;
@@ -635,8 +643,7 @@ template <class Q>
 __device__ __forceinline__ uint4 decode8_bf16(std::uint32_t w, std::uint32_t prm) {
   constexpr int b = Q::bits;
   const float scale = param_float(prm), z = Q::scheme == Scheme::Asymmetric ? param_float(prm >> 16) : 0.0f;
-  const float s0 = offset_scale<0>(scale), s1 = offset_scale<b>(scale), s2 = offset_scale<2 * b>(scale),
-              s3 = offset_scale<3 * b>(scale);
+  const float s0 = scale, s1 = offset_scale(scale, b), s2 = offset_scale(scale, 2 * b), s3 = offset_scale(scale, 3 * b);
   const std::uint32_t hi = w >> (4 * b);
   return make_uint4(pack_bf16x2(dequant_bits<Q, 0>(w, s0, z), dequant_bits<Q, b>(w, s1, z)),
                     pack_bf16x2(dequant_bits<Q, 2 * b>(w, s2, z), dequant_bits<Q, 3 * b>(w, s3, z)),
@@ -797,9 +804,7 @@ inline void check_attention(const AttentionShape& a) {
 
 /// Splits so that about two blocks per multiprocessor are in flight.
 inline int pick_splits(index_t blocks_per_split, index_t max_splits) {
-  int dev = 0, sms = 132;
-  XQ_CUDA_CHECK(cudaGetDevice(&dev));
-  XQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int sms = multiprocessor_count();
   index_t s = (2 * sms + blocks_per_split - 1) / blocks_per_split;
   s = s < 1 ? 1 : (s > max_splits ? max_splits : s);
   return static_cast<int>(s < 1024 ? s : 1024);
@@ -835,9 +840,7 @@ inline void check_decode_weights(const DecodeWeights& w, index_t key_width, inde
   require<ShapeError>(w.ldwv == 0 || (w.ldwv >= value_width && w.ldwv % 8 == 0), fn,
                       ": ldwv must be 0 or >= the value width ", value_width, " and a multiple of 8, got ", w.ldwv);
 }
-}  // namespace detail
 
-namespace detail {
 /// Whether attend_absorbed takes its sm_90a path for these streams (tokens: the longest sequence).
 template <class QK, class QV>
 bool absorbed_wgmma_applies(const DeviceStreamShape& ks, const DeviceStreamShape& vs, index_t tokens) {
@@ -869,19 +872,15 @@ void attend_absorbed_wgmma(const DeviceStream<QK>& keys, const DeviceStream<QV>&
   const EpilogueArgs e{nullptr, rope.cos(), rope.sin(), static_cast<int>(a.head_dim)};
   const ScoreArgs sc{ws.q.data(), ws.s.data(), static_cast<int>(Lp), H, hpg, static_cast<int>(a.kv_heads)};
   launch_score_wgmma<QK>(keys, Lp, w.wk, w.ldwk ? w.ldwk : ks.width, a.kv_width(), e, sc, stream);
-  gemm_softmax_kernel<<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(B)), kSoftmaxThreads, 0, stream>>>(
-      ws.s.data(), Lp, length, H, ws.p.data(), ws.ml.data());
-  check_launch("gemm_softmax_kernel");
+  launch_softmax(ws, Lp, B, H, length, stream);
 
   const index_t col_blocks = blocks_for(width, pv::kCols), head_blocks = blocks_for(H, pv::kHeads);
   const index_t tiles = blocks_for(maxlen, pv::kTok), max_splits = std::max<index_t>(1, std::min<index_t>(tiles, 65535 / B));
   if (splits <= 0) {  // as many as fill the device once: a second, partial wave would double the time
     static const int resident = [] {  // (measured on the first call's device: a heuristic only)
-      int dev = 0, sms = 0, per_sm = 0;
-      XQ_CUDA_CHECK(cudaGetDevice(&dev));
-      XQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+      int per_sm = 0;
       XQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, absorb_values_kernel<QV>, pv::kThreads, 0));
-      return sms * std::max(per_sm, 1);
+      return multiprocessor_count() * std::max(per_sm, 1);
     }();
     splits = static_cast<int>(std::max<index_t>(1, resident / (col_blocks * head_blocks * B)));
   }
@@ -1011,10 +1010,7 @@ void attend_absorbed_gemm(const DeviceStream<QK>& keys, const DeviceStream<QV>& 
   gemm_bf16_nt(blas, B * Lp, dkv, ks.width, ws.xk.data(), ks.width, w.wk, w.ldwk ? w.ldwk : ks.width, ws.k.data(), dkv,
                stream);
   detail::launch_gemm_scores(ws.k.data(), Lp, B, a, length, q, ldq, rope, ws.s.data(), stream);
-  detail::gemm_softmax_kernel<<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(B)), detail::kSoftmaxThreads, 0,
-                                stream>>>(
-      ws.s.data(), Lp, length, static_cast<int>(H), ws.p.data(), ws.ml.data());
-  check_launch("gemm_softmax_kernel");
+  detail::launch_softmax(ws, Lp, B, static_cast<int>(H), length, stream);
   const bf16* xv = ws.xk.data();
   if (!same) {
     detail::launch_dequantize(values.view(), 0, Lp, ws.xv.data(), vs.width, stream);

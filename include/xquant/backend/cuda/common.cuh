@@ -90,5 +90,13 @@ inline unsigned blocks_for(index_t n, unsigned per_block) {
   return static_cast<unsigned>((n + per_block - 1) / per_block);
 }
 
+/// Multiprocessors of the current device (grids sized to fill it).
+inline int multiprocessor_count() {
+  int dev = 0, sms = 0;
+  XQ_CUDA_CHECK(cudaGetDevice(&dev));
+  XQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sms;
+}
+
 }  // namespace detail
 }  // namespace xquant::cuda

@@ -103,12 +103,16 @@ struct RowScale {
 __device__ __forceinline__ float param_float(std::uint32_t h) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(h)));
 }
+/// `scale` times 2^-o: what dequant_bits<Q, o> takes (exact: a power-of-two scaling of an fp16
+/// value stays a normal float).
+__device__ __forceinline__ float offset_scale(float scale, int o) {
+  // (The compiler keeps a multiplication by 1 written as __fmul_rn: offset 0 skips it.)
+  return o == 0 ? scale : __fmul_rn(scale, __uint_as_float((127u - o) << 23));
+}
 /// `scale` times 2^-offset(i): what dequant_at takes for code position i.
 template <int Bits>
 __device__ __forceinline__ float step_scale(float scale, int i) {
-  // (The compiler keeps a multiplication by 1 written as __fmul_rn: code position 0 skips it.)
-  const int o = StepCodes<Bits>::offset(i);
-  return o == 0 ? scale : __fmul_rn(scale, __uint_as_float((127u - o) << 23));
+  return offset_scale(scale, StepCodes<Bits>::offset(i));
 }
 template <class Q>
 __device__ __forceinline__ RowScale row_scale(std::uint32_t prm) {
@@ -146,14 +150,6 @@ __device__ __forceinline__ float dequant_bits(std::uint32_t u, float s, float z)
     constexpr float kBias = 8388608.0f + static_cast<float>(Q::sym_levels << O);
     return __fmul_rn(s, __fsub_rn(f, kBias));
   }
-}
-/// `scale` times 2^-o: what dequant_bits<Q, o> takes (exact: a power-of-two scaling of an fp16
-/// value stays a normal float).
-template <int O>
-__device__ __forceinline__ float offset_scale(float scale) {
-  // (The compiler keeps a multiplication by 1 written as __fmul_rn: offset 0 skips it.)
-  if constexpr (O == 0) return scale;
-  else return __fmul_rn(scale, __uint_as_float((127u - O) << 23));
 }
 /// dequant_bits at code position I of a StepCodes word; `s` is the scale times 2^-offset(I).
 template <class Q, int I>
@@ -656,11 +652,7 @@ void launch_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, const 
   const long long n_tiles = blocks_for(N, BN), m_tiles = blocks_for(count, BM);
   const RematTiles tiles{n_tiles, m_tiles, n_tiles * m_tiles * s.batch};
   int cap = remat_wgmma_max_blocks;
-  if (cap <= 0) {  // persistent: one block per SM, each working through its tiles
-    int dev = 0;
-    XQ_CUDA_CHECK(cudaGetDevice(&dev));
-    XQ_CUDA_CHECK(cudaDeviceGetAttribute(&cap, cudaDevAttrMultiProcessorCount, dev));
-  }
+  if (cap <= 0) cap = multiprocessor_count();  // persistent: one block per SM, each working through its tiles
   const unsigned blocks = static_cast<unsigned>(tiles.total < cap ? tiles.total : cap);
   kernel<<<blocks, THREADS, kSmemBytes<Q, kScores>, stream>>>(w_map, code_map, param_map, out_map, x.view(),
                                                              static_cast<int>(begin), static_cast<int>(count),
