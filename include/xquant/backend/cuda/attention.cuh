@@ -954,7 +954,8 @@ void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& value
   detail::rope_queries(q, ldq, B, a, keys.view().length, rope, ws, stream);
 
   auto kernel = detail::absorbed_decode_kernel<QK, QV>;
-  XQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  static detail::SmemAllowance allowance;
+  allowance.ensure(kernel, static_cast<int>(smem));
   const detail::SplitArgs sa{static_cast<int>(a.heads), hpg, splits, tps};
   kernel<<<dim3(static_cast<unsigned>(splits), static_cast<unsigned>(a.kv_heads), static_cast<unsigned>(B)),
            detail::gemm::THREADS, smem, stream>>>(keys.view(), values.view(), w.wk, w.ldwk ? w.ldwk : ks.width,

@@ -5,6 +5,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
+#include <mutex>
 #include <type_traits>
 
 #include "../../core/half.hpp"
@@ -97,6 +99,30 @@ inline int multiprocessor_count() {
   XQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   return sms;
 }
+
+/// A kernel's allowance of dynamic shared memory (cudaFuncSetAttribute), set once per device and
+/// only ever raised: the attribute call costs host time that a decode step pays on every layer
+/// otherwise. One static instance per kernel, e.g. `static SmemAllowance allow; allow.ensure(k, n);`
+/// inside the launching function template.
+class SmemAllowance {
+ public:
+  template <class Kernel>
+  void ensure(Kernel kernel, int bytes) {
+    int dev = 0;
+    XQ_CUDA_CHECK(cudaGetDevice(&dev));
+    const bool known = dev >= 0 && dev < kDevices;
+    if (known && granted_[dev].load(std::memory_order_acquire) >= bytes) return;
+    std::lock_guard<std::mutex> lock(mutex_);  // raising is rare: once per device and size
+    if (known && granted_[dev].load(std::memory_order_relaxed) >= bytes) return;
+    XQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    if (known) granted_[dev].store(bytes, std::memory_order_release);
+  }
+
+ private:
+  static constexpr int kDevices = 64;
+  std::atomic<int> granted_[kDevices] = {};
+  std::mutex mutex_;
+};
 
 }  // namespace detail
 }  // namespace xquant::cuda

@@ -172,7 +172,8 @@ void remat_fused(const DeviceStream<Q>& x, index_t begin, index_t end, const Rem
     }
   }
   auto kernel = detail::remat_fused_kernel<Q>;
-  XQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, detail::gemm::kSmemBytes));
+  static detail::SmemAllowance allowance;
+  allowance.ensure(kernel, detail::gemm::kSmemBytes);
   const dim3 grid(detail::blocks_for(op.n, detail::gemm::BN), detail::blocks_for(M, detail::gemm::BM));
   require<ConfigError>(grid.y <= 65535u, "remat_fused: ", M, " rows exceed one launch; split the token range");
   kernel<<<grid, detail::gemm::THREADS, detail::gemm::kSmemBytes, stream>>>(x.view(), begin, count, M, op.w,

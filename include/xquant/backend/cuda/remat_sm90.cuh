@@ -648,7 +648,8 @@ void launch_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, const 
     out_map = sm90::tensor_map(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, out, odims, ostrides, obox, CU_TENSOR_MAP_SWIZZLE_128B);
   }
   auto kernel = remat_wgmma_kernel<Q, kScores>;
-  XQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes<Q, kScores>));
+  static SmemAllowance allowance;
+  allowance.ensure(kernel, kSmemBytes<Q, kScores>);
   const long long n_tiles = blocks_for(N, BN), m_tiles = blocks_for(count, BM);
   const RematTiles tiles{n_tiles, m_tiles, n_tiles * m_tiles * s.batch};
   int cap = remat_wgmma_max_blocks;
