@@ -29,20 +29,21 @@ std::vector<double> reference(const std::vector<float>& xk, index_t wk_in, const
 }
 
 /// QK/QV: quantizers of the key-side and value-side streams; latent: two streams of width dkv,
-/// else one of width d.
+/// else one of width d; vgroup: the value stream's group (latent only; else both take 128).
 template <class QK, class QV>
-void check_decode(const xq::AttentionShape& a, bool latent, index_t d = 512) {
+void check_decode(const xq::AttentionShape& a, bool latent, index_t d = 512, index_t vgroup = 128) {
   XQ_REQUIRE_DEVICE();
   std::uint64_t seed;
   auto rng = xqtest::make_rng(seed);
   const std::string what = latent ? " latent" : " xquant";
-  INFO("seed ", seed, " H ", a.heads, " Hkv ", a.kv_heads, " d ", d, what);
+  INFO("seed ", seed, " H ", a.heads, " Hkv ", a.kv_heads, " d ", d, what, " value group ", vgroup);
+  REQUIRE((latent || vgroup == 128));
   const int B = 3;
   const std::vector<index_t> lens = {300, 77, 129};
   const index_t dkv = a.kv_width(), wk_in = latent ? dkv : d, wv_in = latent ? dkv : d, cap = 384;
   cudaStream_t s = nullptr;
   xc::DeviceStream<QK> ks({B, cap, wk_in, 128});
-  xc::DeviceStream<QV> vs({B, cap, wv_in, 128});
+  xc::DeviceStream<QV> vs({B, cap, wv_in, vgroup});
   std::vector<std::vector<float>> xk(B), xv(B);
   for (int b = 0; b < B; ++b) {
     auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, lens[b], wk_in));
@@ -54,7 +55,7 @@ void check_decode(const xq::AttentionShape& a, bool latent, index_t d = 512) {
       auto y = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, lens[b], wv_in));
       auto dy = xqcuda::to_device<xc::bf16>(y);
       vs.append(b, dy.data(), lens[b], wv_in, s);
-      xv[b] = xqcuda::reference_xhat<QV>(y, lens[b], wv_in, 128);
+      xv[b] = xqcuda::reference_xhat<QV>(y, lens[b], wv_in, vgroup);
     } else {
       vs.append(b, dx.data(), lens[b], wv_in, s);
       xv[b] = xqcuda::reference_xhat<QV>(x, lens[b], wv_in, 128);
@@ -176,6 +177,9 @@ TEST_CASE("cuda decode attention, absorbed values: per-channel and 3-bit values 
   // through dequant8 (per-channel: the newest tokens from the fp16 window).
   check_decode<xq::quant::Uniform<4, Axis::Channel>, xq::quant::Uniform<2, Axis::Channel>>({8, 2, 128}, true);
   check_decode<xq::quant::Uniform<4, Axis::Channel>, xq::quant::Uniform<3>>({8, 2, 128}, true);
+  // Per-token 4-bit values in groups of 16: the inline decode, but 8 columns per load (the row
+  // path, 32 columns under one group's parameters, needs groups of 32 or more).
+  check_decode<xq::quant::Uniform<4, Axis::Channel>, xq::quant::Uniform<4>>({8, 2, 128}, true, 512, 16);
 }
 TEST_CASE("cuda decode attention rejects unsupported head sizes") {
   XQ_REQUIRE_DEVICE();

@@ -651,6 +651,14 @@ __device__ __forceinline__ uint4 decode8_bf16(std::uint32_t w, std::uint32_t prm
                     pack_bf16x2(dequant_bits<Q, 2 * b>(hi, s2, z), dequant_bits<Q, 3 * b>(hi, s3, z)));
 }
 
+/// Whether absorb_values_kernel takes its row path (AbsorbRowLoads) for this stream: per-token 2 or
+/// 4 bits with groups of at least 32 and a width that is a multiple of 32, so that a thread's 32
+/// columns of a row are one 16- or 8-byte code load under one group's parameters.
+template <class QV>
+bool absorb_by_rows(const DeviceStreamShape& vs) {
+  return kAbsorbFastDecode<QV> && vs.group >= 32 && vs.width % 32 == 0;
+}
+
 /// What one thread of absorb_values_kernel loads for a tile, issued two tiles ahead so that the
 /// loads are in flight while the block decodes and multiplies the two before: for
 /// kAbsorbFastDecode streams the code words and group parameters of its rows (column chunk t % 16,
@@ -681,6 +689,102 @@ struct AbsorbLoads {
     w = h < heads && tok < t_end ? __ldg(reinterpret_cast<const uint4*>(P + (static_cast<index_t>(b) * heads + h) * Lp + tok))
                                  : make_uint4(0, 0, 0, 0);
   }
+
+  /// Writes the tile starting at token t0 into shared memory: X̂v rows (zeros at and past t_end)
+  /// and the weights.
+  __device__ void stage(bf16 (*Xs)[pv::kXld], bf16 (*Ps)[pv::kPld], const StreamView<QV>& vv, int b, int c0, int t0,
+                        int t_end, index_t quantized) const {
+    const int t = threadIdx.x, ch = t % pv::kChunksPerRow;
+#pragma unroll
+    for (int j = 0; j < pv::kRowsPerThread; ++j) {
+      const int r = t / pv::kChunksPerRow + j * (pv::kThreads / pv::kChunksPerRow);
+      const bool in = t0 + r < t_end && c0 + 8 * ch < vv.width;
+      uint4 x = make_uint4(0, 0, 0, 0);
+      if constexpr (kAbsorbFastDecode<QV>) {
+        if (in) x = decode8_bf16<QV>(code[j], prm[j]);
+      } else if (in) {
+        float f[8];
+        dequant8(vv, b, t0 + r, c0 + 8 * ch, quantized, f);
+        x = make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]), pack_bf16x2(f[6], f[7]));
+      }
+      *reinterpret_cast<uint4*>(&Xs[r][8 * ch]) = x;
+    }
+    *reinterpret_cast<uint4*>(&Ps[t / 8][8 * (t % 8)]) = w;
+  }
+};
+
+/// AbsorbLoads for streams that absorb_by_rows accepts: thread t decodes row t / 4 of the tile,
+/// columns 32·(t % 4) .. +31, from one code load and one parameter load, through base pointers set
+/// once per block (the general loads re-derive every address from the stream's index math, which
+/// was most of their ~11 instructions per value; this path takes ~6).
+template <class QV>
+struct AbsorbRowLoads {
+  static constexpr int kCodeWords = QV::bits;  // 32 codes: 4 words at 4 bits, 2 at 2 bits
+  static_assert(pv::kTok * pv::kCols / 32 == pv::kThreads, "one 32-column piece of a row per thread");
+  const std::uint8_t* code_at;  // the thread's row and columns at token t_begin
+  const std::uint16_t* prm_at;
+  const bf16* w_at;             // the thread's weights at token t_begin
+  index_t code_step, prm_step;  // bytes / parameters per token
+  int t_begin, row_tok, w_tok;  // first token; the thread's row and weight-token offsets
+  bool col_in, head_in;
+  std::uint32_t code[kCodeWords], prm;
+  uint4 w;
+
+  __device__ AbsorbRowLoads(const StreamView<QV>& vv, const bf16* P, index_t Lp, int heads, int b, int h0, int c0,
+                            int begin) {
+    const int t = threadIdx.x, col = c0 + 32 * (t % 4), h = h0 + t / 8;
+    t_begin = begin, row_tok = t / 4, w_tok = 8 * (t % 8);
+    col_in = col < vv.width, head_in = h < heads;
+    code_step = vv.code_bytes;
+    prm_step = (vv.width >> vv.group_shift) * QV::params_per_group;
+    code_at = vv.row(b, begin + row_tok) + col / 8 * QV::bits;
+    prm_at = vv.param(b, begin + row_tok, col);
+    w_at = P + (static_cast<index_t>(b) * heads + (head_in ? h : 0)) * Lp + begin + w_tok;
+  }
+
+  __device__ void issue(int t0, int t_end) {
+    const index_t d = t0 - t_begin;
+#pragma unroll
+    for (int i = 0; i < kCodeWords; ++i) code[i] = 0;
+    prm = 0;
+    if (col_in && t0 + row_tok < t_end) {
+      const std::uint8_t* c = code_at + d * code_step;
+      if constexpr (kCodeWords == 4) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(c));
+        code[0] = v.x, code[1] = v.y, code[2] = v.z, code[3] = v.w;
+      } else {
+        const uint2 v = __ldg(reinterpret_cast<const uint2*>(c));
+        code[0] = v.x, code[1] = v.y;
+      }
+      const std::uint16_t* p = prm_at + d * prm_step;
+      prm = QV::params_per_group == 2 ? __ldg(reinterpret_cast<const std::uint32_t*>(p)) : __ldg(p);
+    }
+    // (tok + 7 < Lp: Lp and tok are multiples of 8, tok < t_end <= Lp)
+    w = head_in && t0 + w_tok < t_end ? __ldg(reinterpret_cast<const uint4*>(w_at + d)) : make_uint4(0, 0, 0, 0);
+  }
+
+  /// As AbsorbLoads::stage. Threads with columns 64 bytes apart in one row would write the same
+  /// banks in one shared-memory phase, so the upper two chunks store their four pieces in the order
+  /// 2, 3, 0, 1 (their code words swapped before decoding, the address xor'ed to match).
+  __device__ void stage(bf16 (*Xs)[pv::kXld], bf16 (*Ps)[pv::kPld], int t0, int t_end) const {
+    const int t = threadIdx.x, q = t % 4, swap = q & 2;
+    const bool in = col_in && t0 + row_tok < t_end;
+    std::uint32_t c[kCodeWords];
+    if constexpr (kCodeWords == 4) {
+      c[0] = swap ? code[2] : code[0], c[1] = swap ? code[3] : code[1];
+      c[2] = swap ? code[0] : code[2], c[3] = swap ? code[1] : code[3];
+    } else {  // word i holds pieces 2i and 2i + 1
+      c[0] = swap ? code[1] : code[0], c[1] = swap ? code[0] : code[1];
+    }
+    bf16* row = &Xs[row_tok][32 * q];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const std::uint32_t word = kCodeWords == 4 ? c[k] : (k % 2 ? c[k / 2] >> 16 : c[k / 2]);
+      const uint4 x = in ? decode8_bf16<QV>(word, prm) : make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4*>(row + 8 * (k ^ swap)) = x;
+    }
+    *reinterpret_cast<uint4*>(&Ps[t / 8][w_tok]) = w;
+  }
 };
 
 /// part[split][b][h][c] = Σ_t P[b][h][t]·X̂v[b][t][c] over the split's tokens t < length(b): the
@@ -691,7 +795,7 @@ struct AbsorbLoads {
 /// (fp32 accumulation), A from ldmatrix and B from ldmatrix.trans. The loads of the next two tiles
 /// are in flight meanwhile (two AbsorbLoads). Rows of X̂v at or past the split's end are zeros: their
 /// weights may belong to the next split, and stale codes there may decode to anything.
-template <class QV>
+template <class QV, bool kRows>
 __global__ void __launch_bounds__(pv::kThreads) absorb_values_kernel(StreamView<QV> vv, const bf16* __restrict__ P,
                                                                      index_t Lp, int heads, int splits, index_t per_split,
                                                                      float* __restrict__ part) {
@@ -703,34 +807,29 @@ __global__ void __launch_bounds__(pv::kThreads) absorb_values_kernel(StreamView<
   // (32-bit indices: lengths and widths are below 2^31, per_split below the longest length)
   const int c0 = static_cast<int>(blockIdx.x) * kCols, h0 = static_cast<int>(blockIdx.y) * kHeads;
   const int width = static_cast<int>(vv.width), len = vv.length[b];
-  const index_t quantized = StreamView<QV>::quantized(len, vv.group);
+  [[maybe_unused]] const index_t quantized = StreamView<QV>::quantized(len, vv.group);
   const int t_begin = split * static_cast<int>(per_split), t_end = min(t_begin + static_cast<int>(per_split), len);
-  const int ch = t % kChunksPerRow;
   float acc[2][2][4] = {};  // [head tile of 16][column tile of 8][fragment]
   // ldmatrix row addresses: A (weights, 16 × 16 per head tile) rows lane % 16, columns 8·(lane / 16);
   // B (X̂v, transposed) token rows lane % 8 + 8·((lane / 8) % 2), columns 16·warp + 8·(lane / 16).
   const std::uint32_t a_addr = sm90::smem_addr(&Ps[lane % 16][8 * (lane / 16)]);
   const std::uint32_t b_addr = sm90::smem_addr(&Xs[lane % 8 + 8 * ((lane / 8) % 2)][16 * warp + 8 * (lane / 16)]);
+  using Loads = std::conditional_t<kRows, AbsorbRowLoads<QV>, AbsorbLoads<QV>>;
+  [[maybe_unused]] const Loads proto = [&] {
+    if constexpr (kRows) return Loads(vv, P, Lp, heads, b, h0, c0, t_begin);
+    else return Loads{};
+  }();
+  auto issue = [&](Loads& ld, int t0) {
+    if constexpr (kRows) ld.issue(t0, t_end);
+    else ld.issue(vv, P, Lp, heads, b, h0, c0, t0, t_end);
+  };
   // One tile: decode the loads `ld` holds into shared memory, then issue the tile two ahead into
   // `ld` (two register sets alternate, so a tile's loads have two tiles' time to arrive), multiply.
-  auto step = [&](AbsorbLoads<QV>& ld, int t0) {
-#pragma unroll
-    for (int j = 0; j < kRowsPerThread; ++j) {
-      const int r = t / kChunksPerRow + j * (kThreads / kChunksPerRow);
-      const bool in = t0 + r < t_end && c0 + 8 * ch < width;
-      uint4 x = make_uint4(0, 0, 0, 0);
-      if constexpr (kAbsorbFastDecode<QV>) {
-        if (in) x = decode8_bf16<QV>(ld.code[j], ld.prm[j]);
-      } else if (in) {
-        float f[8];
-        dequant8(vv, b, t0 + r, c0 + 8 * ch, quantized, f);
-        x = make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]), pack_bf16x2(f[6], f[7]));
-      }
-      *reinterpret_cast<uint4*>(&Xs[r][8 * ch]) = x;
-    }
-    *reinterpret_cast<uint4*>(&Ps[t / 8][8 * (t % 8)]) = ld.w;
+  auto step = [&](Loads& ld, int t0) {
+    if constexpr (kRows) ld.stage(Xs, Ps, t0, t_end);
+    else ld.stage(Xs, Ps, vv, b, c0, t0, t_end, quantized);
     __syncthreads();
-    if (t0 + 2 * kTok < t_end) ld.issue(vv, P, Lp, heads, b, h0, c0, t0 + 2 * kTok, t_end);
+    if (t0 + 2 * kTok < t_end) issue(ld, t0 + 2 * kTok);
 #pragma unroll
     for (int k = 0; k < kTok; k += 16) {
       std::uint32_t a[2][4], x[4];
@@ -754,9 +853,9 @@ __global__ void __launch_bounds__(pv::kThreads) absorb_values_kernel(StreamView<
     }
     __syncthreads();
   };
-  AbsorbLoads<QV> ld0, ld1;
-  if (t_begin < t_end) ld0.issue(vv, P, Lp, heads, b, h0, c0, t_begin, t_end);
-  if (t_begin + kTok < t_end) ld1.issue(vv, P, Lp, heads, b, h0, c0, t_begin + kTok, t_end);
+  Loads ld0 = proto, ld1 = proto;
+  if (t_begin < t_end) issue(ld0, t_begin);
+  if (t_begin + kTok < t_end) issue(ld1, t_begin + kTok);
   for (int t0 = t_begin; t0 < t_end; t0 += 2 * kTok) {
     step(ld0, t0);
     if (t0 + kTok < t_end) step(ld1, t0 + kTok);
@@ -847,6 +946,32 @@ bool absorbed_wgmma_applies(const DeviceStreamShape& ks, const DeviceStreamShape
   return !decode_wgmma_disabled && vs.width % 8 == 0 && remat_wgmma_applies<QK>(ks, tokens + 8);  // (+8: Lp)
 }
 
+/// absorb_values_kernel for the stream: its row path where absorb_by_rows holds (`rows`).
+template <class QV>
+auto absorb_kernel(bool rows) {
+  if constexpr (kAbsorbFastDecode<QV>) {
+    if (rows) return absorb_values_kernel<QV, true>;
+  }
+  return absorb_values_kernel<QV, false>;
+}
+
+/// Blocks of absorb_kernel<QV>(rows) resident on the device at once (measured once, on the first
+/// call's device: on a host with unlike GPUs only a heuristic).
+template <class QV>
+int absorb_resident(bool rows) {
+  auto query = [](auto kernel) {
+    int per_sm = 0;
+    XQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, pv::kThreads, 0));
+    return multiprocessor_count() * std::max(per_sm, 1);
+  };
+  if constexpr (kAbsorbFastDecode<QV>) {
+    static const int by_rows = query(absorb_values_kernel<QV, true>);
+    if (rows) return by_rows;
+  }
+  static const int general = query(absorb_values_kernel<QV, false>);
+  return general;
+}
+
 /// attend_absorbed on sm_90a, in five launches, none of which writes K, V or X̂ to device memory:
 ///   1. the queries rotated at their position and scaled (ws.q);
 ///   2. scores S = q·RoPE(X̂k·Wkᵀ) for tokens [0, Lp) by the wgmma remat kernel with its scores
@@ -876,14 +1001,9 @@ void attend_absorbed_wgmma(const DeviceStream<QK>& keys, const DeviceStream<QV>&
 
   const index_t col_blocks = blocks_for(width, pv::kCols), head_blocks = blocks_for(H, pv::kHeads);
   const index_t tiles = blocks_for(maxlen, pv::kTok), max_splits = std::max<index_t>(1, std::min<index_t>(tiles, 65535 / B));
-  if (splits <= 0) {  // as many as fill the device once: a second, partial wave would double the time
-    static const int resident = [] {  // (measured on the first call's device: a heuristic only)
-      int per_sm = 0;
-      XQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, absorb_values_kernel<QV>, pv::kThreads, 0));
-      return multiprocessor_count() * std::max(per_sm, 1);
-    }();
-    splits = static_cast<int>(std::max<index_t>(1, resident / (col_blocks * head_blocks * B)));
-  }
+  const bool rows = absorb_by_rows<QV>(vs);
+  if (splits <= 0)  // as many as fill the device once: a second, partial wave would double the time
+    splits = static_cast<int>(std::max<index_t>(1, absorb_resident<QV>(rows) / (col_blocks * head_blocks * B)));
   const index_t use = std::min<index_t>(splits, max_splits);
   const index_t per_split = (tiles + use - 1) / use * pv::kTok;  // whole tiles per split
   splits = static_cast<int>((maxlen + per_split - 1) / per_split);
@@ -893,9 +1013,8 @@ void attend_absorbed_wgmma(const DeviceStream<QK>& keys, const DeviceStream<QV>&
     ws.part.reserve(static_cast<std::size_t>(splits) * n);
     part = ws.part.data();
   }
-  absorb_values_kernel<QV><<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(head_blocks),
-                                  static_cast<unsigned>(B * splits)),
-                             pv::kThreads, 0, stream>>>(values.view(), ws.p.data(), Lp, H, splits, per_split, part);
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(head_blocks), static_cast<unsigned>(B * splits));
+  absorb_kernel<QV>(rows)<<<grid, pv::kThreads, 0, stream>>>(values.view(), ws.p.data(), Lp, H, splits, per_split, part);
   check_launch("absorb_values_kernel");
   if (splits > 1) {
     sum_splits_kernel<<<blocks_for(n / 4, 256), 256, 0, stream>>>(ws.part.data(), splits, n, ws.acc.data());
