@@ -171,26 +171,25 @@ std::string key(const char* what, const Shape& s, int B, index_t L, int bits) {
 }
 
 // ---- append -----------------------------------------------------------------------------------
+// A batch's chunks arrive as one B·L-row array and go in with one call (append_batch: one launch
+// for per-token streams); the copy moves the same rows in one cudaMemcpyAsync.
 template <class Q>
 void bench_append(benchmark::State& st, int B, index_t L, index_t width, std::string name) {
-  auto x = random_buffer<xc::bf16>(static_cast<std::size_t>(L * width));
+  auto x = random_buffer<xc::bf16>(static_cast<std::size_t>(B * L * width));
   xc::DeviceStream<Q> s({B, L, width, 128});
   // The stream holds one call's tokens; emptying it (a memset of the lengths) is not timed.
-  const double ms = time_it(
-      st, [&] { for (int b = 0; b < B; ++b) s.append(b, x.data(), L, width, nullptr); },
-      [&] { s.clear(nullptr); });
+  const double ms = time_it(st, [&] { s.append_batch(x.data(), L, width, nullptr); }, [&] { s.clear(nullptr); });
   const double bytes = static_cast<double>(B) * L * (width * 2 + Q::code_bytes(width) + (width / 128) * 4);
   st.counters["GB/s"] = bytes / ms / 1e6;
   g_ms[name] = ms;
 }
 void bench_copy(benchmark::State& st, int B, index_t L, index_t width, std::string name) {
-  auto x = random_buffer<xc::bf16>(static_cast<std::size_t>(L * width));
-  xc::DeviceBuffer<xc::bf16> y(static_cast<std::size_t>(B * L * width));
+  auto x = random_buffer<xc::bf16>(static_cast<std::size_t>(B * L * width));
+  xc::DeviceBuffer<xc::bf16> y(x.size());
   const double ms = time_it(st, [&] {
-    for (int b = 0; b < B; ++b)
-      XQ_CUDA_CHECK(cudaMemcpyAsync(y.data() + b * L * width, x.data(), x.bytes(), cudaMemcpyDeviceToDevice, nullptr));
+    XQ_CUDA_CHECK(cudaMemcpyAsync(y.data(), x.data(), x.bytes(), cudaMemcpyDeviceToDevice, nullptr));
   });
-  st.counters["GB/s"] = 2.0 * B * x.bytes() / ms / 1e6;
+  st.counters["GB/s"] = 2.0 * x.bytes() / ms / 1e6;
   g_ms[name] = ms;
 }
 template <class Q>
@@ -368,7 +367,8 @@ std::string table() {
   XQ_CUDA_CHECK(cudaGetDeviceProperties(&p, 0));
   os << "Device: " << p.name << " (" << p.multiProcessorCount << " SMs)\n\n";
   os << "Quantize + append (prefill chunks, bf16 X in), bandwidth as a fraction of a device-to-device copy "
-        "of X (target >= 0.7); the memset that empties the stream between calls is not timed:\n\n| width | B | tokens/seq | copy GB/s | 4-bit GB/s | 4-bit frac | 2-bit GB/s | 2-bit frac |\n|---|---|---|---|---|---|---|---|\n";
+        "of X (target >= 0.7); a batch is one append_batch call and one copy; the memset that empties the stream "
+        "between calls is not timed:\n\n| width | B | tokens/seq | copy GB/s | 4-bit GB/s | 4-bit frac | 2-bit GB/s | 2-bit frac |\n|---|---|---|---|---|---|---|---|\n";
   for (index_t width : {index_t(4096), index_t(1024)})
     for (int B : {1, 8})
       for (index_t L : {index_t(4096), index_t(32768)}) {
@@ -434,6 +434,8 @@ int main(int argc, char** argv) {
     std::printf("SKIPPED: no CUDA device\n");
     return 0;
   }
+  // XQ_APPEND_VPT fixes the append kernel's values per thread (A/B runs; unset: chosen per launch).
+  if (const char* v = std::getenv("XQ_APPEND_VPT")) xc::detail::append_values_per_thread = std::atoi(v);
   register_append<U4>(4);
   register_append<U2>(2);
   register_shape<U4, U4>(kShapes[0], 4);

@@ -23,7 +23,7 @@ void check_append(index_t group) {
                            (std::is_same_v<T, xc::bf16> ? " bf16" : " fp16");
   INFO("seed ", seed, " bits ", Q::bits, " group ", group, what);
   const int B = 3;
-  const index_t width = 512, cap = 384;
+  const index_t width = 512, cap = 512;
   cudaStream_t s = nullptr;
   xc::DeviceStream<Q> st({B, cap, width, group});
   st.fill_storage(0xff, s);  // poison
@@ -41,11 +41,20 @@ void check_append(index_t group) {
     st.append_all(d.data(), width, s);
     for (int b = 0; b < B; ++b) rows[b].insert(rows[b].end(), x.begin() + b * width, x.begin() + (b + 1) * width);
   };
+  auto batch = [&](index_t n) {  // n tokens to every sequence in one call
+    auto x = xqcuda::round_to<T>(xqtest::activations(rng, static_cast<std::size_t>(B * n), width));
+    auto d = xqcuda::to_device<T>(x);
+    st.append_batch(d.data(), n, width, s);
+    for (int b = 0; b < B; ++b)
+      rows[b].insert(rows[b].end(), x.begin() + b * n * width, x.begin() + (b + 1) * n * width);
+  };
   chunk(0, 300);
   chunk(1, 70);
   for (int i = 0; i < 60; ++i) chunk(1, 1);
   chunk(2, 125);
   for (int i = 0; i < 5; ++i) step();
+  batch(100);  // 300 rows: the staged kernel over three sequences; per-channel: each at its own group offset
+  batch(1);
   st.check(s);
 
   const auto codes = xqcuda::to_host(st.codes());
@@ -233,6 +242,10 @@ TEST_CASE("cuda append reports values that cannot be quantized") {
   CHECK_THROWS_AS(st.check(nullptr), xq::ValueError);
   CHECK_THROWS_AS(st.append(0, d.data(), 1, 60, nullptr), xq::ShapeError);  // ld < width
   CHECK_THROWS_AS(st.append(0, d.data(), 100, 64, nullptr), xq::CapacityError);
+  CHECK_THROWS_AS(st.append_batch(d.data(), 16, 64, nullptr), xq::CapacityError);  // 1 + 16 > 16
+  CHECK_THROWS_AS(st.append_batch(d.data(), -1, 64, nullptr), xq::ShapeError);
+  CHECK_THROWS_AS(st.append_batch(d.data(), 1, 60, nullptr), xq::ShapeError);
+  CHECK(st.length(0) == 1);  // the rejected calls appended nothing
 }
 
 TEST_CASE("cuda append: padded input rows (ld > width) read only the row, on every chunk size") {
@@ -260,6 +273,53 @@ TEST_CASE("cuda append: padded input rows (ld > width) read only the row, on eve
     xq::quant::QuantOps<xq::backend::Reference>::quantize_tokens<Q>(x.data(), n, width, width, group, c.data(), p.data());
     CHECK(xqcuda::to_host(st.codes()) == c);
     CHECK(xqcuda::to_host(st.params()) == p);
+  }
+}
+
+TEST_CASE("cuda append_batch: every values-per-thread kernel writes the CPU's codes for each sequence") {
+  // append_batch puts 3 sequences' rows into one launch (a warp's chunks can span two sequences);
+  // each kernel width is forced in turn (detail::append_values_per_thread), 2-bit asymmetric so
+  // that the zero point and the 16-codes-per-word packing are covered too.
+  XQ_REQUIRE_DEVICE();
+  using Q = xq::quant::Uniform<2, Axis::Token, Scheme::Asymmetric>;
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  const int B = 3;
+  const index_t n = 37, width = 384, group = 128, cap = 64;  // 37 rows: warps straddle sequences
+  const index_t cb = Q::code_bytes(width), G = width / group * Q::params_per_group;
+  for (int vpt : {8, 32, 64, 128}) {
+    INFO("seed ", seed, " values per thread ", vpt);
+    auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, static_cast<std::size_t>(B * n), width));
+    auto d = xqcuda::to_device<xc::bf16>(x);
+    xc::DeviceStream<Q> st({B, cap, width, group});
+    st.fill_storage(0xff, nullptr);
+    st.append(1, d.data(), 5, width, nullptr);  // sequence 1 starts at token 5
+    const int was = xc::detail::append_values_per_thread;
+    xc::detail::append_values_per_thread = vpt;
+    try {
+      st.append_batch(d.data(), n, width, nullptr);
+    } catch (...) {
+      xc::detail::append_values_per_thread = was;
+      throw;
+    }
+    xc::detail::append_values_per_thread = was;
+    REQUIRE_NOTHROW(st.check(nullptr));
+    const auto codes = xqcuda::to_host(st.codes());
+    const auto params = xqcuda::to_host(st.params());
+    for (int b = 0; b < B; ++b) {
+      CAPTURE(b);
+      const index_t first = b == 1 ? 5 : 0;
+      CHECK(st.length(b) == first + n);
+      std::vector<float> rows(x.begin() + b * n * width, x.begin() + (b + 1) * n * width);
+      if (b == 1) rows.insert(rows.begin(), x.begin(), x.begin() + 5 * width);
+      const index_t len = first + n;
+      std::vector<std::uint8_t> c(static_cast<std::size_t>(len * cb));
+      std::vector<std::uint16_t> p(static_cast<std::size_t>(len * G));
+      xq::quant::QuantOps<xq::backend::Reference>::quantize_tokens<Q>(rows.data(), len, width, width, group, c.data(),
+                                                                      p.data());
+      CHECK(std::equal(c.begin(), c.end(), codes.begin() + b * cap * cb));
+      CHECK(std::equal(p.begin(), p.end(), params.begin() + b * cap * G));
+    }
   }
 }
 

@@ -57,6 +57,10 @@ namespace detail {
 /// Status bits raised by kernels (read back by DeviceStream::check).
 enum : unsigned { kNonFinite = 1u, kFp16Range = 2u };
 
+/// Values per thread of the per-token append kernel, fixed for benchmarks and tests (8, 32, 64 or
+/// 128; ignored where the stream's group cannot take it); 0, the default: chosen per launch.
+inline int append_values_per_thread = 0;
+
 /// Destination of input row r: sequence seq0 + r / rows_per_seq, token length[seq] + r % rows_per_seq.
 /// (32-bit: a launch holds fewer than 2^31 rows.)
 struct RowMap {

@@ -93,6 +93,25 @@ class DeviceStream {
     append_rows(seq, 1, x, n, ld, stream);
   }
 
+  /// Appends `n` tokens to every sequence (a batched prefill chunk): rows b·n .. b·n + n − 1 of `x`
+  /// (stride `ld` elements, 16-byte aligned) go to sequence b. Per-token streams quantize the whole
+  /// batch in one launch, which fills the device where B launches of a short chunk would not; the
+  /// codes are the same as B calls of append.
+  template <class T>
+  void append_batch(const T* x, index_t n, index_t ld, cudaStream_t stream) {
+    require<ShapeError>(n >= 0, "n: must be non-negative, got ", n);
+    check_rows(x, s_.batch * n, ld);
+    if (n == 0) return;
+    for (int b = 0; b < s_.batch; ++b)
+      require<CapacityError>(host_len_[b] + n <= s_.capacity, "sequence ", b, ": appending ", n, " tokens to ",
+                             host_len_[b], " exceeds the capacity ", s_.capacity);
+    if constexpr (Q::axis == Axis::Token) {
+      append_rows(0, s_.batch, x, n, ld, stream);
+    } else {  // per-channel: each sequence's open group and window differ, so one sequence at a time
+      for (int b = 0; b < s_.batch; ++b) append_rows(b, 1, x + static_cast<index_t>(b) * n * ld, n, ld, stream);
+    }
+  }
+
   /// Appends one token to every sequence (a decode step): row b of `x` goes to sequence b.
   template <class T>
   void append_all(const T* x, index_t ld, cudaStream_t stream) {
@@ -153,6 +172,9 @@ class DeviceStream {
         vpt = std::min<index_t>(s_.group, 128);
         while (vpt > 32 && rows * (s_.width / vpt) < (index_t(1) << 18)) vpt /= 2;
       }
+      if (const int f = detail::append_values_per_thread;
+          (f == 8 || (f >= 32 && f <= 128 && (f & (f - 1)) == 0)) && f <= s_.group && 32 * f >= s_.group)
+        vpt = f;
       const index_t chunks = s_.width / vpt;
       require<ShapeError>(rows * chunks < (index_t(1) << 31), "n: ", rows, " rows of width ", s_.width,
                              " exceed one launch's 2^31 chunks; append in smaller pieces");
