@@ -248,6 +248,11 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
   const unsigned r = id / chunks_per_row, chunk = id - r * chunks_per_row;
   const bool active = id < total;
   const T* own = x + static_cast<index_t>(r) * ld + static_cast<index_t>(chunk) * VPT;
+  // The destination token, read now: issued after the input's copies and their wait (which no load
+  // may cross), this load added a second memory round trip to every thread's path.
+  const unsigned within = r % map.rows_per_seq;
+  const index_t seq = map.seq0 + static_cast<int>(r / map.rows_per_seq);
+  const index_t tok = active ? v.length[seq] + within : 0;
   float lo = INFINITY, hi = -INFINITY;
   bool finite = true;
   uint4 raw[VPT == 8 ? 1 : 4];
@@ -325,9 +330,6 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
   }
   segment_minmax(lo, hi, static_cast<int>(v.group / VPT));
   if (active) {
-    const unsigned within = r % map.rows_per_seq;
-    const index_t seq = map.seq0 + static_cast<int>(r / map.rows_per_seq);
-    const index_t tok = v.length[seq] + within;
     std::uint16_t p[2] = {0, 0};
     const bool ok = Q::fit(lo, hi, p);
     if (!finite) atomicOr(status, kNonFinite);

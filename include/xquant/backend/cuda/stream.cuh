@@ -163,14 +163,15 @@ class DeviceStream {
     const StreamView<Q> v = view();
     const index_t rows = count * n;
     if constexpr (Q::axis == Axis::Token) {
-      // Values per thread: up to a whole group (at most 128), halved (down to 32) while the launch
-      // would have fewer than 2^18 threads: a launch of a few thousand rows is one partial wave and
-      // latency-bound, so more threads with less work each finish sooner. 8 for groups of 8 and 16
-      // and for decode-sized appends. The kernel also bumps the lengths (its last block).
+      // Values per thread: up to a whole group, at most 128; 64 for 2-bit codes, and for the others
+      // while a launch of 128 would have fewer than 2^20 threads (one partial wave, latency-bound).
+      // Measured on an H200 (bench/cuda/NOTES.md item 41): 64 beat 128 by 7-8 % at 2 bits in every
+      // row and at 4 bits below that size, and 32 in every row. 8 for groups of 8 and 16 and for
+      // decode-sized appends. The kernel also bumps the lengths (its last block).
       index_t vpt = 8;
       if (s_.group >= 32 && rows >= 256) {
         vpt = std::min<index_t>(s_.group, 128);
-        while (vpt > 32 && rows * (s_.width / vpt) < (index_t(1) << 18)) vpt /= 2;
+        if (vpt == 128 && (Q::bits == 2 || rows * (s_.width / 128) < (index_t(1) << 20))) vpt = 64;
       }
       if (const int f = detail::append_values_per_thread;
           (f == 8 || (f >= 32 && f <= 128 && (f & (f - 1)) == 0)) && f <= s_.group && 32 * f >= s_.group)
