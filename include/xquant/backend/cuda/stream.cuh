@@ -165,8 +165,8 @@ class DeviceStream {
     if constexpr (Q::axis == Axis::Token) {
       // Values per thread: up to a whole group, at most 128; 64 for 2-bit codes, and for the others
       // while a launch of 128 would have fewer than 2^20 threads (one partial wave, latency-bound).
-      // Measured on an H200 (bench/cuda/NOTES.md item 41): 64 beat 128 by 7-8 % at 2 bits in every
-      // row and at 4 bits below that size, and 32 in every row. 8 for groups of 8 and 16 and for
+      // Measured on an H200 (bench/cuda/NOTES.md item 41): 64 beat 128 by 6-8 % at 2 bits in every
+      // row and by 2-9 % at 4 bits below that size, and beat 32 in every row. 8 for groups of 8 and 16 and for
       // decode-sized appends. The kernel also bumps the lengths (its last block).
       index_t vpt = 8;
       if (s_.group >= 32 && rows >= 256) {
