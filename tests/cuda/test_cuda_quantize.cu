@@ -104,8 +104,9 @@ void check_append(index_t group) {
 template <class Q>
 void check_all() {
   XQ_REQUIRE_DEVICE();
-  // Per-token groups 8 and 16 take the kernel's 8-values-per-thread path; in the 300-row chunk,
-  // 32 and 128 take one lane per group and 256 two (the staged path, at most 128 values a lane);
+  // Per-token groups 8 and 16 take the kernel's 8-values-per-thread path; in the 300-row chunk and
+  // the 100-token batch, groups of 32 and more take the staged path (32 values a lane for groups of
+  // 32, else 64: one to four lanes per group; the append_batch test forces every width);
   // per-channel groups of 32 and 128 tokens.
   std::vector<index_t> groups{32, 128};
   if constexpr (Q::axis == Axis::Token) groups = {8, 16, 32, 128, 256};
