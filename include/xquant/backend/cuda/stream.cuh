@@ -22,6 +22,10 @@ struct DeviceStreamShape {
 };
 
 /// \tparam Q quant::Uniform<Bits, Axis, Scheme>: the CPU quantizer whose codes this stream holds.
+/// The sequences' lengths live on the device (the kernels read and advance them) and are mirrored on
+/// the host, which checks capacity and sizes later launches from them. A CUDA graph that captures an
+/// append advances only the device's lengths when replayed, so the host's copy (length(), the
+/// decode's grid sizes) would fall behind: capture for replay across decode steps is not supported.
 template <class Q>
 class DeviceStream {
   static_assert(!Q::is_float, "xquant::cuda::DeviceStream: Q must be a quant::Uniform quantizer");
