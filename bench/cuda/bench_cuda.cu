@@ -110,6 +110,8 @@ struct HoldFlags {
 /// f must not synchronize with the device (it would wait for the hold: the bench then fails).
 /// XQ_BENCH_HOLD=0 leaves the hold out: under a profiler that serializes launches (ncu), the host
 /// cannot release a hold kernel that is running (profile_device.sh sets it).
+double g_last_host_us = 0.0;  // the host enqueue median of the last time_it
+
 double time_it(benchmark::State& state, const std::function<void()>& f,
                const std::function<void()>& reset = {}, int warmup = 3) {
   Timer t;
@@ -151,10 +153,12 @@ double time_it(benchmark::State& state, const std::function<void()>& f,
   const double med = ms.empty() ? 0.0 : ms[ms.size() / 2];
   state.counters["median_us"] = med * 1e3;
   if (!host_us.empty()) state.counters["host_us"] = host_us[host_us.size() / 2];
+  g_last_host_us = host_us.empty() ? 0.0 : host_us[host_us.size() / 2];
   return med;
 }
 
-std::map<std::string, double> g_ms;  // benchmark name -> median ms
+std::map<std::string, double> g_ms;       // benchmark name -> median ms
+std::map<std::string, double> g_host_us;  // benchmark name -> median host enqueue µs (where a table shows it)
 
 struct Shape {
   const char* name;
@@ -306,6 +310,69 @@ void bench_decode(benchmark::State& st, Shape s, int B, index_t L, int mode, std
   g_ms[name] = ms;
 }
 
+// A decode step as an engine runs it: one token appended to every sequence, then attend_absorbed
+// with a max_tokens bound (L: the sequences start at L − 32 tokens), either called directly or replayed from a CUDA graph captured
+// once (the same work, one launch for the host). Per-token streams only: a per-channel stream's
+// append decides on the host when a group is full, which a graph cannot replay.
+template <class QK, class QV>
+void bench_decode_step(benchmark::State& st, Shape s, int B, index_t L, bool graph, std::string name) {
+  const xq::AttentionShape a{s.H, s.Hkv, 128};
+  const index_t dkv = a.kv_width(), w = s.key_width(), cap = L + 64;
+  auto x = random_buffer<xc::bf16>(static_cast<std::size_t>(L * w));
+  xc::DeviceStream<QK> k({B, cap, w, 128});
+  for (int b = 0; b < B; ++b) k.append(b, x.data(), L - 32, w, nullptr);
+  std::unique_ptr<xc::DeviceStream<QV>> v;
+  if (s.latent) {
+    v = std::make_unique<xc::DeviceStream<QV>>(xc::DeviceStreamShape{B, cap, w, 128});
+    for (int b = 0; b < B; ++b) v->append(b, x.data(), L - 32, w, nullptr);
+  }
+  auto& values = v ? *v : reinterpret_cast<xc::DeviceStream<QV>&>(k);
+  auto tok = random_buffer<xc::bf16>(static_cast<std::size_t>(B * w));
+  auto q = random_buffer<float>(static_cast<std::size_t>(B * a.q_width()));
+  xc::DeviceBuffer<float> out(static_cast<std::size_t>(B * a.q_width()));
+  auto Wk = random_buffer<xc::bf16>(static_cast<std::size_t>(dkv * w), 0.02f);
+  auto Wv = random_buffer<xc::bf16>(static_cast<std::size_t>(dkv * w), 0.02f);
+  const xc::DecodeWeights dw{Wk.data(), 0, Wv.data(), 0, nullptr};
+  xc::DecodeWorkspace ws;
+  auto step = [&](cudaStream_t cs) {
+    k.append_all(tok.data(), w, cs);
+    if (v) v->append_all(tok.data(), w, cs);
+    xc::attend_absorbed(k, values, a, dw, rope(), q.data(), out.data(), ws, cs, 0, 0, 0, L);
+  };
+  step(nullptr);  // grows the workspace outside any capture
+  XQ_CUDA_CHECK(cudaDeviceSynchronize());
+  double ms = 0.0;
+  if (!graph) {
+    ms = time_it(st, [&] { step(nullptr); });
+  } else {
+    cudaStream_t cs = nullptr;
+    cudaGraph_t g = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    XQ_CUDA_CHECK(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking));
+    XQ_CUDA_CHECK(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal));
+    step(cs);
+    XQ_CUDA_CHECK(cudaStreamEndCapture(cs, &g));
+    XQ_CUDA_CHECK(cudaGraphInstantiate(&exec, g, 0));
+    ms = time_it(st, [&] { XQ_CUDA_CHECK(cudaGraphLaunch(exec, nullptr)); });
+    XQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
+    XQ_CUDA_CHECK(cudaGraphDestroy(g));
+    XQ_CUDA_CHECK(cudaStreamDestroy(cs));
+  }
+  g_ms[name] = ms;
+  g_host_us[name] = g_last_host_us;
+}
+
+template <class QK, class QV>
+void register_step(const Shape& s, int bits) {
+  for (int B : {1, 8})
+    for (index_t L : {index_t(4096), index_t(32768)})
+      for (bool graph : {false, true}) {
+        const std::string n = key(graph ? "decode_step_graph" : "decode_step", s, B, L, bits);
+        benchmark::RegisterBenchmark(n.c_str(), bench_decode_step<QK, QV>, s, B, L, graph, n)
+            ->UseManualTime()->Iterations(B * L >= 8 * 32768 ? 5 : 15)->Unit(benchmark::kMicrosecond);
+      }
+}
+
 template <class QK, class QV>
 void register_shape(const Shape& s, int bits) {
   for (int B : {1, 8})
@@ -424,6 +491,18 @@ std::string table() {
         }
         os << " |\n";
       }
+  os << "\nDecode step (one token appended to every sequence of L - 32 or more tokens, then attend_absorbed with "
+        "max_tokens = L), "
+        "4-bit: called directly vs replayed from a CUDA graph; GPU ms (the stream held until enqueued) and the "
+        "host's enqueue time in us:\n\n"
+        "| shape | B | L | direct ms | direct host us | graph ms | graph host us |\n|---|---|---|---|---|---|---|\n";
+  for (const Shape& s : {kShapes[1]})
+    for (int B : {1, 8})
+      for (index_t L : {index_t(4096), index_t(32768)}) {
+        const std::string d = key("decode_step", s, B, L, 4), g = key("decode_step_graph", s, B, L, 4);
+        os << "| " << s.name << " | " << B << " | " << L / 1024 << "k | " << fmt(get(d), 3) << " | "
+           << fmt(g_host_us[d], 1) << " | " << fmt(get(g), 3) << " | " << fmt(g_host_us[g], 1) << " |\n";
+      }
   return os.str();
 }
 
@@ -444,6 +523,7 @@ int main(int argc, char** argv) {
   register_shape<U2, U2>(kShapes[1], 2);
   register_shape<C4, U4>(kShapes[2], 4);
   register_shape<C2, U2>(kShapes[2], 2);
+  register_step<U4, U4>(kShapes[1], 4);
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

@@ -181,6 +181,106 @@ TEST_CASE("cuda decode attention, absorbed values: per-channel and 3-bit values 
   // path, 32 columns under one group's parameters, needs groups of 32 or more).
   check_decode<xq::quant::Uniform<4, Axis::Channel>, xq::quant::Uniform<4>>({8, 2, 128}, true, 512, 16);
 }
+TEST_CASE("cuda decode steps captured once in a CUDA graph and replayed as the sequences grow") {
+  // One decode step (append_all, then attend_absorbed with a max_tokens bound) is captured and
+  // replayed four times with new token rows and queries in the same buffers: each replay must
+  // append at the device's lengths and attend over every token so far, as the float64 reference
+  // says. The sm_90a path and the portable kernel both run this way.
+  XQ_REQUIRE_DEVICE();
+  using Q = xq::quant::Uniform<4>;
+  for (int path = 0; path < 2; ++path) {
+    std::uint64_t seed;
+    auto rng = xqtest::make_rng(seed);
+    INFO("seed ", seed, " path ", path == 0 ? "default" : "portable");
+    const xq::AttentionShape a{8, 2, 128};
+    const int B = 2;
+    const index_t d = 512, dkv = a.kv_width(), cap = 256, bound = 200;
+    const std::vector<index_t> prefill = {100, 37};
+    cudaStream_t s = nullptr;
+    XQ_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    xc::DeviceStream<Q> st({B, cap, d, 128});
+    std::vector<std::vector<float>> rows(B);
+    for (int b = 0; b < B; ++b) {
+      rows[b] = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, prefill[b], d));
+      auto dx = xqcuda::to_device<xc::bf16>(rows[b]);
+      st.append(b, dx.data(), prefill[b], d, s);
+    }
+    st.check(s);
+    const auto wk = bf(xqtest::randn(rng, static_cast<std::size_t>(dkv * d), 0.05f));
+    const auto wv = bf(xqtest::randn(rng, static_cast<std::size_t>(dkv * d), 0.05f));
+    const auto bv = xqtest::randn(rng, static_cast<std::size_t>(dkv));
+    auto dwk = xqcuda::to_device<xc::bf16>(wk), dwv = xqcuda::to_device<xc::bf16>(wv);
+    xc::DeviceBuffer<float> dbv(bv.size()), dq(static_cast<std::size_t>(B * a.q_width())), out(dq.size());
+    dbv.upload(bv.data(), bv.size(), s);
+    xc::DeviceBuffer<xc::bf16> dstep(static_cast<std::size_t>(B * d));
+    const xq::Rope rope(a.head_dim, 1024);
+    const xc::DeviceRope drope(rope);
+    xc::DecodeWorkspace ws;
+    const xc::DecodeWeights w{dwk.data(), 0, dwv.data(), 0, dbv.data()};
+    const bool was_disabled = xc::detail::decode_wgmma_disabled;
+    xc::detail::decode_wgmma_disabled = path == 1;
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    try {
+      // Outside the capture first: grows the workspace, which must not allocate while capturing.
+      xc::attend_absorbed(st, st, a, w, drope, dq.data(), out.data(), ws, s, 0, 0, 0, bound);
+      XQ_CUDA_CHECK(cudaStreamSynchronize(s));
+      XQ_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+      st.append_all(dstep.data(), d, s);
+      xc::attend_absorbed(st, st, a, w, drope, dq.data(), out.data(), ws, s, 0, 0, 0, bound);
+      XQ_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+      XQ_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    } catch (...) {
+      xc::detail::decode_wgmma_disabled = was_disabled;
+      throw;
+    }
+    xc::detail::decode_wgmma_disabled = was_disabled;
+    for (int step = 0; step < 4; ++step) {
+      CAPTURE(step);
+      const auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, B, d));
+      const auto q = xqtest::randn(rng, static_cast<std::size_t>(B * a.q_width()));
+      const auto hx = xqcuda::to_device<xc::bf16>(x);  // (host rounding; the copy below is stream-ordered)
+      XQ_CUDA_CHECK(cudaMemcpyAsync(dstep.data(), hx.data(), dstep.bytes(), cudaMemcpyDeviceToDevice, s));
+      dq.upload(q.data(), q.size(), s);
+      out.fill_bytes(0xff, s);
+      XQ_CUDA_CHECK(cudaGraphLaunch(exec, s));
+      XQ_CUDA_CHECK(cudaStreamSynchronize(s));
+      std::vector<double> ref;
+      for (int b = 0; b < B; ++b) {
+        rows[b].insert(rows[b].end(), x.begin() + b * d, x.begin() + (b + 1) * d);
+        const index_t len = prefill[b] + step + 1;
+        const auto xh = bf(xqcuda::reference_xhat<Q>(rows[b], len, d, 128));
+        const std::vector<float> qb(q.begin() + b * a.q_width(), q.begin() + (b + 1) * a.q_width());
+        const auto r = reference(xh, d, xh, d, wk, wv, bv, qb, len, a);
+        ref.insert(ref.end(), r.begin(), r.end());
+      }
+      const auto got = xqcuda::to_host(out);
+      CHECK(xqtest::all_finite(got));
+      CHECK(xqtest::rel_error(got, ref) < 1e-2);
+    }
+    st.sync_lengths(s);
+    CHECK(st.length(0) == prefill[0] + 4);
+    CHECK(st.length(1) == prefill[1] + 4);
+    st.check(s);
+    XQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
+    XQ_CUDA_CHECK(cudaGraphDestroy(graph));
+    XQ_CUDA_CHECK(cudaStreamDestroy(s));
+  }
+}
+TEST_CASE("cuda decode attention: max_tokens beyond a capacity is rejected") {
+  XQ_REQUIRE_DEVICE();
+  xc::DeviceStream<xq::quant::Uniform<4>> st({1, 128, 512, 128});
+  const xc::DeviceRope rope(xq::Rope(128, 256));
+  const xq::AttentionShape a{4, 2, 128};
+  xc::DeviceBuffer<xc::bf16> w(static_cast<std::size_t>(a.kv_width() * 512));
+  xc::DeviceBuffer<float> q(static_cast<std::size_t>(a.q_width())), out(q.size());
+  xc::DecodeWorkspace ws;
+  const xc::DecodeWeights dw{w.data(), 0, w.data(), 0, nullptr};
+  CHECK_THROWS_AS(xc::attend_absorbed(st, st, a, dw, rope, q.data(), out.data(), ws, nullptr, 0, 0, 0, 129),
+                  xq::ShapeError);
+  CHECK_THROWS_AS(xc::attend_absorbed(st, st, a, dw, rope, q.data(), out.data(), ws, nullptr, 0, 0, 0, -1),
+                  xq::ShapeError);
+}
 TEST_CASE("cuda decode attention rejects unsupported head sizes") {
   XQ_REQUIRE_DEVICE();
   xc::DeviceStream<xq::quant::Uniform<4>> st({1, 128, 512, 128});

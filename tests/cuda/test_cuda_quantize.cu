@@ -249,6 +249,27 @@ TEST_CASE("cuda append reports values that cannot be quantized") {
   CHECK(st.length(0) == 1);  // the rejected calls appended nothing
 }
 
+TEST_CASE("cuda append: a per-channel append inside a CUDA graph capture is refused") {
+  // Its group flushes are decided on the host, which a graph replay would not redo.
+  XQ_REQUIRE_DEVICE();
+  xc::DeviceStream<xq::quant::Uniform<4, Axis::Channel>> st({1, 64, 64, 32});
+  const std::vector<float> x(64, 0.5f);
+  auto d = xqcuda::to_device<xc::bf16>(x);
+  cudaStream_t s = nullptr;
+  XQ_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  XQ_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  CHECK_THROWS_AS(st.append(0, d.data(), 1, 64, s), xq::ConfigError);
+  CHECK_THROWS_AS(st.append_all(d.data(), 64, s), xq::ConfigError);
+  cudaGraph_t g = nullptr;
+  XQ_CUDA_CHECK(cudaStreamEndCapture(s, &g));
+  if (g) XQ_CUDA_CHECK(cudaGraphDestroy(g));
+  CHECK(st.length(0) == 0);
+  st.append(0, d.data(), 1, 64, s);  // outside a capture it works
+  st.check(s);
+  CHECK(st.length(0) == 1);
+  XQ_CUDA_CHECK(cudaStreamDestroy(s));
+}
+
 TEST_CASE("cuda append: padded input rows (ld > width) read only the row, on every chunk size") {
   // 300 rows of 4 groups: the staged kernel (a warp's chunks span several rows, and the last warp
   // is partial) for groups 32, 64 and 128; the padding holds NaN, so a read of it would raise.

@@ -1031,10 +1031,18 @@ void attend_absorbed_wgmma(const DeviceStream<QK>& keys, const DeviceStream<QV>&
 /// \param out batch × H·Dh floats (row stride ldo, 0: H·Dh): the heads' outputs
 /// \param splits how many token ranges the sequences are cut into for parallel work (0: chosen
 ///               for the device); the result does not depend on it beyond rounding
+/// \param max_tokens 0: the grids are sized from the streams' host-side lengths, which are
+///               checked. > 0: sized for sequences of up to max_tokens tokens, and the lengths are
+///               read on the device only, so that a decode step (DeviceStream::append_all, then
+///               this) can be captured in a CUDA graph once and replayed while the sequences grow.
+///               Each sequence must then hold 1 .. max_tokens tokens when the work runs (not
+///               checked); max_tokens must not exceed either stream's capacity or the RoPE table.
+///               The work grows with max_tokens, not with the lengths. Call once outside the
+///               capture first, with the same arguments, so that the workspace is grown then.
 template <class QK, class QV>
 void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& values, const AttentionShape& a,
                      const DecodeWeights& w, const DeviceRope& rope, const float* q, float* out, DecodeWorkspace& ws,
-                     cudaStream_t stream, index_t ldq = 0, index_t ldo = 0, int splits = 0) {
+                     cudaStream_t stream, index_t ldq = 0, index_t ldo = 0, int splits = 0, index_t max_tokens = 0) {
   detail::check_attention(a);
   const auto &ks = keys.shape(), &vs = values.shape();
   const int B = ks.batch;
@@ -1044,13 +1052,21 @@ void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& value
   detail::check_decode_weights(w, ks.width, vs.width, "attend_absorbed");
   require<ConfigError>(ks.width % detail::gemm::BK == 0, "attend_absorbed: key width must be a multiple of 64, got ", ks.width);
   require<ConfigError>(QK::axis == Axis::Channel || ks.group >= 32, "attend_absorbed: per-token key groups must be >= 32");
-  index_t maxlen = 0;
-  for (int b = 0; b < B; ++b) {
-    require<ShapeError>(keys.length(b) >= 1 && keys.length(b) == values.length(b), "attend_absorbed: sequence ", b,
-                        " has ", keys.length(b), " key-side and ", values.length(b), " value-side tokens (need equal, >= 1)");
-    require<ConfigError>(keys.length(b) <= rope.max_positions(), "attend_absorbed: sequence ", b,
-                         " is longer than the RoPE table");
-    maxlen = std::max(maxlen, keys.length(b));
+  index_t maxlen = max_tokens;
+  if (max_tokens > 0) {
+    require<ShapeError>(max_tokens <= ks.capacity && max_tokens <= vs.capacity && max_tokens <= rope.max_positions(),
+                        "attend_absorbed: max_tokens must not exceed the streams' capacities (", ks.capacity, ", ",
+                        vs.capacity, ") or the RoPE table (", rope.max_positions(), "), got ", max_tokens);
+  } else {
+    require<ShapeError>(max_tokens == 0, "attend_absorbed: max_tokens must be 0 or positive, got ", max_tokens);
+    for (int b = 0; b < B; ++b) {
+      require<ShapeError>(keys.length(b) >= 1 && keys.length(b) == values.length(b), "attend_absorbed: sequence ", b,
+                          " has ", keys.length(b), " key-side and ", values.length(b),
+                          " value-side tokens (need equal, >= 1)");
+      require<ConfigError>(keys.length(b) <= rope.max_positions(), "attend_absorbed: sequence ", b,
+                           " is longer than the RoPE table");
+      maxlen = std::max(maxlen, keys.length(b));
+    }
   }
   ldq = ldq ? ldq : a.q_width();
   ldo = ldo ? ldo : a.q_width();

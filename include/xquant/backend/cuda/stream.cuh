@@ -24,8 +24,12 @@ struct DeviceStreamShape {
 /// \tparam Q quant::Uniform<Bits, Axis, Scheme>: the CPU quantizer whose codes this stream holds.
 /// The sequences' lengths live on the device (the kernels read and advance them) and are mirrored on
 /// the host, which checks capacity and sizes later launches from them. A CUDA graph that captures an
-/// append advances only the device's lengths when replayed, so the host's copy (length(), the
-/// decode's grid sizes) would fall behind: capture for replay across decode steps is not supported.
+/// append advances only the device's lengths when replayed: the host's copy (length(), capacity
+/// checks) then lags until sync_lengths(). For per-token streams a decode step can be captured once
+/// and replayed as the sequences grow (append_all, then attend_absorbed with a max_tokens bound,
+/// which sizes its launches without the host's lengths); the caller keeps the lengths within the
+/// capacity. A per-channel stream's append decides on the host when a group is full and is flushed,
+/// so capturing it raises ConfigError.
 template <class Q>
 class DeviceStream {
   static_assert(!Q::is_float, "xquant::cuda::DeviceStream: Q must be a quant::Uniform quantizer");
@@ -132,6 +136,15 @@ class DeviceStream {
     if (window_.size()) window_.fill_bytes(byte, stream);
   }
 
+  /// Reads the sequences' lengths back from the device into the host's copy (synchronizes
+  /// `stream`): after replays of a CUDA graph that appends, which advance the device's lengths only.
+  void sync_lengths(cudaStream_t stream) {
+    std::vector<int> len(host_len_.size());
+    XQ_CUDA_CHECK(cudaMemcpyAsync(len.data(), length_.data(), length_.bytes(), cudaMemcpyDeviceToHost, stream));
+    XQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+    for (std::size_t b = 0; b < len.size(); ++b) host_len_[b] = len[b];
+  }
+
   /// Forgets every sequence's tokens (storage is kept).
   void clear(cudaStream_t stream) {
     XQ_CUDA_CHECK(cudaMemsetAsync(length_.data(), 0, length_.bytes(), stream));
@@ -197,6 +210,11 @@ class DeviceStream {
       for (int b = seq0; b < seq0 + count; ++b) host_len_[b] += n;
       return;
     } else {
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      XQ_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+      require<ConfigError>(capture == cudaStreamCaptureStatusNone,
+                           "append: a per-channel stream decides on the host when a group is full, so its appends "
+                           "cannot be captured in a CUDA graph (per-token streams can)");
       const index_t G = s_.group;
       if (count > 1) {  // one token per sequence: through the windows, then flush the full ones
         launch_window(v, x, ld, rows, detail::RowMap{seq0, 1u}, stream);
