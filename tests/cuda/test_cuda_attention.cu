@@ -2,6 +2,9 @@
 // materialized K/V — against a float64 CPU reference (GQA and MHA, unequal sequence lengths,
 // XQuant's single stream and the latent codec's two streams).
 
+#include <algorithm>
+#include <cmath>
+
 #include "cuda_support.cuh"
 
 namespace xq = xquant;
@@ -266,6 +269,50 @@ TEST_CASE("cuda decode steps captured once in a CUDA graph and replayed as the s
     XQ_CUDA_CHECK(cudaGraphDestroy(graph));
     XQ_CUDA_CHECK(cudaStreamDestroy(s));
   }
+}
+TEST_CASE("cuda decode: a replayed step past the RoPE table gives NaN, not a read past the table") {
+  XQ_REQUIRE_DEVICE();
+  using Q = xq::quant::Uniform<4>;
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  const xq::AttentionShape a{4, 2, 128};
+  const index_t d = 512, dkv = a.kv_width(), positions = 64;
+  xc::DeviceStream<Q> st({1, 128, d, 128});
+  const auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, positions + 1, d));
+  const auto dx = xqcuda::to_device<xc::bf16>(x);
+  st.append(0, dx.data(), positions - 1, d, nullptr);
+  const auto wk = xqcuda::to_device<xc::bf16>(bf(xqtest::randn(rng, static_cast<std::size_t>(dkv * d), 0.05f)));
+  const auto wv = xqcuda::to_device<xc::bf16>(bf(xqtest::randn(rng, static_cast<std::size_t>(dkv * d), 0.05f)));
+  const auto q = xqtest::randn(rng, static_cast<std::size_t>(a.q_width()));
+  xc::DeviceBuffer<float> dq(q.size()), out(q.size());
+  dq.upload(q.data(), q.size(), nullptr);
+  const xc::DeviceRope rope(xq::Rope(a.head_dim, positions));
+  xc::DecodeWorkspace ws;
+  const xc::DecodeWeights w{wk.data(), 0, wv.data(), 0, nullptr};
+  cudaStream_t s = nullptr;
+  XQ_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  xc::DeviceBuffer<xc::bf16> tok(static_cast<std::size_t>(d));
+  XQ_CUDA_CHECK(cudaMemcpy(tok.data(), dx.data() + (positions - 1) * d, tok.bytes(), cudaMemcpyDeviceToDevice));
+  xc::attend_absorbed(st, st, a, w, rope, dq.data(), out.data(), ws, s, 0, 0, 0, positions);  // grows ws
+  XQ_CUDA_CHECK(cudaStreamSynchronize(s));
+  XQ_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  st.append_all(tok.data(), d, s);
+  xc::attend_absorbed(st, st, a, w, rope, dq.data(), out.data(), ws, s, 0, 0, 0, positions);
+  cudaGraph_t g = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  XQ_CUDA_CHECK(cudaStreamEndCapture(s, &g));
+  XQ_CUDA_CHECK(cudaGraphInstantiate(&exec, g, 0));
+  XQ_CUDA_CHECK(cudaGraphLaunch(exec, s));  // 64 tokens: the last position of the table
+  XQ_CUDA_CHECK(cudaStreamSynchronize(s));
+  CHECK(xqtest::all_finite(xqcuda::to_host(out)));
+  XQ_CUDA_CHECK(cudaGraphLaunch(exec, s));  // 65 tokens: past the table and the bound
+  XQ_CUDA_CHECK(cudaStreamSynchronize(s));
+  const auto got = xqcuda::to_host(out);
+  CHECK(std::all_of(got.begin(), got.end(), [](float v) { return std::isnan(v); }));
+  XQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  XQ_CUDA_CHECK(cudaGraphDestroy(g));
+  XQ_CUDA_CHECK(cudaStreamDestroy(s));
 }
 TEST_CASE("cuda decode attention: max_tokens beyond a capacity is rejected") {
   XQ_REQUIRE_DEVICE();

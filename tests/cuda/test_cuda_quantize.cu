@@ -270,6 +270,62 @@ TEST_CASE("cuda append: a per-channel append inside a CUDA graph capture is refu
   XQ_CUDA_CHECK(cudaStreamDestroy(s));
 }
 
+TEST_CASE("cuda append: a captured append replayed past the capacity writes nothing and reports it") {
+  // Direct calls check the capacity on the host; a replayed graph can only be stopped on the
+  // device: the token is not written, the lengths stay, and check() raises CapacityError.
+  XQ_REQUIRE_DEVICE();
+  using Q = xq::quant::Uniform<4>;
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  const int B = 2;
+  const index_t width = 256, cap = 8;
+  xc::DeviceStream<Q> st({B, cap, width, 128});
+  st.fill_storage(0xff, nullptr);
+  const auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, B * cap, width));
+  const auto d = xqcuda::to_device<xc::bf16>(x);
+  for (int b = 0; b < B; ++b) st.append(b, d.data(), cap - 1, width, nullptr);  // one token left
+  cudaStream_t s = nullptr;
+  XQ_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  xc::DeviceBuffer<xc::bf16> tok(static_cast<std::size_t>(B * width));
+  XQ_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  st.append_all(tok.data(), width, s);
+  cudaGraph_t g = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  XQ_CUDA_CHECK(cudaStreamEndCapture(s, &g));
+  XQ_CUDA_CHECK(cudaGraphInstantiate(&exec, g, 0));
+  XQ_CUDA_CHECK(cudaMemcpyAsync(tok.data(), d.data() + (cap - 1) * width, tok.bytes(), cudaMemcpyDeviceToDevice, s));
+  XQ_CUDA_CHECK(cudaGraphLaunch(exec, s));  // fits: the last free token of each sequence
+  st.sync_lengths(s);
+  REQUIRE_NOTHROW(st.check(s));
+  CHECK(st.length(0) == cap);
+  CHECK(st.length(1) == cap);
+  const auto full = xqcuda::to_host(st.codes());
+  XQ_CUDA_CHECK(cudaMemsetAsync(tok.data(), 0x3f, tok.bytes(), s));  // other input: would change codes
+  XQ_CUDA_CHECK(cudaGraphLaunch(exec, s));                          // full: nothing written
+  XQ_CUDA_CHECK(cudaGraphLaunch(exec, s));
+  st.sync_lengths(s);
+  CHECK(st.length(0) == cap);
+  CHECK(st.length(1) == cap);
+  CHECK_THROWS_AS(st.check(s), xq::CapacityError);
+  CHECK_NOTHROW(st.check(s));  // reported once
+  CHECK(xqcuda::to_host(st.codes()) == full);
+  // What the device holds is the CPU's encoding of the rows appended.
+  const index_t cb = Q::code_bytes(width);
+  for (int b = 0; b < B; ++b) {
+    std::vector<float> rows(x.begin(), x.begin() + (cap - 1) * width);
+    rows.insert(rows.end(), x.begin() + (cap - 1 + b) * width, x.begin() + (cap + b) * width);
+    std::vector<std::uint8_t> c(static_cast<std::size_t>(cap * cb));
+    std::vector<std::uint16_t> p(static_cast<std::size_t>(cap * (width / 128) * Q::params_per_group));
+    xq::quant::QuantOps<xq::backend::Reference>::quantize_tokens<Q>(rows.data(), cap, width, width, 128, c.data(),
+                                                                    p.data());
+    CHECK(std::equal(c.begin(), c.end(), full.begin() + b * cap * cb));
+  }
+  XQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  XQ_CUDA_CHECK(cudaGraphDestroy(g));
+  XQ_CUDA_CHECK(cudaStreamDestroy(s));
+}
+
 TEST_CASE("cuda append: padded input rows (ld > width) read only the row, on every chunk size") {
   // 300 rows of 4 groups: the staged kernel (a warp's chunks span several rows, and the last warp
   // is partial) for groups 32, 64 and 128; the padding holds NaN, so a read of it would raise.

@@ -73,15 +73,18 @@ inline void dispatch_group(int hpg, F&& f) {
   else f(std::integral_constant<int, 8>{});
 }
 
-/// qr[b][h][:] = RoPE(q[b][h][:], length(b) − 1) / sqrt(Dh).
+/// qr[b][h][:] = RoPE(q[b][h][:], length(b) − 1) / sqrt(Dh). A length outside [1, positions]
+/// (possible only when a replayed CUDA graph outgrew its max_tokens bound) gives NaN queries, so
+/// the step's output shows it, instead of a read past the RoPE table.
 static __global__ void rope_queries_kernel(const float* __restrict__ q, index_t ldq, int heads,
                                            const int* __restrict__ length, const float* cos, const float* sin,
-                                           float* __restrict__ qr) {
+                                           index_t positions, float* __restrict__ qr) {
   const int b = blockIdx.y, h = blockIdx.x, p = threadIdx.x;  // p: pair index
   const index_t pos = length[b] - 1;
   const float scale = rsqrtf(static_cast<float>(attn::kDh));
   const float* x = q + b * ldq + h * attn::kDh;
-  const float c = cos[pos * (attn::kDh / 2) + p], s = sin[pos * (attn::kDh / 2) + p];
+  const bool in_table = pos >= 0 && pos < positions;
+  const float c = in_table ? cos[pos * (attn::kDh / 2) + p] : NAN, s = in_table ? sin[pos * (attn::kDh / 2) + p] : NAN;
   float* y = qr + (static_cast<index_t>(b) * heads + h) * attn::kDh;
   y[2 * p] = (x[2 * p] * c - x[2 * p + 1] * s) * scale;
   y[2 * p + 1] = (x[2 * p] * s + x[2 * p + 1] * c) * scale;
@@ -914,7 +917,7 @@ inline void rope_queries(const float* q, index_t ldq, int batch, const Attention
   require<ConfigError>(rope.head_dim() == a.head_dim, "rope: head_dim ", rope.head_dim(), " differs from ", a.head_dim);
   ws.q.reserve(static_cast<std::size_t>(batch * a.heads * a.head_dim));
   rope_queries_kernel<<<dim3(static_cast<unsigned>(a.heads), static_cast<unsigned>(batch)), attn::kDh / 2, 0, stream>>>(
-      q, ldq, static_cast<int>(a.heads), length, rope.cos(), rope.sin(), ws.q.data());
+      q, ldq, static_cast<int>(a.heads), length, rope.cos(), rope.sin(), rope.max_positions(), ws.q.data());
   check_launch("rope_queries_kernel");
 }
 

@@ -55,7 +55,9 @@ struct StreamView {
 namespace detail {
 
 /// Status bits raised by kernels (read back by DeviceStream::check).
-enum : unsigned { kNonFinite = 1u, kFp16Range = 2u };
+/// kCapacity: an append found a sequence full on the device (only a replayed CUDA graph can get
+/// there: direct calls check the capacity on the host); its tokens were not written.
+enum : unsigned { kNonFinite = 1u, kFp16Range = 2u, kCapacity = 4u };
 
 /// Values per thread of the per-token append kernel, fixed for benchmarks and tests (8, 32, 64 or
 /// 128; ignored where the stream's group cannot take it); 0, the default: chosen per launch.
@@ -218,12 +220,17 @@ __device__ __forceinline__ void encode_store(const uint4 (&raw)[N], typename Q::
 /// itself done (in `done`, a device word left at zero between launches) only after that barrier,
 /// so no block can still need the old lengths when they change: one kernel instead of a second
 /// launch for the bump (which cost ~2 µs of a ~12 µs small append). Graph replays stay right.
-__device__ __forceinline__ void bump_lengths_when_last(int* length, unsigned* done, int seq0, int count, int n) {
+/// A launch that met a full sequence (kCapacity, raised before each block's count) leaves the
+/// lengths alone: its rows were not written.
+__device__ __forceinline__ void bump_lengths_when_last(int* length, unsigned* done, const unsigned* status, int seq0,
+                                                       int count, int n) {
   __syncthreads();
   if (threadIdx.x != 0) return;
   __threadfence();
   if (atomicAdd(done, 1u) != gridDim.x - 1) return;
-  for (int i = 0; i < count; ++i) length[seq0 + i] += n;
+  __threadfence();
+  if (!(*reinterpret_cast<const volatile unsigned*>(status) & kCapacity))
+    for (int i = 0; i < count; ++i) length[seq0 + i] += n;
   *done = 0;
 }
 
@@ -253,6 +260,8 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
   const unsigned within = r % map.rows_per_seq;
   const index_t seq = map.seq0 + static_cast<int>(r / map.rows_per_seq);
   const index_t tok = active ? v.length[seq] + within : 0;
+  // A full sequence (reachable only by replaying a captured append): flag it, write nothing.
+  const bool fits = tok < v.capacity;
   float lo = INFINITY, hi = -INFINITY;
   bool finite = true;
   uint4 raw[VPT == 8 ? 1 : 4];
@@ -329,7 +338,8 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
     }
   }
   segment_minmax(lo, hi, static_cast<int>(v.group / VPT));
-  if (active) {
+  if (active && !fits) atomicOr(status, kCapacity);
+  if (active && fits) {
     std::uint16_t p[2] = {0, 0};
     const bool ok = Q::fit(lo, hi, p);
     if (!finite) atomicOr(status, kNonFinite);
@@ -366,7 +376,7 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
       }
     }
   }
-  bump_lengths_when_last(v.length, blocks_done, map.seq0, count, static_cast<int>(map.rows_per_seq));
+  bump_lengths_when_last(v.length, blocks_done, status, map.seq0, count, static_cast<int>(map.rows_per_seq));
 }
 
 /// Value of an input or window element after the trip through fp16 that every windowed token takes.

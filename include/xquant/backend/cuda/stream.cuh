@@ -158,6 +158,9 @@ class DeviceStream {
     XQ_CUDA_CHECK(cudaMemcpyAsync(&st, status_.data(), sizeof st, cudaMemcpyDeviceToHost, stream));
     XQ_CUDA_CHECK(cudaStreamSynchronize(stream));
     if (st) XQ_CUDA_CHECK(cudaMemsetAsync(status_.data(), 0, sizeof st, stream));
+    require<CapacityError>(!(st & detail::kCapacity),
+                           "append: a sequence was full on the device, and the tokens of that append were not written "
+                           "(a captured append replayed past the capacity?); sync_lengths() shows the lengths");
     require<ValueError>(!(st & detail::kNonFinite), "X: a value is NaN or Inf (or overflows fp16)");
     require<ValueError>(!(st & detail::kFp16Range),
                         "X: a quantization group's scale or zero does not fit fp16 (|value| <= 65504); rescale the activations");
