@@ -975,7 +975,8 @@ int absorb_resident(bool rows) {
   return general;
 }
 
-/// attend_absorbed on sm_90a, in five launches, none of which writes K, V or X̂ to device memory:
+/// attend_absorbed on sm_90a, in five steps (six launches with token splits), none of which writes
+/// K, V or X̂ to device memory:
 ///   1. the queries rotated at their position and scaled (ws.q);
 ///   2. scores S = q·RoPE(X̂k·Wkᵀ) for tokens [0, Lp) by the wgmma remat kernel with its scores
 ///      epilogue (K stays in its accumulators), −inf at and past each sequence's length (ws.s);
@@ -1039,7 +1040,9 @@ void attend_absorbed_wgmma(const DeviceStream<QK>& keys, const DeviceStream<QV>&
 ///               read on the device only, so that a decode step (DeviceStream::append_all, then
 ///               this) can be captured in a CUDA graph once and replayed while the sequences grow.
 ///               Each sequence must then hold 1 .. max_tokens tokens when the work runs (not
-///               checked); max_tokens must not exceed either stream's capacity or the RoPE table.
+///               checked; tokens past the bound are left out, and a length past the RoPE table
+///               gives NaN outputs); max_tokens must not exceed either stream's capacity or the
+///               RoPE table.
 ///               The work grows with max_tokens, not with the lengths. Call once outside the
 ///               capture first, with the same arguments, so that the workspace is grown then.
 template <class QK, class QV>

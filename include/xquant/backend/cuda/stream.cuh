@@ -96,8 +96,7 @@ class DeviceStream {
     require<ShapeError>(seq >= 0 && seq < s_.batch, "seq: must be in [0, ", s_.batch, "), got ", seq);
     check_rows(x, n, ld);
     if (n == 0) return;
-    require<CapacityError>(host_len_[seq] + n <= s_.capacity, "sequence ", seq, ": appending ", n, " tokens to ",
-                           host_len_[seq], " exceeds the capacity ", s_.capacity);
+    require_room(seq, n);
     append_rows(seq, 1, x, n, ld, stream);
   }
 
@@ -110,9 +109,7 @@ class DeviceStream {
     require<ShapeError>(n >= 0, "n: must be non-negative, got ", n);
     check_rows(x, s_.batch * n, ld);
     if (n == 0) return;
-    for (int b = 0; b < s_.batch; ++b)
-      require<CapacityError>(host_len_[b] + n <= s_.capacity, "sequence ", b, ": appending ", n, " tokens to ",
-                             host_len_[b], " exceeds the capacity ", s_.capacity);
+    for (int b = 0; b < s_.batch; ++b) require_room(b, n);
     if constexpr (Q::axis == Axis::Token) {
       append_rows(0, s_.batch, x, n, ld, stream);
     } else {  // per-channel: each sequence's open group and window differ, so one sequence at a time
@@ -124,8 +121,7 @@ class DeviceStream {
   template <class T>
   void append_all(const T* x, index_t ld, cudaStream_t stream) {
     check_rows(x, s_.batch, ld);
-    for (int b = 0; b < s_.batch; ++b)
-      require<CapacityError>(host_len_[b] + 1 <= s_.capacity, "sequence ", b, " is full (capacity ", s_.capacity, ")");
+    for (int b = 0; b < s_.batch; ++b) require_room(b, 1);
     append_rows(0, s_.batch, x, 1, ld, stream);
   }
 
@@ -177,6 +173,12 @@ class DeviceStream {
     require<ShapeError>(reinterpret_cast<std::uintptr_t>(x) % 16 == 0, "x: must be 16-byte aligned");
   }
 
+  // The host's check that sequence `seq` has room for n more tokens.
+  void require_room(int seq, index_t n) const {
+    require<CapacityError>(host_len_[seq] + n <= s_.capacity, "sequence ", seq, ": appending ", n, " tokens to ",
+                           host_len_[seq], " exceeds the capacity ", s_.capacity);
+  }
+
   // `count` sequences from seq0, n tokens each, rows of x in sequence-major order.
   template <class T>
   void append_rows(int seq0, int count, const T* x, index_t n, index_t ld, cudaStream_t stream) {
@@ -186,8 +188,8 @@ class DeviceStream {
       // Values per thread: up to a whole group, at most 128; 64 for 2-bit codes, and for the others
       // while a launch of 128 would have fewer than 2^20 threads (one partial wave, latency-bound).
       // Measured on an H200 (bench/cuda/NOTES.md item 41): 64 beat 128 by 6-8 % at 2 bits in every
-      // row and by 2-9 % at 4 bits below that size, and beat 32 in every row. 8 for groups of 8 and 16 and for
-      // decode-sized appends. The kernel also bumps the lengths (its last block).
+      // row and by 2-9 % at 4 bits below that size, and beat 32 in every row. 8 for groups of 8 and
+      // 16 and for decode-sized appends. The kernel also bumps the lengths (its last block).
       index_t vpt = 8;
       if (s_.group >= 32 && rows >= 256) {
         vpt = std::min<index_t>(s_.group, 128);
