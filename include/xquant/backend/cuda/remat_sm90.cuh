@@ -37,6 +37,7 @@
 #include "epilogue.cuh"
 #include "sm90.cuh"
 #include "stream.cuh"
+#include <type_traits>
 
 namespace xquant::cuda::detail {
 
@@ -364,7 +365,11 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
 
   sm90::set_max_registers<true, 232>();
   const int lr0 = (warp >> 2) * 64 + (warp & 3) * 16 + g, lr1 = lr0 + 8;  // this thread's rows in a tile
-  const index_t gpr = (v.width >> v.group_shift) * Q::params_per_group;   // fp16 parameters per row
+  const int groups = static_cast<int>(v.width >> v.group_shift);            // token groups per row
+  const index_t gpr = static_cast<index_t>(groups) * Q::params_per_group;  // fp16 parameters per row
+  // Per-token groups span 2^tile_shift k tiles (group >= BK): the tiles of a group share its scales.
+  const int tile_shift = kChannel ? 0 : v.group_shift - 6;
+  static_assert(BK == 64, "tile_shift assumes 64-wide k tiles");
   unsigned i0 = 0;  // the step counter at the current tile's first k step
   for (long long tile = blockIdx.x; tile < tiles.total; tile += gridDim.x, i0 += KT) {
     int n0, m0, seq;
@@ -375,9 +380,10 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     const bool ok0 = m0 + lr0 < limit, ok1 = m0 + lr1 < limit;
     const std::uint16_t* const prow0 = v.params + (static_cast<index_t>(seq) * v.capacity + begin + m0 + lr0) * gpr;
     const std::uint16_t* const prow1 = prow0 + 8 * gpr;
-    auto param = [&](const std::uint16_t* prow, bool ok, int kt) -> std::uint32_t {
-      if (kChannel || !ok || kt >= KT) return 0u;
-      const std::uint16_t* p = prow + ((kt * BK) >> v.group_shift) * Q::params_per_group;
+    // Per-token: the raw parameters of group gi of rows lr0, lr1 (zero past the row's groups).
+    auto param = [&](const std::uint16_t* prow, bool ok, int gi) -> std::uint32_t {
+      if (kChannel || !ok || gi >= groups) return 0u;
+      const std::uint16_t* p = prow + gi * Q::params_per_group;
       if constexpr (Q::params_per_group == 2) return __ldg(reinterpret_cast<const unsigned int*>(p));
       else return __ldg(reinterpret_cast<const unsigned short*>(p));
     };
@@ -408,30 +414,38 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     // slots, step j in slot j % 2; wait_group 1 after issuing step j retires step j − 1, whose slot
     // the next step then overwrites.
     // This tile's codes of rows lr0, lr1 and their scales, and the next tile's, read ahead so that
-    // only one step's dequantization sits between two wgmma issues.
-    std::uint32_t w0[RB / 4], w1[RB / 4], nw0[RB / 4], nw1[RB / 4];
-    RowScale rs0, rs1, nrs0, nrs1;
-    auto prefetch_scales = [&](int kt) {  // tile kt's scales; tile kt + 1's parameters start loading
-      if constexpr (!kChannel) {  // (per-channel scales come from the stage's parameter tile in build)
-        nrs0 = row_scale<Q>(pr0), nrs1 = row_scale<Q>(pr1);
-        pr0 = param(prow0, ok0, kt + 1), pr1 = param(prow1, ok1, kt + 1);
+    // only one step's dequantization sits between two wgmma issues. Tiles alternate between two
+    // register sets by the tile's parity, a compile-time index (the k-tile loop body is written
+    // for an even and an odd tile): with one set copied into the other at each tile's end, the
+    // copies (~30 moves) sat between two wgmma issues (ncu, NOTES item 46).
+    std::uint32_t cw[2][2][RB / 4];  // [tile parity][row lr0, lr1]
+    RowScale rs[2][2];
+    // Tile kt's scales into set P. Only a tile that opens a group converts (the others copy the
+    // group's from the other set), and it starts loading the next group's parameters, a whole
+    // group of k tiles ahead. (Per-channel scales come from the stage's parameter tile in build.)
+    auto prefetch_scales = [&](int kt, auto P) {
+      if constexpr (!kChannel) {
+        if ((kt & ((1 << tile_shift) - 1)) == 0) {
+          rs[P][0] = row_scale<Q>(pr0), rs[P][1] = row_scale<Q>(pr1);
+          const int next = (kt >> tile_shift) + 1;
+          pr0 = param(prow0, ok0, next), pr1 = param(prow1, ok1, next);
+        } else {
+          rs[P][0] = rs[1 - P][0], rs[P][1] = rs[1 - P][1];
+        }
       }
     };
-    auto prefetch_codes = [&](int kt) {
+    auto prefetch_codes = [&](int kt, auto P) {  // tile kt's codes into set P
       sm90::mbar_wait(&full[stage_of(kt)], phase_of(kt));
       const unsigned char* codes = code_tiles + stage_of(kt) * BM * RB;
 #pragma unroll
-      for (int i = 0; i < RB / 16; ++i) {
-        const uint4 x0 = reinterpret_cast<const uint4*>(codes + lr0 * RB)[i];
-        const uint4 x1 = reinterpret_cast<const uint4*>(codes + lr1 * RB)[i];
-        nw0[4 * i] = x0.x, nw0[4 * i + 1] = x0.y, nw0[4 * i + 2] = x0.z, nw0[4 * i + 3] = x0.w;
-        nw1[4 * i] = x1.x, nw1[4 * i + 1] = x1.y, nw1[4 * i + 2] = x1.z, nw1[4 * i + 3] = x1.w;
-      }
-    };
-    auto advance_tile = [&] {
+      for (int r = 0; r < 2; ++r) {
+        const int lr = r == 0 ? lr0 : lr1;
 #pragma unroll
-      for (int i = 0; i < RB / 4; ++i) w0[i] = nw0[i], w1[i] = nw1[i];
-      if constexpr (!kChannel) rs0 = nrs0, rs1 = nrs1;  // (per-channel streams have no row scales)
+        for (int i = 0; i < RB / 16; ++i) {
+          const uint4 x = reinterpret_cast<const uint4*>(codes + lr * RB)[i];
+          cw[P][r][4 * i] = x.x, cw[P][r][4 * i + 1] = x.y, cw[P][r][4 * i + 2] = x.z, cw[P][r][4 * i + 3] = x.w;
+        }
+      }
     };
     // Per-channel: the parameter words of rows lr0, lr1 for step k in slot k % 2. They are read
     // two steps ahead, before the wait for the previous wgmma (ncu: read one step ahead, right
@@ -444,11 +458,12 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         if (split) pw1[k & 1] = chan_words<Q>(prm + q1 * BK * PPG, k, c);
       }
     };
-    // Step k of the k tile whose codes are in w0/w1 (and, per-channel, parameter slot k % 2 and
-    // window pointers wrow0/1).
-    auto build = [&](int k, std::uint32_t(&a)[4]) {
-      const std::uint32_t u0 = C::gather(w0, k, c), u1 = C::gather(w1, k, c);
+    // Step k of the k tile whose codes and scales are in set P (and, per-channel, parameter slot
+    // k % 2 and window pointers wrow0/1).
+    auto build = [&](int k, auto P, std::uint32_t(&a)[4]) {
+      const std::uint32_t u0 = C::gather(cw[P][0], k, c), u1 = C::gather(cw[P][1], k, c);
       if constexpr (!kChannel) {
+        const RowScale &rs0 = rs[P][0], &rs1 = rs[P][1];
         a[0] = pack_bf16x2(dequant_one<Q, 0>(u0, rs0), dequant_one<Q, 1>(u0, rs0));
         a[1] = pack_bf16x2(dequant_one<Q, 0>(u1, rs1), dequant_one<Q, 1>(u1, rs1));
         a[2] = pack_bf16x2(dequant_one<Q, 2>(u0, rs0), dequant_one<Q, 3>(u0, rs0));
@@ -471,15 +486,17 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         }
       }
     };
+    using Even = std::integral_constant<int, 0>;
+    using Odd = std::integral_constant<int, 1>;
     std::uint32_t a[2][4];
-    prefetch_scales(0);
-    prefetch_codes(0);
-    advance_tile();
+    prefetch_scales(0, Even{});
+    prefetch_codes(0, Even{});
     fetch_params(0, 0);
-    build(0, a[0]);
+    build(0, Even{}, a[0]);
     fetch_params(0, 1);
-#pragma unroll 1
-    for (int kt = 0; kt < KT; ++kt) {
+    // k tile kt, its codes and scales in set P (kt's parity).
+    auto k_tile = [&](int kt, auto P) {
+      constexpr auto N = std::integral_constant<int, 1 - decltype(P)::value>{};  // the next tile's set
       const std::uint64_t desc0 = sm90::kmajor_sw128_desc(sm90::smem_addr(b_tiles + stage_of(kt) * kBTileBytes));
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -490,6 +507,10 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         sm90::wgmma_fence();
         sm90::wgmma_m64n256k16_rs(acc, cur, desc0 + 2 * k);  // +32 bytes per 16-wide k step
         sm90::wgmma_commit();
+        // The next tile's codes, loaded while this step's wgmma runs: loaded after the wait, just
+        // before the next issue, the build's first instruction waited for the loads to read their
+        // address register, whose name it reused (ncu, NOTES item 46).
+        if (k == 1 && kt + 1 < KT) prefetch_codes(kt + 1, N);
         // Step k + 2's parameters, into the slot build(k) has used (k tile kt + 1's stage arrived
         // in step 1, before its codes were read).
         if (k < 2) fetch_params(kt, k + 2);
@@ -499,16 +520,19 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         for (int r = 0; r < 4; ++r) sm90::fence_operand(nxt[r]);
         // Step 0's wait retired the previous tile's last step: its stage goes back to the producer.
         if (k == 0 && kt > 0 && lane == 0) sm90::mbar_arrive(&empty[stage_of(kt - 1)]);
-        // The work between two issues stays short: the next tile's scales and codes come in
-        // during steps 0 and 1.
-        if (k < 3) build(k + 1, nxt);
-        if (k == 0 && kt + 1 < KT) prefetch_scales(kt + 1);
-        if (k == 1 && kt + 1 < KT) prefetch_codes(kt + 1);
+        // The work between two issues stays short: the next tile's scales come in during step 0.
+        if (k < 3) build(k + 1, P, nxt);
+        if (k == 0 && kt + 1 < KT) prefetch_scales(kt + 1, N);
         if (k == 3 && kt + 1 < KT) {
           if constexpr (kChannel) wrow0 += BK, wrow1 += BK;  // build reads k tile kt + 1 from here on
-          advance_tile(), build(0, nxt);
+          build(0, N, nxt);
         }
       }
+    };
+#pragma unroll 1
+    for (int kt = 0; kt < KT; kt += 2) {
+      k_tile(kt, Even{});
+      if (kt + 1 < KT) k_tile(kt + 1, Odd{});
     }
     sm90::wgmma_wait<0>();
 #pragma unroll
