@@ -94,4 +94,34 @@ std::vector<float> reference_xhat(const std::vector<float>& x, xquant::index_t l
   return out;
 }
 
+/// A non-blocking stream and the CUDA graph captured on it, all released when the test leaves
+/// the scope, also when a failed REQUIRE or an exception leaves it early.
+class CapturedStream {
+ public:
+  CapturedStream() { XQ_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
+  CapturedStream(const CapturedStream&) = delete;
+  CapturedStream& operator=(const CapturedStream&) = delete;
+  ~CapturedStream() {  // (errors ignored: a destructor must not throw)
+    if (exec_) cudaGraphExecDestroy(exec_);
+    if (graph_) cudaGraphDestroy(graph_);
+    cudaStreamDestroy(s_);
+  }
+  cudaStream_t get() const { return s_; }
+  void begin(cudaStreamCaptureMode mode = cudaStreamCaptureModeThreadLocal) {
+    XQ_CUDA_CHECK(cudaStreamBeginCapture(s_, mode));
+  }
+  /// Ends the capture and, with `instantiate`, makes the graph launchable.
+  void end(bool instantiate = true) {
+    XQ_CUDA_CHECK(cudaStreamEndCapture(s_, &graph_));
+    if (instantiate) XQ_CUDA_CHECK(cudaGraphInstantiate(&exec_, graph_, 0));
+  }
+  /// One replay of the captured graph on the stream.
+  void launch() { XQ_CUDA_CHECK(cudaGraphLaunch(exec_, s_)); }
+
+ private:
+  cudaStream_t s_ = nullptr;
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+};
+
 }  // namespace xqcuda

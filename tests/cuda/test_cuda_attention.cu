@@ -203,8 +203,8 @@ TEST_CASE("cuda decode steps captured once in a CUDA graph and replayed as the s
     // reference sees.
     const std::vector<index_t> prefill = {103, 37};
     const int steps = 12;
-    cudaStream_t s = nullptr;
-    XQ_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    xqcuda::CapturedStream cs;
+    const cudaStream_t s = cs.get();
     xc::DeviceStream<Q> st({B, cap, d, 128});
     std::vector<std::vector<float>> rows(B);
     for (int b = 0; b < B; ++b) {
@@ -226,17 +226,14 @@ TEST_CASE("cuda decode steps captured once in a CUDA graph and replayed as the s
     const xc::DecodeWeights w{dwk.data(), 0, dwv.data(), 0, dbv.data()};
     const bool was_disabled = xc::detail::decode_wgmma_disabled;
     xc::detail::decode_wgmma_disabled = path == 1;
-    cudaGraph_t graph = nullptr;
-    cudaGraphExec_t exec = nullptr;
     try {
       // Outside the capture first: grows the workspace, which must not allocate while capturing.
       xc::attend_absorbed(st, st, a, w, drope, dq.data(), out.data(), ws, s, 0, 0, 0, bound);
       XQ_CUDA_CHECK(cudaStreamSynchronize(s));
-      XQ_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+      cs.begin(cudaStreamCaptureModeGlobal);
       st.append_all(dstep.data(), d, s);
       xc::attend_absorbed(st, st, a, w, drope, dq.data(), out.data(), ws, s, 0, 0, 0, bound);
-      XQ_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
-      XQ_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+      cs.end();
     } catch (...) {
       xc::detail::decode_wgmma_disabled = was_disabled;
       throw;
@@ -250,7 +247,7 @@ TEST_CASE("cuda decode steps captured once in a CUDA graph and replayed as the s
       XQ_CUDA_CHECK(cudaMemcpyAsync(dstep.data(), hx.data(), dstep.bytes(), cudaMemcpyDeviceToDevice, s));
       dq.upload(q.data(), q.size(), s);
       out.fill_bytes(0xff, s);
-      XQ_CUDA_CHECK(cudaGraphLaunch(exec, s));
+      cs.launch();
       XQ_CUDA_CHECK(cudaStreamSynchronize(s));
       std::vector<double> ref;
       for (int b = 0; b < B; ++b) {
@@ -269,9 +266,6 @@ TEST_CASE("cuda decode steps captured once in a CUDA graph and replayed as the s
     CHECK(st.length(0) == prefill[0] + steps);
     CHECK(st.length(1) == prefill[1] + steps);
     st.check(s);
-    XQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
-    XQ_CUDA_CHECK(cudaGraphDestroy(graph));
-    XQ_CUDA_CHECK(cudaStreamDestroy(s));
   }
 }
 TEST_CASE("cuda decode: a replayed step past the RoPE table gives NaN, not a read past the table") {
@@ -294,29 +288,23 @@ TEST_CASE("cuda decode: a replayed step past the RoPE table gives NaN, not a rea
   const xc::DeviceRope rope(xq::Rope(a.head_dim, positions));
   xc::DecodeWorkspace ws;
   const xc::DecodeWeights w{wk.data(), 0, wv.data(), 0, nullptr};
-  cudaStream_t s = nullptr;
-  XQ_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  xqcuda::CapturedStream cs;
+  const cudaStream_t s = cs.get();
   xc::DeviceBuffer<xc::bf16> tok(static_cast<std::size_t>(d));
   XQ_CUDA_CHECK(cudaMemcpy(tok.data(), dx.data() + (positions - 1) * d, tok.bytes(), cudaMemcpyDeviceToDevice));
   xc::attend_absorbed(st, st, a, w, rope, dq.data(), out.data(), ws, s, 0, 0, 0, positions);  // grows ws
   XQ_CUDA_CHECK(cudaStreamSynchronize(s));
-  XQ_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  cs.begin();
   st.append_all(tok.data(), d, s);
   xc::attend_absorbed(st, st, a, w, rope, dq.data(), out.data(), ws, s, 0, 0, 0, positions);
-  cudaGraph_t g = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  XQ_CUDA_CHECK(cudaStreamEndCapture(s, &g));
-  XQ_CUDA_CHECK(cudaGraphInstantiate(&exec, g, 0));
-  XQ_CUDA_CHECK(cudaGraphLaunch(exec, s));  // 64 tokens: the last position of the table
+  cs.end();
+  cs.launch();  // 64 tokens: the last position of the table
   XQ_CUDA_CHECK(cudaStreamSynchronize(s));
   CHECK(xqtest::all_finite(xqcuda::to_host(out)));
-  XQ_CUDA_CHECK(cudaGraphLaunch(exec, s));  // 65 tokens: past the table and the bound
+  cs.launch();  // 65 tokens: past the table and the bound
   XQ_CUDA_CHECK(cudaStreamSynchronize(s));
   const auto got = xqcuda::to_host(out);
   CHECK(std::all_of(got.begin(), got.end(), [](float v) { return std::isnan(v); }));
-  XQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  XQ_CUDA_CHECK(cudaGraphDestroy(g));
-  XQ_CUDA_CHECK(cudaStreamDestroy(s));
 }
 TEST_CASE("cuda decode attention: max_tokens beyond a capacity is rejected") {
   XQ_REQUIRE_DEVICE();

@@ -255,19 +255,16 @@ TEST_CASE("cuda append: a per-channel append inside a CUDA graph capture is refu
   xc::DeviceStream<xq::quant::Uniform<4, Axis::Channel>> st({1, 64, 64, 32});
   const std::vector<float> x(64, 0.5f);
   auto d = xqcuda::to_device<xc::bf16>(x);
-  cudaStream_t s = nullptr;
-  XQ_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  XQ_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  xqcuda::CapturedStream cs;
+  const cudaStream_t s = cs.get();
+  cs.begin();
   CHECK_THROWS_AS(st.append(0, d.data(), 1, 64, s), xq::ConfigError);
   CHECK_THROWS_AS(st.append_all(d.data(), 64, s), xq::ConfigError);
-  cudaGraph_t g = nullptr;
-  XQ_CUDA_CHECK(cudaStreamEndCapture(s, &g));
-  if (g) XQ_CUDA_CHECK(cudaGraphDestroy(g));
+  cs.end(false);
   CHECK(st.length(0) == 0);
   st.append(0, d.data(), 1, 64, s);  // outside a capture it works
   st.check(s);
   CHECK(st.length(0) == 1);
-  XQ_CUDA_CHECK(cudaStreamDestroy(s));
 }
 
 TEST_CASE("cuda append: a captured append replayed past the capacity writes nothing and reports it") {
@@ -285,25 +282,22 @@ TEST_CASE("cuda append: a captured append replayed past the capacity writes noth
   const auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, B * cap, width));
   const auto d = xqcuda::to_device<xc::bf16>(x);
   for (int b = 0; b < B; ++b) st.append(b, d.data(), cap - 1, width, nullptr);  // one token left
-  cudaStream_t s = nullptr;
-  XQ_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  xqcuda::CapturedStream cs;
+  const cudaStream_t s = cs.get();
   xc::DeviceBuffer<xc::bf16> tok(static_cast<std::size_t>(B * width));
-  XQ_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  cs.begin();
   st.append_all(tok.data(), width, s);
-  cudaGraph_t g = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  XQ_CUDA_CHECK(cudaStreamEndCapture(s, &g));
-  XQ_CUDA_CHECK(cudaGraphInstantiate(&exec, g, 0));
+  cs.end();
   XQ_CUDA_CHECK(cudaMemcpyAsync(tok.data(), d.data() + (cap - 1) * width, tok.bytes(), cudaMemcpyDeviceToDevice, s));
-  XQ_CUDA_CHECK(cudaGraphLaunch(exec, s));  // fits: the last free token of each sequence
+  cs.launch();  // fits: the last free token of each sequence
   st.sync_lengths(s);
   REQUIRE_NOTHROW(st.check(s));
   CHECK(st.length(0) == cap);
   CHECK(st.length(1) == cap);
   const auto full = xqcuda::to_host(st.codes());
   XQ_CUDA_CHECK(cudaMemsetAsync(tok.data(), 0x3f, tok.bytes(), s));  // other input: would change codes
-  XQ_CUDA_CHECK(cudaGraphLaunch(exec, s));                          // full: nothing written
-  XQ_CUDA_CHECK(cudaGraphLaunch(exec, s));
+  cs.launch();                                                       // full: nothing written
+  cs.launch();
   st.sync_lengths(s);
   CHECK(st.length(0) == cap);
   CHECK(st.length(1) == cap);
@@ -321,9 +315,6 @@ TEST_CASE("cuda append: a captured append replayed past the capacity writes noth
                                                                     p.data());
     CHECK(std::equal(c.begin(), c.end(), full.begin() + b * cap * cb));
   }
-  XQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  XQ_CUDA_CHECK(cudaGraphDestroy(g));
-  XQ_CUDA_CHECK(cudaStreamDestroy(s));
 }
 
 TEST_CASE("cuda append: padded input rows (ld > width) read only the row, on every chunk size") {
