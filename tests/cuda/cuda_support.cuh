@@ -49,6 +49,9 @@ xc::DeviceBuffer<T> to_device(const std::vector<float>& v) {
   for (std::size_t i = 0; i < v.size(); ++i) h[i] = from_float<T>(v[i]);
   xc::DeviceBuffer<T> d(v.size());
   XQ_CUDA_CHECK(cudaMemcpy(d.data(), h.data(), d.bytes(), cudaMemcpyHostToDevice));
+  // A copy from pageable memory may return before its DMA into `d` ends, and work on a
+  // non-blocking stream does not wait for it (a graph test appended stale rows under memcheck).
+  XQ_CUDA_CHECK(cudaDeviceSynchronize());
   return d;
 }
 template <class T>
@@ -107,7 +110,10 @@ class CapturedStream {
     cudaStreamDestroy(s_);
   }
   cudaStream_t get() const { return s_; }
+  /// Starts capturing, after all earlier work on the device: the legacy default stream does not
+  /// order work on a non-blocking stream, so setup done there could still be running.
   void begin(cudaStreamCaptureMode mode = cudaStreamCaptureModeThreadLocal) {
+    XQ_CUDA_CHECK(cudaDeviceSynchronize());
     XQ_CUDA_CHECK(cudaStreamBeginCapture(s_, mode));
   }
   /// Ends the capture and, with `instantiate`, makes the graph launchable.

@@ -276,22 +276,23 @@ TEST_CASE("cuda decode: a replayed step past the RoPE table gives NaN, not a rea
   INFO("seed ", seed);
   const xq::AttentionShape a{4, 2, 128};
   const index_t d = 512, dkv = a.kv_width(), positions = 64;
+  // Everything on the test's stream (a non-blocking stream does not wait for the legacy one).
+  xqcuda::CapturedStream cs;
+  const cudaStream_t s = cs.get();
   xc::DeviceStream<Q> st({1, 128, d, 128});
   const auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, positions + 1, d));
   const auto dx = xqcuda::to_device<xc::bf16>(x);
-  st.append(0, dx.data(), positions - 1, d, nullptr);
+  st.append(0, dx.data(), positions - 1, d, s);
   const auto wk = xqcuda::to_device<xc::bf16>(bf(xqtest::randn(rng, static_cast<std::size_t>(dkv * d), 0.05f)));
   const auto wv = xqcuda::to_device<xc::bf16>(bf(xqtest::randn(rng, static_cast<std::size_t>(dkv * d), 0.05f)));
   const auto q = xqtest::randn(rng, static_cast<std::size_t>(a.q_width()));
   xc::DeviceBuffer<float> dq(q.size()), out(q.size());
-  dq.upload(q.data(), q.size(), nullptr);
+  dq.upload(q.data(), q.size(), s);
   const xc::DeviceRope rope(xq::Rope(a.head_dim, positions));
   xc::DecodeWorkspace ws;
   const xc::DecodeWeights w{wk.data(), 0, wv.data(), 0, nullptr};
-  xqcuda::CapturedStream cs;
-  const cudaStream_t s = cs.get();
   xc::DeviceBuffer<xc::bf16> tok(static_cast<std::size_t>(d));
-  XQ_CUDA_CHECK(cudaMemcpy(tok.data(), dx.data() + (positions - 1) * d, tok.bytes(), cudaMemcpyDeviceToDevice));
+  XQ_CUDA_CHECK(cudaMemcpyAsync(tok.data(), dx.data() + (positions - 1) * d, tok.bytes(), cudaMemcpyDeviceToDevice, s));
   xc::attend_absorbed(st, st, a, w, rope, dq.data(), out.data(), ws, s, 0, 0, 0, positions);  // grows ws
   XQ_CUDA_CHECK(cudaStreamSynchronize(s));
   cs.begin();

@@ -277,13 +277,15 @@ TEST_CASE("cuda append: a captured append replayed past the capacity writes noth
   INFO("seed ", seed);
   const int B = 2;
   const index_t width = 256, cap = 8;
-  xc::DeviceStream<Q> st({B, cap, width, 128});
-  st.fill_storage(0xff, nullptr);
-  const auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, B * cap, width));
-  const auto d = xqcuda::to_device<xc::bf16>(x);
-  for (int b = 0; b < B; ++b) st.append(b, d.data(), cap - 1, width, nullptr);  // one token left
+  // Everything on the test's stream: a non-blocking stream does not wait for the legacy default
+  // stream (under the sanitizers the replay below once ran before these appends had ended).
   xqcuda::CapturedStream cs;
   const cudaStream_t s = cs.get();
+  xc::DeviceStream<Q> st({B, cap, width, 128});
+  st.fill_storage(0xff, s);
+  const auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, B * cap, width));
+  const auto d = xqcuda::to_device<xc::bf16>(x);
+  for (int b = 0; b < B; ++b) st.append(b, d.data(), cap - 1, width, s);  // one token left
   xc::DeviceBuffer<xc::bf16> tok(static_cast<std::size_t>(B * width));
   cs.begin();
   st.append_all(tok.data(), width, s);
