@@ -214,14 +214,15 @@ void check_dequant_positions() {
 /// and ends with sequence 0's open-group window rows; sequence 1 is longer, so the same tokens
 /// have codes there (each tile must use its own sequence's length).
 template <class Q>
-void check_wgmma_remat(index_t group) {
+void check_wgmma_remat(index_t group, index_t width = 1024) {
   XQ_REQUIRE_DEVICE();
   std::uint64_t seed;
   auto rng = xqtest::make_rng(seed);
-  INFO("seed ", seed, " bits ", Q::bits, " group ", group, " symmetric ", Q::scheme == xq::Scheme::Symmetric);
+  INFO("seed ", seed, " bits ", Q::bits, " group ", group, " symmetric ", Q::scheme == xq::Scheme::Symmetric,
+       " width ", width);
   const int B = 2;
   constexpr bool channel = Q::axis == Axis::Channel;
-  const index_t width = 1024, cap = channel ? 1024 : 700, len = 650, longer = channel ? 140 : 0;
+  const index_t cap = channel ? 1024 : 700, len = 650, longer = channel ? 140 : 0;
   cudaStream_t s = nullptr;
   xc::DeviceStream<Q> st({B, cap, width, group});
   st.fill_storage(0xff, s);  // codes 0xff, NaN parameters and window: a read of unwritten storage shows
@@ -333,4 +334,10 @@ TEST_CASE("cuda remat wgmma: 4-bit symmetric per-channel, groups of 64") {
 }
 TEST_CASE("cuda remat wgmma: 4-bit per-channel, groups of 256") {
   check_wgmma_remat<xq::quant::Uniform<4, Axis::Channel>>(256);
+}
+TEST_CASE("cuda remat wgmma: an odd number of 64-wide k tiles (width 320)") {
+  // The mainloop alternates two register sets by k tile; an odd count leaves the last tile
+  // without its partner, and the persistent grid's next tile then starts on an odd ring step.
+  check_wgmma_remat<xq::quant::Uniform<4>>(64, 320);
+  check_wgmma_remat<xq::quant::Uniform<2, Axis::Channel>>(128, 320);
 }
