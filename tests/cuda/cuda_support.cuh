@@ -97,6 +97,21 @@ std::vector<float> reference_xhat(const std::vector<float>& x, xquant::index_t l
   return out;
 }
 
+/// Sets one of the library's test switches (xquant::cuda::detail::...) for a scope and puts the
+/// old value back when the scope ends, also when a failed REQUIRE or an exception leaves it early.
+template <class T>
+class ScopedValue {
+ public:
+  ScopedValue(T& target, T value) : target_(target), old_(target) { target_ = value; }
+  ScopedValue(const ScopedValue&) = delete;
+  ScopedValue& operator=(const ScopedValue&) = delete;
+  ~ScopedValue() { target_ = old_; }
+
+ private:
+  T& target_;
+  T old_;
+};
+
 /// A non-blocking stream and the CUDA graph captured on it, all released when the test leaves
 /// the scope, also when a failed REQUIRE or an exception leaves it early.
 class CapturedStream {

@@ -93,27 +93,18 @@ void check_decode(const xq::AttentionShape& a, bool latent, index_t d = 512, ind
     for (int splits : {0, 1, 3}) {
       CAPTURE(path);
       CAPTURE(splits);
-      const bool was_disabled = xc::detail::decode_wgmma_disabled;
-      const int was_blocks = xc::detail::remat_wgmma_max_blocks;
-      xc::detail::decode_wgmma_disabled = path == 2;
-      xc::detail::remat_wgmma_max_blocks = path == 1 ? 2 : was_blocks;
       out.fill_bytes(0xff, s);
       ws.s.fill_bytes(0xff, s);
       ws.p.fill_bytes(0xff, s);
       ws.part.fill_bytes(0xff, s);
       ws.acc.fill_bytes(0xff, s);
-      auto restore = [&] {
-        xc::detail::decode_wgmma_disabled = was_disabled;
-        xc::detail::remat_wgmma_max_blocks = was_blocks;
-      };
-      try {
+      {
+        const xqcuda::ScopedValue<bool> portable(xc::detail::decode_wgmma_disabled, path == 2);
+        const xqcuda::ScopedValue<int> blocks(xc::detail::remat_wgmma_max_blocks,
+                                              path == 1 ? 2 : xc::detail::remat_wgmma_max_blocks);
         xc::attend_absorbed(ks, vs, a, xc::DecodeWeights{dwk.data(), 0, dwv.data(), 0, dbv.data()}, drope, dq.data(),
                             out.data(), ws, s, 0, 0, splits);
-      } catch (...) {
-        restore();
-        throw;
       }
-      restore();
       const auto got = xqcuda::to_host(out);
       CHECK(xqtest::all_finite(got));
       CHECK(xqtest::rel_error(got, ref) < 1e-2);
@@ -224,9 +215,8 @@ TEST_CASE("cuda decode steps captured once in a CUDA graph and replayed as the s
     const xc::DeviceRope drope(rope);
     xc::DecodeWorkspace ws;
     const xc::DecodeWeights w{dwk.data(), 0, dwv.data(), 0, dbv.data()};
-    const bool was_disabled = xc::detail::decode_wgmma_disabled;
-    xc::detail::decode_wgmma_disabled = path == 1;
-    try {
+    {
+      const xqcuda::ScopedValue<bool> portable(xc::detail::decode_wgmma_disabled, path == 1);
       // Outside the capture first: grows the workspace, which must not allocate while capturing.
       xc::attend_absorbed(st, st, a, w, drope, dq.data(), out.data(), ws, s, 0, 0, 0, bound);
       XQ_CUDA_CHECK(cudaStreamSynchronize(s));
@@ -234,11 +224,7 @@ TEST_CASE("cuda decode steps captured once in a CUDA graph and replayed as the s
       st.append_all(dstep.data(), d, s);
       xc::attend_absorbed(st, st, a, w, drope, dq.data(), out.data(), ws, s, 0, 0, 0, bound);
       cs.end();
-    } catch (...) {
-      xc::detail::decode_wgmma_disabled = was_disabled;
-      throw;
     }
-    xc::detail::decode_wgmma_disabled = was_disabled;
     for (int step = 0; step < steps; ++step) {
       CAPTURE(step);
       const auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, B, d));

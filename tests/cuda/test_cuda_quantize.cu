@@ -365,15 +365,10 @@ TEST_CASE("cuda append_batch: every values-per-thread kernel writes the CPU's co
     xc::DeviceStream<Q> st({B, cap, width, group});
     st.fill_storage(0xff, nullptr);
     st.append(1, d.data(), 5, width, nullptr);  // sequence 1 starts at token 5
-    const int was = xc::detail::append_values_per_thread;
-    xc::detail::append_values_per_thread = vpt;
-    try {
+    {
+      const xqcuda::ScopedValue<int> forced(xc::detail::append_values_per_thread, vpt);
       st.append_batch(d.data(), n, width, nullptr);
-    } catch (...) {
-      xc::detail::append_values_per_thread = was;
-      throw;
     }
-    xc::detail::append_values_per_thread = was;
     REQUIRE_NOTHROW(st.check(nullptr));
     const auto codes = xqcuda::to_host(st.codes());
     const auto params = xqcuda::to_host(st.params());

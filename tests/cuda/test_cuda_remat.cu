@@ -112,11 +112,12 @@ void check_remat(index_t group) {
       CAPTURE(path);
       if (path == 1 && !wgmma) continue;  // the portable kernel was path 0
       out.fill_bytes(0xff, s);  // NaN everywhere
-      xc::detail::remat_wgmma_disabled = path == 1;
-      if (path < 2) xc::remat_fused(st, begin, end, op, out.data(), c.n, s);
-      else xc::remat_simple(st, begin, end, op, out.data(), c.n, blas, scratch, s);
-      if (path == 1) CHECK(xc::fused_remat_kernel(st, begin, end) == xc::FusedRematKernel::Mma);
-      xc::detail::remat_wgmma_disabled = false;
+      {
+        const xqcuda::ScopedValue<bool> portable(xc::detail::remat_wgmma_disabled, path == 1);
+        if (path < 2) xc::remat_fused(st, begin, end, op, out.data(), c.n, s);
+        else xc::remat_simple(st, begin, end, op, out.data(), c.n, blas, scratch, s);
+        if (path == 1) CHECK(xc::fused_remat_kernel(st, begin, end) == xc::FusedRematKernel::Mma);
+      }
       const auto got = xqcuda::to_host_float(out);
       CHECK(xqtest::all_finite(got));
       CHECK(xqtest::rel_error(got, ref) < 5e-3);
@@ -269,9 +270,10 @@ void check_wgmma_remat(index_t group, index_t width = 1024) {
       // its ring's stages and phases running on across them. Same kernel, same sums: equal bits.
       xc::DeviceBuffer<xc::bf16> few(fused.size());
       few.fill_bytes(0xff, s);
-      xc::detail::remat_wgmma_max_blocks = 3;
-      xc::remat_fused(st, begin, end, op, few.data(), ldo, s);
-      xc::detail::remat_wgmma_max_blocks = 0;
+      {
+        const xqcuda::ScopedValue<int> blocks(xc::detail::remat_wgmma_max_blocks, 3);
+        xc::remat_fused(st, begin, end, op, few.data(), ldo, s);
+      }
       {
         const auto x = xqcuda::to_host(few), y = xqcuda::to_host(fused);  // bf16 bits, NaN padding included
         CHECK(std::memcmp(x.data(), y.data(), x.size() * sizeof(xc::bf16)) == 0);
