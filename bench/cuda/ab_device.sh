@@ -7,7 +7,7 @@
 #   bench/cuda/ab_device.sh <benchmark-filter> <rounds> <config> <config> [<config> ...]
 #
 # A config is a list of environment assignments for bench_cuda, or "" for none, e.g.
-#   bench/cuda/ab_device.sh 'remat_fused/L3.1-8B' 2 "" "XQ_REMAT_SKEW=0"
+#   bench/cuda/ab_device.sh 'remat/L3.1-8B' 2 "" "XQ_REMAT_SKEW=0"
 # Writes the rows to $OUT/ab.txt (or ./device-out) and prints, per row, the median of each
 # configuration (mean over rounds) and its ratio to the first configuration, then the geometric
 # mean of those ratios per shape (the benchmark name's second part) and the spread between rounds.

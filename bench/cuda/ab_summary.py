@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Summarizes bench/cuda/ab_device.sh's output: per benchmark row, each configuration's median
+"""Summarizes bench/cuda/ab_device.sh's output: per timed call, each configuration's median
 (mean over rounds) and its ratio to configuration 0; per shape (the name's second part), the
 geometric mean of those ratios; and the largest spread between rounds of one configuration, the
-noise a ratio must beat. Usage: ab_summary.py <ab.txt>"""
+noise a ratio must beat. A benchmark of one call reports median_us; a row of several calls
+(bench_cuda's time_calls) reports <label>_us per call, summarized as "<row>:<label>".
+Usage: ab_summary.py <ab.txt>"""
 import collections
 import math
 import re
@@ -11,10 +13,14 @@ import sys
 UNITS = {"": 1.0, "k": 1e3, "M": 1e6}
 
 
-def median_us(line):
-    """The median_us counter of a Google Benchmark row (bench_cuda's time_it sets it)."""
-    m = re.search(r"median_us=([\d.]+)([kM]?)", line)
-    return float(m.group(1)) * UNITS[m.group(2)] if m else None
+def call_times_us(line):
+    """(suffix, µs) per timed call of a Google Benchmark row: median_us (suffix "") for a single
+    call, <label>_us (suffix ":<label>") for each call of a row; host_us is not a GPU time."""
+    for m in re.finditer(r"(\w+)_us=([\d.]+)([kM]?)", line):
+        label = m.group(1)
+        if label == "host":
+            continue
+        yield ("" if label == "median" else ":" + label), float(m.group(2)) * UNITS[m.group(3)]
 
 
 def main(path):
@@ -28,10 +34,10 @@ def main(path):
             continue
         if config is None or not re.match(r"[a-z_]+/", line):
             continue
-        us = median_us(line)
-        if us is not None:
-            row = line.split()[0].split("/iterations")[0].split("/manual_time")[0]
-            times[row][config].append(us)
+        row = line.split()[0].split("/iterations")[0].split("/manual_time")[0]
+        for suffix, us in call_times_us(line):
+            if us > 0:  # 0: a call that XQ_BENCH_CALLS left out
+                times[row + suffix][config].append(us)
     if not times:
         sys.exit("no benchmark rows in " + path)
     configs = sorted(names)

@@ -5,7 +5,8 @@
 //   decode  — attention with absorbed values vs materialize-then-attend, and vs FP16-KV attention.
 // Shapes: Llama-2-7B layer (d 4096, 32 × 128, MHA), Llama-3.1-8B (8 KV heads) with X cached, and
 // Llama-3.1-8B with the latent codec (X·Uk per channel, X·Uv per token, width 1024). Batch 1 and
-// 8, 4k and 32k cached tokens, 4- and 2-bit. Times are medians of CUDA-event timings after warm-up.
+// 8, 4k and 32k cached tokens, 4- and 2-bit. Times are medians of CUDA-event timings after warm-up;
+// a benchmark is one row of the tables, whose calls (baseline included) are timed in turn.
 // At exit a markdown table of the ratios is printed (and written to $XQ_BENCH_MD if set).
 
 #include <benchmark/benchmark.h>
@@ -101,60 +102,140 @@ struct HoldFlags {
   HoldFlags& operator=(const HoldFlags&) = delete;
 };
 
-/// Runs `f` under Google Benchmark's loop with CUDA-event timing; returns the median in ms of f
-/// over the timed iterations, after `warmup` untimed calls. `reset`, if given, runs before every
-/// call of f (warm-up and timed) outside the timed events: the bench's own bookkeeping, such as
-/// emptying a stream that the previous call filled. Each timed call is enqueued behind
-/// hold_kernel and released once enqueued, so the interval holds the GPU's work alone; the
-/// host's own time to enqueue f is reported as the counter host_us (median).
-/// f must not synchronize with the device (it would wait for the hold: the bench then fails).
+/// Reads `n` vectors and keeps nothing (the sum is never the value that would be stored): run
+/// before a timed call, it leaves none of the call's data in L2, as nvbench does by default. Reads
+/// leave clean lines, which the timed call evicts without writing them back.
+__global__ void l2_flush_kernel(const uint4* p, std::size_t n, unsigned* sink) {
+  unsigned acc = 0;
+  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
+    const uint4 v = p[i];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0xFFFFFFFFu) *sink = acc;  // the buffer is zeros: never taken, but the loads must stay
+}
+/// A zeroed buffer of twice the L2 size and the kernel that reads it (l2_flush_kernel).
+struct L2Flush {
+  xc::DeviceBuffer<uint4> buf;
+  xc::DeviceBuffer<unsigned> sink{1};
+  L2Flush() {
+    cudaDeviceProp p{};
+    XQ_CUDA_CHECK(cudaGetDeviceProperties(&p, 0));
+    buf = xc::DeviceBuffer<uint4>(2 * static_cast<std::size_t>(p.l2CacheSize) / sizeof(uint4));
+    XQ_CUDA_CHECK(cudaMemset(buf.data(), 0, buf.bytes()));
+  }
+  void operator()() {
+    l2_flush_kernel<<<1024, 256>>>(buf.data(), buf.size(), sink.data());
+    xc::check_launch("l2_flush_kernel");
+  }
+};
+
+/// One timed call of a row: what it runs, and the label of its counter (`<label>_us`).
+struct Call {
+  std::string label;
+  std::function<void()> run;
+};
+/// Medians of a row's calls, in ms and in µs of host enqueue time, in the order of the calls.
+struct Timed {
+  std::vector<double> ms, host_us;
+};
+
+/// Runs `calls` under Google Benchmark's loop with CUDA-event timing, each once per iteration and
+/// in turn, so that every call of a row meets the same clocks and temperatures (a long call heats
+/// the GPU and lowers the clocks that the next ones meet: timed one after the other, a row's
+/// baseline and the calls measured against it would see different ones). Returns each call's
+/// median over the timed iterations, after `warmup` untimed calls of each. `reset`, if given, runs
+/// before every call (warm-up and timed) outside the timed events: the bench's own bookkeeping,
+/// such as emptying a stream that the previous call filled. Each timed call is enqueued behind
+/// hold_kernel and released once enqueued, so the interval holds the GPU's work alone; the host's
+/// own time to enqueue a call is reported too. A call must not synchronize with the device (it
+/// would wait for the hold: the bench then fails).
+/// Before each timed call L2 is flushed (l2_flush_kernel, untimed): every call starts from the
+/// same cold cache instead of finding what it, or the call before it, left there. XQ_BENCH_FLUSH=0
+/// leaves the flush out.
 /// XQ_BENCH_HOLD=0 leaves the hold out: under a profiler that serializes launches (ncu), the host
 /// cannot release a hold kernel that is running (profile_device.sh sets it).
-double g_last_host_us = 0.0;  // the host enqueue median of the last time_it
-
-double time_it(benchmark::State& state, const std::function<void()>& f,
-               const std::function<void()>& reset = {}, int warmup = 3) {
+/// XQ_BENCH_CALLS=label[,label...] times only the calls with those labels (a profile of one
+/// kernel, or an A/B of one call); the others report 0.
+Timed time_calls(benchmark::State& state, const std::vector<Call>& calls, const std::function<void()>& reset = {},
+                 int warmup = 3) {
   Timer t;
   static HoldFlags hold;
   static const bool use_hold = [] {
     const char* e = std::getenv("XQ_BENCH_HOLD");
     return !e || std::atoi(e) != 0;
   }();
-  for (int i = 0; i < warmup; ++i) {
-    if (reset) reset();
-    f();
-  }
+  static const bool use_flush = [] {
+    const char* e = std::getenv("XQ_BENCH_FLUSH");
+    return !e || std::atoi(e) != 0;
+  }();
+  static L2Flush flush;
+  static const std::string only = [] {
+    const char* e = std::getenv("XQ_BENCH_CALLS");
+    return e ? "," + std::string(e) + "," : std::string();
+  }();
+  std::vector<bool> timed(calls.size());
+  for (std::size_t j = 0; j < calls.size(); ++j)
+    timed[j] = only.empty() || only.find("," + calls[j].label + ",") != std::string::npos;
+  for (int i = 0; i < warmup; ++i)
+    for (std::size_t j = 0; j < calls.size(); ++j) {
+      if (!timed[j]) continue;
+      if (reset) reset();
+      calls[j].run();
+    }
   XQ_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<double> ms, host_us;
+  std::vector<std::vector<double>> ms(calls.size()), host_us(calls.size());
   volatile int* release = hold.host;
   for (auto _ : state) {
-    if (reset) reset();  // stream-ordered before event a: its work is not inside the timed interval
-    *release = 0;
-    if (use_hold) hold_kernel<<<1, 1>>>(hold.host, hold.host + 1);
-    XQ_CUDA_CHECK(cudaEventRecord(t.a));
-    const auto h0 = std::chrono::steady_clock::now();
-    f();
-    host_us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - h0).count());
-    XQ_CUDA_CHECK(cudaEventRecord(t.b));
-    *release = 1;
-    XQ_CUDA_CHECK(cudaEventSynchronize(t.b));
-    if (hold.host[1]) {
-      state.SkipWithError("the timed call took over a second to enqueue, or synchronized with the device");
-      hold.host[1] = 0;
-      break;
+    double iteration_ms = 0.0;
+    for (std::size_t j = 0; j < calls.size(); ++j) {
+      if (!timed[j]) continue;
+      if (reset) reset();  // stream-ordered before event a: its work is not inside the timed interval
+      if (use_flush) flush();
+      *release = 0;
+      if (use_hold) hold_kernel<<<1, 1>>>(hold.host, hold.host + 1);
+      XQ_CUDA_CHECK(cudaEventRecord(t.a));
+      const auto h0 = std::chrono::steady_clock::now();
+      calls[j].run();
+      host_us[j].push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - h0).count());
+      XQ_CUDA_CHECK(cudaEventRecord(t.b));
+      *release = 1;
+      XQ_CUDA_CHECK(cudaEventSynchronize(t.b));
+      if (hold.host[1]) {
+        state.SkipWithError("the timed call took over a second to enqueue, or synchronized with the device");
+        hold.host[1] = 0;
+        return Timed{std::vector<double>(calls.size(), 0.0), std::vector<double>(calls.size(), 0.0)};
+      }
+      float e = 0;
+      XQ_CUDA_CHECK(cudaEventElapsedTime(&e, t.a, t.b));
+      ms[j].push_back(e);
+      iteration_ms += e;
     }
-    float e = 0;
-    XQ_CUDA_CHECK(cudaEventElapsedTime(&e, t.a, t.b));
-    state.SetIterationTime(e / 1e3);
-    ms.push_back(e);
+    state.SetIterationTime(iteration_ms / 1e3);
   }
-  std::sort(ms.begin(), ms.end());
-  std::sort(host_us.begin(), host_us.end());
-  const double med = ms.empty() ? 0.0 : ms[ms.size() / 2];
-  state.counters["median_us"] = med * 1e3;
-  if (!host_us.empty()) state.counters["host_us"] = host_us[host_us.size() / 2];
-  g_last_host_us = host_us.empty() ? 0.0 : host_us[host_us.size() / 2];
-  return med;
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0 : v[v.size() / 2];
+  };
+  Timed r;
+  for (std::size_t j = 0; j < calls.size(); ++j) {
+    r.ms.push_back(median(ms[j]));
+    r.host_us.push_back(median(host_us[j]));
+    if (calls.size() > 1) state.counters[calls[j].label + "_us"] = r.ms.back() * 1e3;
+  }
+  return r;
+}
+
+double g_last_host_us = 0.0;  // the host enqueue median of the last time_it
+
+/// time_calls of one call `f`: its median in ms; counters median_us and host_us.
+double time_it(benchmark::State& st, const std::function<void()>& f, const std::function<void()>& reset = {},
+               int warmup = 3) {
+  const Timed t = time_calls(st, {{"call", f}}, reset, warmup);
+  st.counters["median_us"] = t.ms[0] * 1e3;
+  st.counters["host_us"] = t.host_us[0];
+  g_last_host_us = t.host_us[0];
+  return t.ms[0];
 }
 
 std::map<std::string, double> g_ms;       // benchmark name -> median ms
@@ -176,25 +257,34 @@ std::string key(const char* what, const Shape& s, int B, index_t L, int bits) {
 
 // ---- append -----------------------------------------------------------------------------------
 // A batch's chunks arrive as one B·L-row array and go in with one call (append_batch: one launch
-// for per-token streams); the copy moves the same rows in one cudaMemcpyAsync.
+// for per-token streams); the copy moves the same rows in one cudaMemcpyAsync. One row times the
+// copy and the 4- and 2-bit appends in turn (time_calls).
 template <class Q>
-void bench_append(benchmark::State& st, int B, index_t L, index_t width, std::string name) {
-  auto x = random_buffer<xc::bf16>(static_cast<std::size_t>(B * L * width));
-  xc::DeviceStream<Q> s({B, L, width, 128});
-  // The stream holds one call's tokens; emptying it (a memset of the lengths) is not timed.
-  const double ms = time_it(st, [&] { s.append_batch(x.data(), L, width, nullptr); }, [&] { s.clear(nullptr); });
-  const double bytes = static_cast<double>(B) * L * (width * 2 + Q::code_bytes(width) + (width / 128) * 4);
-  st.counters["GB/s"] = bytes / ms / 1e6;
-  g_ms[name] = ms;
+double append_bytes(int B, index_t L, index_t width) {
+  return static_cast<double>(B) * L * (width * 2 + Q::code_bytes(width) + (width / 128) * 4);
 }
-void bench_copy(benchmark::State& st, int B, index_t L, index_t width, std::string name) {
+void bench_append_row(benchmark::State& st, int B, index_t L, index_t width, std::string name) {
   auto x = random_buffer<xc::bf16>(static_cast<std::size_t>(B * L * width));
   xc::DeviceBuffer<xc::bf16> y(x.size());
-  const double ms = time_it(st, [&] {
-    XQ_CUDA_CHECK(cudaMemcpyAsync(y.data(), x.data(), x.bytes(), cudaMemcpyDeviceToDevice, nullptr));
-  });
-  st.counters["GB/s"] = 2.0 * x.bytes() / ms / 1e6;
-  g_ms[name] = ms;
+  xc::DeviceStream<U4> s4({B, L, width, 128});
+  xc::DeviceStream<U2> s2({B, L, width, 128});
+  const Timed t = time_calls(
+      st,
+      {{"copy", [&] { XQ_CUDA_CHECK(cudaMemcpyAsync(y.data(), x.data(), x.bytes(), cudaMemcpyDeviceToDevice, nullptr)); }},
+       {"append4", [&] { s4.append_batch(x.data(), L, width, nullptr); }},
+       {"append2", [&] { s2.append_batch(x.data(), L, width, nullptr); }}},
+      // The streams hold one call's tokens; emptying them (a memset of the lengths) is not timed.
+      [&] {
+        s4.clear(nullptr);
+        s2.clear(nullptr);
+      });
+  g_ms["copy" + name] = t.ms[0];
+  g_ms["append" + name + "/4b"] = t.ms[1];
+  g_ms["append" + name + "/2b"] = t.ms[2];
+  const double copy_gbs = 2.0 * x.bytes() / t.ms[0] / 1e6;
+  st.counters["copy_GB/s"] = copy_gbs;
+  st.counters["frac4"] = append_bytes<U4>(B, L, width) / t.ms[1] / 1e6 / copy_gbs;
+  st.counters["frac2"] = append_bytes<U2>(B, L, width) / t.ms[2] / 1e6 / copy_gbs;
 }
 template <class Q>
 void bench_decode_append(benchmark::State& st, int B, index_t width, std::string name) {
@@ -239,75 +329,92 @@ const xc::DeviceRope& rope() {
 }
 
 // ---- remat GEMM -----------------------------------------------------------------------------
-template <class QK, class QV>
-void bench_remat(benchmark::State& st, Shape s, int B, index_t L, int mode, std::string name) {
+// One row (shape, B, L) times in turn: cuBLAS bf16 on an unquantized X of the same shape (the
+// baseline), the fused kernel at 4 and 2 bits, and the simple path (X̂ dequantized to bf16 in
+// device memory, then cuBLAS) at 4 and 2 bits.
+template <class Q4K, class Q4V, class Q2K, class Q2V>
+void bench_remat_row(benchmark::State& st, Shape s, int B, index_t L) {
   const index_t w = s.key_width(), N = s.Hkv * 128, M = B * L;
   auto W = random_buffer<xc::bf16>(static_cast<std::size_t>(N * w), 0.02f);
+  auto X = random_buffer<xc::bf16>(static_cast<std::size_t>(M * w));
   xc::DeviceBuffer<xc::bf16> out(static_cast<std::size_t>(M * N));
   const xc::RematOperand op{W.data(), N, 0, nullptr, &rope()};
-  double ms;
-  if (mode == 2) {  // cuBLAS on an unquantized X of the same shape
-    auto X = random_buffer<xc::bf16>(static_cast<std::size_t>(M * w));
-    ms = time_it(st, [&] { xc::gemm_bf16_nt(blas(), M, N, w, X.data(), w, W.data(), w, out.data(), N, nullptr); });
-  } else {
-    auto c = make_cache<QK, QV>(s, B, L);
-    xc::DeviceBuffer<xc::bf16> scratch;
-    if (mode == 0) ms = time_it(st, [&] { xc::remat_fused(*c.k, 0, L, op, out.data(), N, nullptr); });
-    else ms = time_it(st, [&] { xc::remat_simple(*c.k, 0, L, op, out.data(), N, blas(), scratch, nullptr); });
-  }
-  st.counters["TFLOP/s"] = 2.0 * M * N * w / ms / 1e9;
-  g_ms[name] = ms;
+  auto c4 = make_cache<Q4K, Q4V>(s, B, L);
+  auto c2 = make_cache<Q2K, Q2V>(s, B, L);
+  xc::DeviceBuffer<xc::bf16> scratch;
+  const Timed t = time_calls(
+      st, {{"cublas", [&] { xc::gemm_bf16_nt(blas(), M, N, w, X.data(), w, W.data(), w, out.data(), N, nullptr); }},
+           {"fused4", [&] { xc::remat_fused(*c4.k, 0, L, op, out.data(), N, nullptr); }},
+           {"fused2", [&] { xc::remat_fused(*c2.k, 0, L, op, out.data(), N, nullptr); }},
+           {"simple4", [&] { xc::remat_simple(*c4.k, 0, L, op, out.data(), N, blas(), scratch, nullptr); }},
+           {"simple2", [&] { xc::remat_simple(*c2.k, 0, L, op, out.data(), N, blas(), scratch, nullptr); }}});
+  g_ms[key("remat_cublas", s, B, L, 16)] = t.ms[0];
+  g_ms[key("remat_fused", s, B, L, 4)] = t.ms[1];
+  g_ms[key("remat_fused", s, B, L, 2)] = t.ms[2];
+  g_ms[key("remat_simple", s, B, L, 4)] = t.ms[3];
+  g_ms[key("remat_simple", s, B, L, 2)] = t.ms[4];
+  st.counters["cublas_TFLOP/s"] = 2.0 * M * N * w / t.ms[0] / 1e9;
+  if (t.ms[1] > 0) st.counters["frac4"] = t.ms[0] / t.ms[1];
+  if (t.ms[2] > 0) st.counters["frac2"] = t.ms[0] / t.ms[2];
 }
 
 // ---- decode attention -------------------------------------------------------------------------
-template <class QK, class QV>
-void bench_decode(benchmark::State& st, Shape s, int B, index_t L, int mode, std::string name) {
+// One row times in turn: attention over an FP16 K/V cache of the same context (FP16 KV), and at 4
+// and 2 bits the fused absorbed decode (attend_absorbed: K, V, X̂ never written), the absorbed
+// decode through cuBLAS (X̂ and K in scratch) and materialize-then-attend (X̂ dequantized once per
+// stream, cuBLAS GEMMs for K, then RoPE, and V, then attention over them).
+template <class Q4K, class Q4V, class Q2K, class Q2V>
+void bench_decode_row(benchmark::State& st, Shape s, int B, index_t L) {
   const xq::AttentionShape a{s.H, s.Hkv, 128};
-  const index_t dkv = a.kv_width(), wk = s.key_width();
+  const index_t dkv = a.kv_width(), wk = s.key_width(), wv = wk;  // the value side has the key side's width here
   auto q = random_buffer<float>(static_cast<std::size_t>(B * a.q_width()));
   xc::DeviceBuffer<float> out(static_cast<std::size_t>(B * a.q_width()));
   xc::DecodeWorkspace ws;
   xc::DeviceBuffer<int> lens(static_cast<std::size_t>(B));
   std::vector<int> hl(static_cast<std::size_t>(B), static_cast<int>(L));
   lens.upload(hl.data(), hl.size(), nullptr);
-  double ms;
-  if (mode == 2) {  // FP16 KV cache
-    auto K = random_buffer<xc::fp16>(static_cast<std::size_t>(B * L * dkv));
-    auto V = random_buffer<xc::fp16>(static_cast<std::size_t>(B * L * dkv));
-    ms = time_it(st, [&] {
-      xc::attend_kv(K.data(), V.data(), dkv, L, B, L, lens.data(), a, rope(), q.data(), out.data(), ws, nullptr);
-    });
-  } else {
-    auto c = make_cache<QK, QV>(s, B, L);
-    auto Wk = random_buffer<xc::bf16>(static_cast<std::size_t>(dkv * wk), 0.02f);
-    auto Wv = random_buffer<xc::bf16>(static_cast<std::size_t>(dkv * wk), 0.02f);
-    const xc::DecodeWeights dw{Wk.data(), 0, Wv.data(), 0, nullptr};
-    if (mode == 0) {  // absorbed, fused: K and X̂ never written
-      ms = time_it(st, [&] { xc::attend_absorbed(*c.k, c.values(), a, dw, rope(), q.data(), out.data(), ws, nullptr); });
-    } else if (mode == 3) {  // absorbed through cuBLAS (X̂ and K in scratch)
-      ms = time_it(st, [&] {
-        xc::attend_absorbed_gemm(*c.k, c.values(), a, dw, rope(), q.data(), out.data(), ws, blas(), nullptr);
-      });
-    } else {  // materialize K and V with the fastest remat (X̂ dequantized once per stream, cuBLAS), then attend
-      const index_t wv = wk;  // the value-side stream has the key side's width in every shape here
-      xc::DeviceBuffer<xc::bf16> K(static_cast<std::size_t>(B * L * dkv)), V(K.size());
-      xc::DeviceBuffer<xc::bf16> Xk(static_cast<std::size_t>(B * L * wk)), Xv(s.latent ? static_cast<std::size_t>(B * L * wv) : 0);
-      const xc::detail::EpilogueArgs e{nullptr, rope().cos(), rope().sin(), 128};
-      ms = time_it(st, [&] {
-        xc::dequantize(*c.k, 0, L, Xk.data(), wk, nullptr);
-        xc::gemm_bf16_nt(blas(), B * L, dkv, wk, Xk.data(), wk, Wk.data(), wk, K.data(), dkv, nullptr);
-        xc::detail::epilogue_kernel<<<static_cast<unsigned>(B * L), 128>>>(K.data(), dkv, dkv, 0, L, e);
-        const xc::bf16* xv = Xk.data();
-        if (s.latent) {
-          xc::dequantize(c.values(), 0, L, Xv.data(), wv, nullptr);
-          xv = Xv.data();
-        }
-        xc::gemm_bf16_nt(blas(), B * L, dkv, wv, xv, wv, Wv.data(), wv, V.data(), dkv, nullptr);
-        xc::attend_kv(K.data(), V.data(), dkv, L, B, L, lens.data(), a, rope(), q.data(), out.data(), ws, nullptr);
-      });
+  auto Kh = random_buffer<xc::fp16>(static_cast<std::size_t>(B * L * dkv));
+  auto Vh = random_buffer<xc::fp16>(static_cast<std::size_t>(B * L * dkv));
+  auto c4 = make_cache<Q4K, Q4V>(s, B, L);
+  auto c2 = make_cache<Q2K, Q2V>(s, B, L);
+  auto Wk = random_buffer<xc::bf16>(static_cast<std::size_t>(dkv * wk), 0.02f);
+  auto Wv = random_buffer<xc::bf16>(static_cast<std::size_t>(dkv * wk), 0.02f);
+  const xc::DecodeWeights dw{Wk.data(), 0, Wv.data(), 0, nullptr};
+  xc::DeviceBuffer<xc::bf16> K(static_cast<std::size_t>(B * L * dkv)), V(K.size());
+  xc::DeviceBuffer<xc::bf16> Xk(static_cast<std::size_t>(B * L * wk)), Xv(s.latent ? static_cast<std::size_t>(B * L * wv) : 0);
+  const xc::detail::EpilogueArgs e{nullptr, rope().cos(), rope().sin(), 128};
+  auto fused = [&](auto& c) { xc::attend_absorbed(*c.k, c.values(), a, dw, rope(), q.data(), out.data(), ws, nullptr); };
+  auto absorbed = [&](auto& c) {
+    xc::attend_absorbed_gemm(*c.k, c.values(), a, dw, rope(), q.data(), out.data(), ws, blas(), nullptr);
+  };
+  auto materialize = [&](auto& c) {
+    xc::dequantize(*c.k, 0, L, Xk.data(), wk, nullptr);
+    xc::gemm_bf16_nt(blas(), B * L, dkv, wk, Xk.data(), wk, Wk.data(), wk, K.data(), dkv, nullptr);
+    xc::detail::epilogue_kernel<<<static_cast<unsigned>(B * L), 128>>>(K.data(), dkv, dkv, 0, L, e);
+    const xc::bf16* xv = Xk.data();
+    if (s.latent) {
+      xc::dequantize(c.values(), 0, L, Xv.data(), wv, nullptr);
+      xv = Xv.data();
     }
+    xc::gemm_bf16_nt(blas(), B * L, dkv, wv, xv, wv, Wv.data(), wv, V.data(), dkv, nullptr);
+    xc::attend_kv(K.data(), V.data(), dkv, L, B, L, lens.data(), a, rope(), q.data(), out.data(), ws, nullptr);
+  };
+  const Timed t = time_calls(
+      st, {{"fp16kv", [&] { xc::attend_kv(Kh.data(), Vh.data(), dkv, L, B, L, lens.data(), a, rope(), q.data(), out.data(), ws, nullptr); }},
+           {"fused4", [&] { fused(c4); }},
+           {"absorbed4", [&] { absorbed(c4); }},
+           {"mat4", [&] { materialize(c4); }},
+           {"fused2", [&] { fused(c2); }},
+           {"absorbed2", [&] { absorbed(c2); }},
+           {"mat2", [&] { materialize(c2); }}});
+  g_ms[key("decode_fp16kv", s, B, L, 16)] = t.ms[0];
+  const char* what[] = {"decode_absorbed", "decode_absorbed_gemm", "decode_materialize"};
+  for (int i = 0; i < 3; ++i) {
+    g_ms[key(what[i], s, B, L, 4)] = t.ms[1 + i];
+    g_ms[key(what[i], s, B, L, 2)] = t.ms[4 + i];
   }
-  g_ms[name] = ms;
+  if (t.ms[3] > 0) st.counters["fused/mat4"] = t.ms[1] / t.ms[3];
+  if (t.ms[6] > 0) st.counters["fused/mat2"] = t.ms[4] / t.ms[6];
 }
 
 // A decode step as an engine runs it: one token appended to every sequence, then attend_absorbed
@@ -373,44 +480,33 @@ void register_step(const Shape& s, int bits) {
       }
 }
 
-template <class QK, class QV>
-void register_shape(const Shape& s, int bits) {
+template <class Q4K, class Q4V, class Q2K, class Q2V>
+void register_rows(const Shape& s) {
   for (int B : {1, 8})
     for (index_t L : {index_t(4096), index_t(32768)}) {
-      const int it_big = (B * L >= 8 * 32768) ? 5 : 15;
-      for (int mode = 0; mode < 3; ++mode) {
-        if (mode == 2 && bits == 2) continue;  // baselines do not depend on the bit width
-        static const char* rn[] = {"remat_fused", "remat_simple", "remat_cublas"};
-        const std::string n = key(rn[mode], s, B, L, mode == 2 ? 16 : bits);
-        benchmark::RegisterBenchmark(n.c_str(), bench_remat<QK, QV>, s, B, L, mode, n)
-            ->UseManualTime()->Iterations(it_big)->Unit(benchmark::kMicrosecond);
-      }
-      for (int mode = 0; mode < 4; ++mode) {
-        if (mode == 2 && bits == 2) continue;
-        static const char* dn[] = {"decode_absorbed", "decode_materialize", "decode_fp16kv", "decode_absorbed_gemm"};
-        const std::string n = key(dn[mode], s, B, L, mode == 2 ? 16 : bits);
-        benchmark::RegisterBenchmark(n.c_str(), bench_decode<QK, QV>, s, B, L, mode, n)
-            ->UseManualTime()->Iterations(it_big)->Unit(benchmark::kMicrosecond);
-      }
+      const int iterations = (B * L >= 8 * 32768) ? 5 : 15;
+      std::ostringstream os;
+      os << s.name << "/B" << B << "/L" << L / 1024 << "k";
+      benchmark::RegisterBenchmark(("remat/" + os.str()).c_str(), bench_remat_row<Q4K, Q4V, Q2K, Q2V>, s, B, L)
+          ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
+      benchmark::RegisterBenchmark(("decode/" + os.str()).c_str(), bench_decode_row<Q4K, Q4V, Q2K, Q2V>, s, B, L)
+          ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
     }
 }
 
-template <class Q>
-void register_append(int bits) {
+void register_appends() {
   for (index_t width : {index_t(4096), index_t(1024)})
     for (int B : {1, 8})
       for (index_t L : {index_t(4096), index_t(32768)}) {
         std::ostringstream os;
         os << "/w" << width << "/B" << B << "/L" << L / 1024 << "k";
-        const std::string n = "append" + os.str() + "/" + std::to_string(bits) + "b";
-        benchmark::RegisterBenchmark(n.c_str(), bench_append<Q>, B, L, width, n)
+        benchmark::RegisterBenchmark(("append" + os.str()).c_str(), bench_append_row, B, L, width, os.str())
             ->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
-        if (bits == 4) {
-          const std::string c = "copy" + os.str();
-          benchmark::RegisterBenchmark(c.c_str(), bench_copy, B, L, width, c)
-              ->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
-        }
       }
+}
+
+template <class Q>
+void register_token_append(int bits) {
   for (int B : {1, 8}) {
     const std::string n = "append_token/w4096/B" + std::to_string(B) + "/" + std::to_string(bits) + "b";
     benchmark::RegisterBenchmark(n.c_str(), bench_decode_append<Q>, B, index_t(4096), n)
@@ -515,14 +611,12 @@ int main(int argc, char** argv) {
   }
   // XQ_APPEND_VPT fixes the append kernel's values per thread (A/B runs; unset: chosen per launch).
   if (const char* v = std::getenv("XQ_APPEND_VPT")) xc::detail::append_values_per_thread = std::atoi(v);
-  register_append<U4>(4);
-  register_append<U2>(2);
-  register_shape<U4, U4>(kShapes[0], 4);
-  register_shape<U2, U2>(kShapes[0], 2);
-  register_shape<U4, U4>(kShapes[1], 4);
-  register_shape<U2, U2>(kShapes[1], 2);
-  register_shape<C4, U4>(kShapes[2], 4);
-  register_shape<C2, U2>(kShapes[2], 2);
+  register_appends();
+  register_token_append<U4>(4);
+  register_token_append<U2>(2);
+  register_rows<U4, U4, U2, U2>(kShapes[0]);
+  register_rows<U4, U4, U2, U2>(kShapes[1]);
+  register_rows<C4, U4, C2, U2>(kShapes[2]);
   register_step<U4, U4>(kShapes[1], 4);
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();

@@ -5,14 +5,16 @@
 #
 #   bench/cuda/profile_device.sh kernel  <kernel-regex> <benchmark-filter>
 #       one launch of the kernel: speed-of-light, occupancy, scheduler statistics and the stall
-#       reasons per issued instruction (e.g. kernel remat_wgmma 'remat_fused/L2-7B/B1/L32k/4b',
-#       kernel quantize_tokens 'append/w4096/B8/L32k/4b').
+#       reasons per issued instruction (e.g. XQ_BENCH_CALLS=fused4 ... kernel remat_wgmma
+#       'remat/L2-7B/B1/L32k', XQ_BENCH_CALLS=append4 ... kernel quantize_tokens 'append/w4096/B8/L32k').
 #   bench/cuda/profile_device.sh source <kernel-regex> <benchmark-filter>
 #       one launch with the full set, then the warp-state samples per SASS instruction
 #       ($OUT/ncu_source.csv) and the instructions that collect the most samples.
 #   bench/cuda/profile_device.sh timeline <benchmark-filter> [launches]
-#       the duration of every kernel of a few iterations of one benchmark (e.g. timeline
-#       'decode_absorbed_gemm/L3.1-8B/B1/L4k/4b'), to see where a multi-kernel path spends its time.
+#       the duration of every kernel of a few iterations of one benchmark (e.g. XQ_BENCH_CALLS=absorbed4
+#       ... timeline 'decode/L3.1-8B/B1/L4k'), to see where a multi-kernel path spends its time.
+# A benchmark of bench_cuda is a table row that times several calls; XQ_BENCH_CALLS=<label> keeps
+# one (the labels: the row's <label>_us counters), so that the profiled launch is that call's.
 set -o pipefail
 # shellcheck source=SCRIPTDIR/device_env.sh
 . "$(dirname "$0")/device_env.sh"
