@@ -419,6 +419,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     // for an even and an odd tile): with one set copied into the other at each tile's end, the
     // copies (~30 moves) sat between two wgmma issues (ncu, NOTES item 46).
     std::uint32_t cw[2][2][RB / 4];  // [tile parity][row lr0, lr1]
+    const std::uint32_t codes_smem = sm90::smem_addr(code_tiles), code_row = static_cast<std::uint32_t>(lr0 * RB);
     RowScale rs[2][2];
     // Tile kt's scales into set P. Only a tile that opens a group converts (the others copy the
     // group's from the other set), and it starts loading the next group's parameters, a whole
@@ -436,14 +437,21 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     };
     auto prefetch_codes = [&](int kt, auto P) {  // tile kt's codes into set P
       sm90::mbar_wait(&full[stage_of(kt)], phase_of(kt));
-      const unsigned char* codes = code_tiles + stage_of(kt) * BM * RB;
+      // The address: this thread's row offset (live through the kernel) plus the stage's base (the
+      // same for the warp), so that ptxas can address [row + uniform] without a temporary register.
+      // With a temporary, the next build reused it and waited for these loads to read it, which sit
+      // behind the wgmma in the memory pipeline (ncu, NOTES item 46: the mainloop's top stall).
+      const std::uint32_t stage_base = codes_smem + static_cast<std::uint32_t>(stage_of(kt) * BM * RB);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int lr = r == 0 ? lr0 : lr1;
 #pragma unroll
         for (int i = 0; i < RB / 16; ++i) {
-          const uint4 x = reinterpret_cast<const uint4*>(codes + lr * RB)[i];
-          cw[P][r][4 * i] = x.x, cw[P][r][4 * i + 1] = x.y, cw[P][r][4 * i + 2] = x.z, cw[P][r][4 * i + 3] = x.w;
+          const std::uint32_t a = code_row + stage_base + static_cast<std::uint32_t>(r * 8 * RB + 16 * i);
+          asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                       : "=r"(cw[P][r][4 * i]), "=r"(cw[P][r][4 * i + 1]), "=r"(cw[P][r][4 * i + 2]),
+                         "=r"(cw[P][r][4 * i + 3])
+                       : "r"(a)
+                       : "memory");
         }
       }
     };
