@@ -169,7 +169,6 @@ Timed time_calls(benchmark::State& state, const std::vector<Call>& calls, const 
     const char* e = std::getenv("XQ_BENCH_FLUSH");
     return !e || std::atoi(e) != 0;
   }();
-  static L2Flush flush;
   static const std::string only = [] {
     const char* e = std::getenv("XQ_BENCH_CALLS");
     return e ? "," + std::string(e) + "," : std::string();
@@ -191,7 +190,10 @@ Timed time_calls(benchmark::State& state, const std::vector<Call>& calls, const 
     for (std::size_t j = 0; j < calls.size(); ++j) {
       if (!timed[j]) continue;
       if (reset) reset();  // stream-ordered before event a: its work is not inside the timed interval
-      if (use_flush) flush();
+      if (use_flush) {
+        static L2Flush flush;  // (its buffer, twice the L2 size, only where the flush is wanted)
+        flush();
+      }
       *release = 0;
       if (use_hold) hold_kernel<<<1, 1>>>(hold.host, hold.host + 1);
       XQ_CUDA_CHECK(cudaEventRecord(t.a));
@@ -546,7 +548,7 @@ std::string table() {
         os << "| " << width << " | " << B << " | " << L / 1024 << "k | " << fmt(copy_gbs, 0);
         for (int bits : {4, 2}) {
           const double t = get("append" + sfx.str() + "/" + std::to_string(bits) + "b");
-          const double bytes = static_cast<double>(B) * L * (width * 2 + width * bits / 8 + (width / 128) * 4);
+          const double bytes = bits == 4 ? append_bytes<U4>(B, L, width) : append_bytes<U2>(B, L, width);
           const double gbs = bytes / t / 1e6;
           os << " | " << fmt(gbs, 0) << " | " << fmt(gbs / copy_gbs);
         }
