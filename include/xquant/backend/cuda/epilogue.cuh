@@ -11,6 +11,7 @@ struct EpilogueArgs {
   const float* cos;
   const float* sin;
   int head_dim;  // 0: no RoPE
+  int positions = 0;  // rows of the cos/sin tables (positions × head_dim/2 floats each)
 };
 
 __device__ __forceinline__ void store8_bf16(bf16* p, const float (&x)[8]) {

@@ -133,7 +133,8 @@ EpilogueArgs check_remat(const DeviceStream<Q>& x, index_t begin, index_t end, c
                          " must be a multiple of 8 that divides N ", op.n);
     require<ConfigError>(end <= op.rope->max_positions(), "remat: position ", end - 1,
                          " exceeds the RoPE table's max_positions ", op.rope->max_positions());
-    e = EpilogueArgs{op.bias, op.rope->cos(), op.rope->sin(), static_cast<int>(dh)};
+    e = EpilogueArgs{op.bias, op.rope->cos(), op.rope->sin(), static_cast<int>(dh),
+                     static_cast<int>(op.rope->max_positions())};
   }
   return e;
 }

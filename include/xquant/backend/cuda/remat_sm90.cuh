@@ -60,10 +60,19 @@ inline constexpr int kStageTx = kBTileBytes + BM * kCodeRowBytes<Q> + kParamTile
 inline constexpr int kOutBoxCols = 64;                      // 128 bytes of bf16: the swizzle's row
 inline constexpr int kOutBoxBytes = BM * kOutBoxCols * 2;   // 16 KB
 inline constexpr int kOutTileBytes = BN / kOutBoxCols * kOutBoxBytes;  // 64 KB, the staged output tile
+/// The RoPE tables of a tile's 128 positions, staged by TMA in the output tile before the epilogue
+/// (head width 64 or 128: a row's 32 or 64 pairs; boxes of 32 floats, 128 bytes, like the output's):
+/// cos in boxes 0 and 1, sin in boxes 2 and 3.
+inline constexpr int kTabBoxFloats = 32;
+inline constexpr int kSinBox = 2;
+/// k tiles into a tile: the consumers free the staged tile (the previous tile's stores have read it)
+/// during k tile kFreeAt, and the producer loads the tables after it has loaded k tile kFreeAt +
+/// STAGES, when the consumers have passed kFreeAt (so it never waits for them), or the last k tile.
+inline constexpr int kFreeAt = 2;  // even (see the kernel)
 /// Shared memory of the kernel: the ring, the staged output tile (not for the decode scores, which
 /// leave the block as a few floats per row), the barriers and the alignment slack.
 template <class Q, bool kScores = false>
-inline constexpr int kSmemBytes = STAGES * kStageTx<Q> + (kScores ? 0 : kOutTileBytes) + 2 * STAGES * 8 + 1024;
+inline constexpr int kSmemBytes = STAGES * kStageTx<Q> + (kScores ? 0 : kOutTileBytes) + (2 * STAGES + 2) * 8 + 1024;
 
 /// Quantizers the kernel handles.
 template <class Q>
@@ -304,11 +313,16 @@ __device__ __forceinline__ void score_tile(float (&acc)[128], int n0, int m0, in
 
 /// kScores = false: out = RoPE(X̂·Wᵀ + bias) for rows [begin, begin + count) of every sequence.
 /// kScores = true: the decode scores of rows [0, count) (score_tile; begin is 0, out_map unused).
+/// `tables`: the RoPE tables come by TMA (cos_map, sin_map) into the staged output tile, which the
+/// epilogue rotates in place (head width 64 or 128, not for the scores); otherwise the epilogue
+/// reads them from global memory (cos_map and sin_map unused).
 template <class Q, bool kScores = false>
 __global__ void __launch_bounds__(wg::THREADS, 1)
     remat_wgmma_kernel(const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap code_map,
                        const __grid_constant__ CUtensorMap param_map, const __grid_constant__ CUtensorMap out_map,
-                       StreamView<Q> v, int begin, int count, int N, RematTiles tiles, EpilogueArgs e, ScoreArgs sc) {
+                       const __grid_constant__ CUtensorMap cos_map, const __grid_constant__ CUtensorMap sin_map,
+                       bool tables, StreamView<Q> v, int begin, int count, int N, RematTiles tiles, EpilogueArgs e,
+                       ScoreArgs sc) {
 #if XQ_SM90A
   using namespace wg;
   using C = StepCodes<Q::bits>;
@@ -324,9 +338,14 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
   unsigned char* const param_tiles = code_tiles + STAGES * BM * RB;  // STAGES × kParamTileBytes (per-channel)
   std::uint64_t* const full = reinterpret_cast<std::uint64_t*>(param_tiles + STAGES * kParamTileBytes<Q>);
   std::uint64_t* const empty = full + STAGES;
+  std::uint64_t* const tab_full = empty + STAGES;  // the tile's RoPE tables have landed (tables)
+  std::uint64_t* const out_free = tab_full + 1;    // the previous tile's stores have read the staged tile
 
   const int t = threadIdx.x, warp = t >> 5, lane = t & 31, g = lane >> 2, c = lane & 3;
   const int KT = static_cast<int>(v.width / BK);
+  tables = tables && !kScores;
+  // (free_at is even: the consumers free the staged tile between an even k tile and the next.)
+  const int free_at = min(kFreeAt, (KT - 1) & ~1), tab_at = min(kFreeAt + STAGES, KT - 1);
 
   if (t == 0) {
 #pragma unroll
@@ -334,6 +353,8 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
       sm90::mbar_init(&full[s], 1);
       sm90::mbar_init(&empty[s], kConsumerWarps);
     }
+    sm90::mbar_init(tab_full, 1);
+    sm90::mbar_init(out_free, 1);
     sm90::mbar_fence_init();
   }
   __syncthreads();  // the last block-wide barrier: the producer warpgroup leaves after its loop
@@ -344,8 +365,9 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
   if (warp >= kConsumerWarps) {  // producer: one thread keeps the ring full
     sm90::set_max_registers<false, 40>();  // hand its registers to the consumers
     if (t == 32 * kConsumerWarps) {
-      unsigned i = 0;
-      for (long long tile = blockIdx.x; tile < tiles.total; tile += gridDim.x) {
+      unsigned i = 0, u = 0;  // u: the block's tile count
+      const unsigned tab_bytes = (e.head_dim / 2 / kTabBoxFloats) * 2 * kOutBoxBytes;
+      for (long long tile = blockIdx.x; tile < tiles.total; tile += gridDim.x, ++u) {
         int n0, m0, seq;
         tiles.at(tile, n0, m0, seq);
         for (int kt = 0; kt < KT; ++kt, ++i) {
@@ -357,6 +379,14 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
           if constexpr (kChannel)  // the parameters of the token groups from the tile's first row on
             sm90::tma_load_3d(param_tiles + s * kParamTileBytes<Q>, &param_map, kt * BK * PPG,
                               (begin + m0) >> v.group_shift, seq, &full[s]);
+          if (tables && kt == tab_at) {  // the tile's RoPE tables, once the previous tile's stores have read the staged tile
+            if (u > 0) sm90::mbar_wait(out_free, (u - 1) & 1u);
+            sm90::mbar_arrive_expect_tx(tab_full, tab_bytes);
+            for (int b = 0; b * kTabBoxFloats < e.head_dim / 2; ++b) {
+              sm90::tma_load_2d(out_tile + b * kOutBoxBytes, &cos_map, b * kTabBoxFloats, begin + m0, tab_full);
+              sm90::tma_load_2d(out_tile + (kSinBox + b) * kOutBoxBytes, &sin_map, b * kTabBoxFloats, begin + m0, tab_full);
+            }
+          }
         }
       }
     }
@@ -371,7 +401,8 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
   const int tile_shift = kChannel ? 0 : v.group_shift - 6;
   static_assert(BK == 64, "tile_shift assumes 64-wide k tiles");
   unsigned i0 = 0;  // the step counter at the current tile's first k step
-  for (long long tile = blockIdx.x; tile < tiles.total; tile += gridDim.x, i0 += KT) {
+  unsigned u = 0;   // the block's tile count
+  for (long long tile = blockIdx.x; tile < tiles.total; tile += gridDim.x, i0 += KT, ++u) {
     int n0, m0, seq;
     tiles.at(tile, n0, m0, seq);
     // This thread's parameter rows (zeros past the range; for the scores also past the sequence's
@@ -403,6 +434,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
       any_window = __any_sync(~0u, win0 || win1);
       wrow0 = v.window_row(seq, begin + m0 + lr0) + 2 * c, wrow1 = v.window_row(seq, begin + m0 + lr1) + 2 * c;
     }
+    const int free_kt = tables && u > 0 ? free_at : -1;  // the k tile after which the staged tile is freed
     auto stage_of = [&](int kt) { return static_cast<int>((i0 + kt) % STAGES); };
     auto phase_of = [&](int kt) { return (i0 + kt) / STAGES & 1u; };
 
@@ -540,6 +572,14 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
 #pragma unroll 1
     for (int kt = 0; kt < KT; kt += 2) {
       k_tile(kt, Even{});
+      // The previous tile's stores have read the staged tile by now: free it for this tile's
+      // tables (the producer waits for this before loading them).
+      if (kt == free_kt) {
+        if (t == 0) {
+          sm90::bulk_wait<0, true>();
+          sm90::mbar_arrive(out_free);
+        }
+      }
       if (kt + 1 < KT) k_tile(kt + 1, Odd{});
     }
     sm90::wgmma_wait<0>();
@@ -565,10 +605,41 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     // (j mod 8) xor (lr mod 8), as TMA's 128-byte swizzle lays it out (and free of bank conflicts:
     // the 8 rows of a warp's store hit 8 different chunks). Rows past the range are left out;
     // TMA clips them.
-    // First, the previous tile's stores must have read the staged tile.
-    if (t == 0) sm90::bulk_wait<0, true>();
-    sm90::named_barrier(1, 32 * kConsumerWarps);
-    {
+    if (tables) {
+      // The tables sit where this row's results go: a row belongs to one quad (four lanes), which
+      // reads all of its row's table entries before any lane writes the row. Rows past the range
+      // are rotated too (TMA clips them; past the table the entries are zeros).
+      sm90::mbar_wait(tab_full, u & 1u);
+      const bool has_bias = e.bias != nullptr;
+      const int box_mask = e.head_dim / 2 > kTabBoxFloats ? 1 : 0;  // head width 128: pairs 32..63 in box 1
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        unsigned char* const row = out_tile + (h ? lr1 : lr0) * (kOutBoxCols * 2) + 4 * c;
+        // Column pair j (columns n0 + 8j + 2c) is pair 4j + c of its head (modulo the head's pairs):
+        // box j / 8 (head width 64: box 0), 16-byte chunk j mod 8, swizzled like the results.
+        float cs[16], sn[16];
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          const int at = ((j >> 3) & box_mask) * kOutBoxBytes + (((j & 7) ^ g) << 4);
+          cs[j] = *reinterpret_cast<const float*>(row + at);
+          sn[j] = *reinterpret_cast<const float*>(row + kSinBox * kOutBoxBytes + at);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          const int col = n0 + 8 * j + 2 * c;
+          float x0 = acc[4 * j + 2 * h], x1 = acc[4 * j + 2 * h + 1];
+          if (has_bias && col < N) x0 += e.bias[col], x1 += e.bias[col + 1];
+          const float a = x0, b = x1;
+          x0 = a * cs[j & 15] - b * sn[j & 15];
+          x1 = a * sn[j & 15] + b * cs[j & 15];
+          *reinterpret_cast<std::uint32_t*>(row + (j / 8) * kOutBoxBytes + (((j % 8) ^ g) << 4)) = pack_bf16x2(x0, x1);
+        }
+      }
+    } else {
+      // First, the previous tile's stores must have read the staged tile.
+      if (t == 0) sm90::bulk_wait<0, true>();
+      sm90::named_barrier(1, 32 * kConsumerWarps);
       constexpr int kHalf = 16;  // column pairs per batch of table reads
       const bool has_bias = e.bias != nullptr;
       const int hd = e.head_dim;
@@ -622,7 +693,8 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
   }
   if (t == 0) sm90::bulk_wait<0, false>();  // the last stores done before the block (and its shared memory) ends
 #else
-  (void)w_map, (void)code_map, (void)param_map, (void)out_map, (void)v, (void)begin, (void)count, (void)N;
+  (void)w_map, (void)code_map, (void)param_map, (void)out_map, (void)cos_map, (void)sin_map, (void)tables;
+  (void)v, (void)begin, (void)count, (void)N;
   (void)tiles, (void)e, (void)sc;
   __trap();
 #endif
@@ -679,6 +751,16 @@ void launch_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, const 
     const cuuint32_t obox[3] = {kOutBoxCols, BM, 1};
     out_map = sm90::tensor_map(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, out, odims, ostrides, obox, CU_TENSOR_MAP_SWIZZLE_128B);
   }
+  // The RoPE tables by TMA (head width 64 or 128; rows past the table's end arrive as zeros).
+  const bool tables = !kScores && (e.head_dim == 64 || e.head_dim == 128) && e.positions > 0;
+  CUtensorMap cos_map = w_map, sin_map = w_map;  // unused without tables
+  if (tables) {
+    const cuuint64_t tdims[2] = {static_cast<cuuint64_t>(e.head_dim / 2), static_cast<cuuint64_t>(e.positions)};
+    const cuuint64_t tstrides[1] = {static_cast<cuuint64_t>(e.head_dim / 2) * 4};
+    const cuuint32_t tbox[2] = {kTabBoxFloats, BM};
+    cos_map = sm90::tensor_map(CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, e.cos, tdims, tstrides, tbox, CU_TENSOR_MAP_SWIZZLE_128B);
+    sin_map = sm90::tensor_map(CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, e.sin, tdims, tstrides, tbox, CU_TENSOR_MAP_SWIZZLE_128B);
+  }
   auto kernel = remat_wgmma_kernel<Q, kScores>;
   static SmemAllowance allowance;
   allowance.ensure(kernel, kSmemBytes<Q, kScores>);
@@ -687,7 +769,8 @@ void launch_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, const 
   int cap = remat_wgmma_max_blocks;
   if (cap <= 0) cap = multiprocessor_count();  // persistent: one block per SM, each working through its tiles
   const unsigned blocks = static_cast<unsigned>(tiles.total < cap ? tiles.total : cap);
-  kernel<<<blocks, THREADS, kSmemBytes<Q, kScores>, stream>>>(w_map, code_map, param_map, out_map, x.view(),
+  kernel<<<blocks, THREADS, kSmemBytes<Q, kScores>, stream>>>(w_map, code_map, param_map, out_map, cos_map, sin_map,
+                                                             tables, x.view(),
                                                              static_cast<int>(begin), static_cast<int>(count),
                                                              static_cast<int>(N), tiles, e, sc);
   check_launch("remat_wgmma_kernel");
