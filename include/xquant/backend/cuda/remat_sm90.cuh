@@ -400,25 +400,48 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
   // Per-token groups span 2^tile_shift k tiles (group >= BK): the tiles of a group share its scales.
   const int tile_shift = kChannel ? 0 : v.group_shift - 6;
   static_assert(BK == 64, "tile_shift assumes 64-wide k tiles");
+  // This thread's parameter rows of a tile (zeros past the range; for the scores also past the
+  // sequence's length, whose rows may lie past the stream's capacity: their scores are −inf anyway).
+  auto param_row = [&](int m0, int seq) {
+    return v.params + (static_cast<index_t>(seq) * v.capacity + begin + m0 + lr0) * gpr;
+  };
+  auto row_limit = [&](int len) { return kScores ? min(count, len) : count; };
+  // Per-token: the raw parameters of group gi of rows lr0, lr1 (zero past the row's groups).
+  auto param = [&](const std::uint16_t* prow, bool ok, int gi) -> std::uint32_t {
+    if (kChannel || !ok || gi >= groups) return 0u;
+    const std::uint16_t* p = prow + gi * Q::params_per_group;
+    if constexpr (Q::params_per_group == 2) return __ldg(reinterpret_cast<const unsigned int*>(p));
+    else return __ldg(reinterpret_cast<const unsigned short*>(p));
+  };
+  // A tile's coordinates and the global loads its first k step waits for (the sequence's length,
+  // the first group's parameters). The next tile's are read before this tile's epilogue, so that
+  // their latency is not between the tile's start and its first wgmma (ncu: the tile start's top
+  // stall once the epilogue's table loads were gone).
+  struct TileHead {
+    int n0, m0, seq, len;
+    const std::uint16_t* prow0;  // per-token: the parameters of row lr0 (row lr1's: + 8 rows)
+    std::uint32_t p0, p1;        // per-token: group 0's parameters of rows lr0, lr1
+  };
+  auto head_of = [&](long long tile) {
+    TileHead h;
+    tiles.at(tile, h.n0, h.m0, h.seq);
+    h.len = kChannel || kScores ? v.length[h.seq] : 0;
+    const int limit = row_limit(h.len);
+    h.prow0 = param_row(h.m0, h.seq);
+    h.p0 = param(h.prow0, h.m0 + lr0 < limit, 0), h.p1 = param(h.prow0 + 8 * gpr, h.m0 + lr1 < limit, 0);
+    return h;
+  };
+  TileHead next = head_of(blockIdx.x);
   unsigned i0 = 0;  // the step counter at the current tile's first k step
   unsigned u = 0;   // the block's tile count
   for (long long tile = blockIdx.x; tile < tiles.total; tile += gridDim.x, i0 += KT, ++u) {
-    int n0, m0, seq;
-    tiles.at(tile, n0, m0, seq);
-    // This thread's parameter rows (zeros past the range; for the scores also past the sequence's
-    // length, whose rows may lie past the stream's capacity: their scores are −inf anyway).
-    const int limit = kScores ? min(count, v.length[seq]) : count;
+    const TileHead head = next;
+    const int n0 = head.n0, m0 = head.m0, seq = head.seq;
+    const int limit = row_limit(head.len);
     const bool ok0 = m0 + lr0 < limit, ok1 = m0 + lr1 < limit;
-    const std::uint16_t* const prow0 = v.params + (static_cast<index_t>(seq) * v.capacity + begin + m0 + lr0) * gpr;
+    const std::uint16_t* const prow0 = head.prow0;
     const std::uint16_t* const prow1 = prow0 + 8 * gpr;
-    // Per-token: the raw parameters of group gi of rows lr0, lr1 (zero past the row's groups).
-    auto param = [&](const std::uint16_t* prow, bool ok, int gi) -> std::uint32_t {
-      if (kChannel || !ok || gi >= groups) return 0u;
-      const std::uint16_t* p = prow + gi * Q::params_per_group;
-      if constexpr (Q::params_per_group == 2) return __ldg(reinterpret_cast<const unsigned int*>(p));
-      else return __ldg(reinterpret_cast<const unsigned short*>(p));
-    };
-    std::uint32_t pr0 = param(prow0, ok0, 0), pr1 = param(prow1, ok1, 0);
+    std::uint32_t pr0 = head.p0, pr1 = head.p1;
     // Per-channel: the rows' token groups as rows q0, q1 of the stage's parameter tile (split: a
     // warp whose rows straddle two groups), and which rows are in the open group, read from the
     // fp16 window (rows past the range need no care: an A row only reaches its own output row).
@@ -429,7 +452,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
       const int first = (begin + m0) >> v.group_shift;
       q0 = ((begin + m0 + lr0) >> v.group_shift) - first, q1 = ((begin + m0 + lr1) >> v.group_shift) - first;
       split = __any_sync(~0u, q0 != q1);
-      const index_t quantized = StreamView<Q>::quantized(v.length[seq], v.group);
+      const index_t quantized = StreamView<Q>::quantized(head.len, v.group);
       win0 = ok0 && begin + m0 + lr0 >= quantized, win1 = ok1 && begin + m0 + lr1 >= quantized;
       any_window = __any_sync(~0u, win0 || win1);
       wrow0 = v.window_row(seq, begin + m0 + lr0) + 2 * c, wrow1 = v.window_row(seq, begin + m0 + lr1) + 2 * c;
@@ -582,12 +605,13 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
       }
       if (kt + 1 < KT) k_tile(kt + 1, Odd{});
     }
+    if (tile + gridDim.x < tiles.total) next = head_of(tile + gridDim.x);
     sm90::wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < 128; ++i) sm90::fence_operand(acc[i]);
     if (lane == 0) sm90::mbar_arrive(&empty[stage_of(KT - 1)]);
     if constexpr (kScores) {
-      score_tile(acc, n0, m0, seq, lr0, count, v.length[seq], c, e, sc);
+      score_tile(acc, n0, m0, seq, lr0, count, head.len, c, e, sc);
       continue;
     }
 
