@@ -19,6 +19,11 @@
 //     bf16 into a 128-byte swizzled tile in shared memory, stored by TMA (four 64-column boxes,
 //     clipped at the range's rows and N). The stores run on while the consumers start the next
 //     tile (measured: a few per cent in the K = 1024 latent rows, nothing visible at K = 4096).
+//   - The RoPE tables of the tile's 128 positions (head width 64 or 128) arrive by TMA in that
+//     same staged tile while the mainloop runs, once the previous tile's stores have read it; the
+//     epilogue rotates each row in place. As global loads they cost 3-15 % (NOTES.md item 51).
+//   - The next tile's first global loads (sequence length, first parameters) are issued before
+//     this tile's epilogue, so the next tile's first wgmma does not wait for them (item 52).
 // Measured (bench/cuda/NOTES.md, items 15-16 and 23): without the dequantization the same kernel
 // runs at 0.9 of cuBLAS; the dequantization (three instructions per value and half a pack, plus
 // the parameters' conversion) costs tensor-pipe throughput although issue slots are far from busy,
