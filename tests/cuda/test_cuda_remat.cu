@@ -343,3 +343,10 @@ TEST_CASE("cuda remat wgmma: an odd number of 64-wide k tiles (width 320)") {
   check_wgmma_remat<xq::quant::Uniform<4>>(64, 320);
   check_wgmma_remat<xq::quant::Uniform<2, Axis::Channel>>(128, 320);
 }
+TEST_CASE("cuda remat wgmma: one and two 64-wide k tiles (widths 64, 128)") {
+  // The staged output tile is freed, and the RoPE tables loaded into it, at k tiles clamped to
+  // the tile's last: with one or two k tiles the producer waits for the consumers to free the
+  // tile right after issuing its first k tile (a deadlock would hang here, not fail).
+  check_wgmma_remat<xq::quant::Uniform<4>>(64, 64);
+  check_wgmma_remat<xq::quant::Uniform<4, Axis::Channel>>(32, 128);
+}
