@@ -479,7 +479,12 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     // for an even and an odd tile): with one set copied into the other at each tile's end, the
     // copies (~30 moves) sat between two wgmma issues (ncu, NOTES item 46).
     std::uint32_t cw[2][2][RB / 4];  // [tile parity][row lr0, lr1]
-    const std::uint32_t codes_smem = sm90::smem_addr(code_tiles), code_row = static_cast<std::uint32_t>(lr0 * RB);
+    // This thread's row offset in a stage. Per-channel, made opaque to ptxas so that it stays live:
+    // that kernel recomputed it for each tile into a temporary that the next build reused (NOTES
+    // item 50; the per-token kernel keeps it live as it is).
+    const std::uint32_t codes_smem = sm90::smem_addr(code_tiles);
+    std::uint32_t code_row = static_cast<std::uint32_t>(lr0 * RB);
+    if constexpr (kChannel) asm volatile("mov.b32 %0, %0;" : "+r"(code_row));
     RowScale rs[2][2];
     // Tile kt's scales into set P. Only a tile that opens a group converts (the others copy the
     // group's from the other set), and it starts loading the next group's parameters, a whole
@@ -575,14 +580,15 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         sm90::wgmma_fence();
         sm90::wgmma_m64n256k16_rs(acc, cur, desc0 + 2 * k);  // +32 bytes per 16-wide k step
         sm90::wgmma_commit();
+        // Step k + 2's parameters, into the slot build(k) has used (k tile kt + 1's stage arrived
+        // in step 1, before its codes were read). Before the codes: loads leave in order, and the
+        // parameters are needed a step sooner (ncu: their conversion waited behind the code loads).
+        if (k < 2) fetch_params(kt, k + 2);
+        else if (kt + 1 < KT) fetch_params(kt + 1, k - 2);
         // The next tile's codes, loaded while this step's wgmma runs: loaded after the wait, just
         // before the next issue, the build's first instruction waited for the loads to read their
         // address register, whose name it reused (ncu, NOTES item 46).
         if (k == 1 && kt + 1 < KT) prefetch_codes(kt + 1, N);
-        // Step k + 2's parameters, into the slot build(k) has used (k tile kt + 1's stage arrived
-        // in step 1, before its codes were read).
-        if (k < 2) fetch_params(kt, k + 2);
-        else if (kt + 1 < KT) fetch_params(kt + 1, k - 2);
         sm90::wgmma_wait<1>();  // the previous step has retired: its slot (nxt) is free
 #pragma unroll
         for (int r = 0; r < 4; ++r) sm90::fence_operand(nxt[r]);
