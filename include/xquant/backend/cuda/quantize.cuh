@@ -12,6 +12,7 @@
 // either way, see their comments. Per-channel groups: one thread per 8 channels walks the G tokens
 // of the group (coalesced across threads).
 
+#include "../../core/fast_divmod.hpp"
 #include "common.cuh"
 
 namespace xquant::cuda {
@@ -67,7 +68,7 @@ inline int append_values_per_thread = 0;
 /// (32-bit: a launch holds fewer than 2^31 rows.)
 struct RowMap {
   int seq0 = 0;
-  unsigned rows_per_seq = 1;
+  FastDivmod rows_per_seq{1};
 };
 
 /// Range of a thread's values, on packed pairs: one min and one max instruction per two values.
@@ -215,20 +216,25 @@ __device__ __forceinline__ void encode_store(const uint4 (&raw)[N], typename Q::
   store_words<N * Q::bits>(dst, w);
 }
 
-/// The last block of a launch to finish adds n to the lengths of `count` sequences from seq0.
-/// Every thread reads its sequence's length before the block's barrier, and each block counts
-/// itself done (in `done`, a device word left at zero between launches) only after that barrier,
-/// so no block can still need the old lengths when they change: one kernel instead of a second
-/// launch for the bump (which cost ~2 µs of a ~12 µs small append). Graph replays stay right.
-/// A launch that met a full sequence (kCapacity, raised before each block's count) leaves the
-/// lengths alone: its rows were not written.
+/// The last block of a launch to finish adds n to the lengths of `count` sequences from seq0: one
+/// kernel instead of a second launch for the bump (which cost ~2 µs of a ~12 µs small append);
+/// graph replays stay right. A launch that met a full sequence (kCapacity) leaves the lengths
+/// alone: its rows were not written.
+/// Ordering. Each block counts itself done (in `done`, a device word left at zero between
+/// launches) after its barrier, which every thread reaches only after its length read has
+/// returned: the value addresses the thread's code stores, which come before the barrier. So when
+/// the last block bumps the lengths, no block still has a length read outstanding. A thread that
+/// raises kCapacity fences after it (a rare path), so the flag is performed before its block's
+/// count; the last block's acquire fence then orders its status read after every count. With a
+/// device-scope release fence before each block's count (formerly two sequentially consistent
+/// fences), every append ran 4-8 % slower: the fence waited for the block's code stores while its
+/// warp held the block's slot (NOTES.md item 54).
 __device__ __forceinline__ void bump_lengths_when_last(int* length, unsigned* done, const unsigned* status, int seq0,
                                                        int count, int n) {
   __syncthreads();
   if (threadIdx.x != 0) return;
-  __threadfence();
   if (atomicAdd(done, 1u) != gridDim.x - 1) return;
-  __threadfence();
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
   if (!(*reinterpret_cast<const volatile unsigned*>(status) & kCapacity))
     for (int i = 0; i < count; ++i) length[seq0 + i] += n;
   *done = 0;
@@ -246,19 +252,19 @@ __device__ __forceinline__ void bump_lengths_when_last(int* length, unsigned* do
 /// Large VPT spreads the per-group work (index math, fit, reciprocal, shuffles) over more values.
 template <class Q, class T, int VPT>
 __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, const T* __restrict__ x, index_t ld,
-                                                              unsigned rows, unsigned chunks_per_row, RowMap map,
+                                                              unsigned rows, FastDivmod chunks_per_row, RowMap map,
                                                               int count, unsigned* blocks_done, unsigned* status) {
   static_assert(VPT == 8 || VPT == 32 || VPT == 64 || VPT == 128, "chunk of 8, 32, 64 or 128 values");
   constexpr int pieces = VPT / 8;  // 16-byte vectors per chunk
   const unsigned lane = threadIdx.x & 31u;
-  const unsigned id = blockIdx.x * 128u + threadIdx.x, total = rows * chunks_per_row;
-  const unsigned r = id / chunks_per_row, chunk = id - r * chunks_per_row;
+  const unsigned id = blockIdx.x * 128u + threadIdx.x, total = rows * chunks_per_row.divisor;
+  const unsigned r = chunks_per_row.div(id), chunk = chunks_per_row.mod(id, r);
   const bool active = id < total;
   const T* own = x + static_cast<index_t>(r) * ld + static_cast<index_t>(chunk) * VPT;
   // The destination token, read now: issued after the input's copies and their wait (which no load
   // may cross), this load added a second memory round trip to every thread's path.
-  const unsigned within = r % map.rows_per_seq;
-  const index_t seq = map.seq0 + static_cast<int>(r / map.rows_per_seq);
+  const unsigned in_seq = map.rows_per_seq.div(r), within = map.rows_per_seq.mod(r, in_seq);
+  const index_t seq = map.seq0 + static_cast<int>(in_seq);
   const index_t tok = active ? v.length[seq] + within : 0;
   // A full sequence (reachable only by replaying a captured append): flag it, write nothing.
   const bool fits = tok < v.capacity;
@@ -338,7 +344,10 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
     }
   }
   segment_minmax(lo, hi, static_cast<int>(v.group / VPT));
-  if (active && !fits) atomicOr(status, kCapacity);
+  if (active && !fits) {
+    atomicOr(status, kCapacity);
+    __threadfence();  // performed before this block's count (bump_lengths_when_last)
+  }
   if (active && fits) {
     std::uint16_t p[2] = {0, 0};
     const bool ok = Q::fit(lo, hi, p);
@@ -376,7 +385,7 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
       }
     }
   }
-  bump_lengths_when_last(v.length, blocks_done, status, map.seq0, count, static_cast<int>(map.rows_per_seq));
+  bump_lengths_when_last(v.length, blocks_done, status, map.seq0, count, static_cast<int>(map.rows_per_seq.divisor));
 }
 
 /// Value of an input or window element after the trip through fp16 that every windowed token takes.
@@ -389,8 +398,9 @@ template <class Q, class T>
 __global__ void window_store_kernel(StreamView<Q> v, const T* __restrict__ x, index_t ld, index_t rows, RowMap map,
                                     unsigned* status) {
   const unsigned r = blockIdx.x;
-  const index_t seq = map.seq0 + static_cast<int>(r / map.rows_per_seq);
-  const index_t tok = v.length[seq] + r % map.rows_per_seq;
+  const unsigned in_seq = map.rows_per_seq.div(r);
+  const index_t seq = map.seq0 + static_cast<int>(in_seq);
+  const index_t tok = v.length[seq] + map.rows_per_seq.mod(r, in_seq);
   for (index_t j = threadIdx.x; j < v.width; j += blockDim.x) {
     const std::uint16_t h = float_to_half(to_float(x[r * ld + j]));
     if (!half_is_finite(h)) atomicOr(status, kNonFinite);
