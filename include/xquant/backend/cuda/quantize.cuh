@@ -69,6 +69,8 @@ inline int append_values_per_thread = 0;
 struct RowMap {
   int seq0 = 0;
   FastDivmod rows_per_seq{1};
+
+  RowMap(int first_seq, index_t rows) : seq0(first_seq), rows_per_seq(static_cast<std::uint32_t>(rows)) {}
 };
 
 /// Range of a thread's values, on packed pairs: one min and one max instruction per two values.

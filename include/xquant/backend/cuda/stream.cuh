@@ -202,7 +202,7 @@ class DeviceStream {
       require<ShapeError>(rows * chunks < (index_t(1) << 31), "n: ", rows, " rows of width ", s_.width,
                              " exceed one launch's 2^31 chunks; append in smaller pieces");
       const unsigned grid = detail::blocks_for(rows * chunks, 128);
-      const detail::RowMap map{seq0, FastDivmod(static_cast<std::uint32_t>(n))};
+      const detail::RowMap map(seq0, n);
       auto launch = [&](auto kernel) {
         kernel<<<grid, 128, 0, stream>>>(v, x, ld, static_cast<unsigned>(rows), FastDivmod(static_cast<std::uint32_t>(chunks)),
                                          map, count, blocks_done_.data() + seq0, status_.data());
@@ -222,7 +222,7 @@ class DeviceStream {
                            "cannot be captured in a CUDA graph (per-token streams can)");
       const index_t G = s_.group;
       if (count > 1) {  // one token per sequence: through the windows, then flush the full ones
-        launch_window(v, x, ld, rows, detail::RowMap{seq0, FastDivmod(1)}, stream);
+        launch_window(v, x, ld, rows, detail::RowMap(seq0, 1), stream);
         bump(seq0, count, 1, stream);
         for (int b = seq0; b < seq0 + count; ++b) {
           ++host_len_[b];
@@ -236,7 +236,7 @@ class DeviceStream {
       const index_t open = host_len_[b] % G;
       if (open) {
         const index_t k = std::min(n, G - open);
-        launch_window(v, x, ld, k, detail::RowMap{b, FastDivmod(static_cast<std::uint32_t>(k))}, stream);
+        launch_window(v, x, ld, k, detail::RowMap(b, k), stream);
         bump(b, 1, static_cast<int>(k), stream);
         host_len_[b] += k;
         done = k;
@@ -250,8 +250,7 @@ class DeviceStream {
         done += whole * G;
       }
       if (done < n) {
-        const detail::RowMap map{b, FastDivmod(static_cast<std::uint32_t>(n - done))};
-        launch_window(v, x + done * ld, ld, n - done, map, stream);
+        launch_window(v, x + done * ld, ld, n - done, detail::RowMap(b, n - done), stream);
         bump(b, 1, static_cast<int>(n - done), stream);
         host_len_[b] += n - done;
       }
