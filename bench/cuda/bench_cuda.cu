@@ -490,7 +490,10 @@ template <class Q4K, class Q4V, class Q2K, class Q2V>
 void register_rows(const Shape& s) {
   for (int B : {1, 8})
     for (index_t L : {index_t(4096), index_t(32768)}) {
-      const int iterations = (B * L >= 8 * 32768) ? 5 : 15;
+      // XQ_BENCH_ITERATIONS overrides the count: long runs of one call (with XQ_BENCH_CALLS) for
+      // sampling clocks and power under sustained load (NOTES.md item 58).
+      int iterations = (B * L >= 8 * 32768) ? 5 : 15;
+      if (const char* e = std::getenv("XQ_BENCH_ITERATIONS")) iterations = std::max(1, std::atoi(e));
       std::ostringstream os;
       os << s.name << "/B" << B << "/L" << L / 1024 << "k";
       benchmark::RegisterBenchmark(("remat/" + os.str()).c_str(), bench_remat_row<Q4K, Q4V, Q2K, Q2V>, s, B, L)
