@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
 
   const int t = threadIdx.x, warp = t >> 5, lane = t & 31, g = lane >> 2, c = lane & 3;
   const int KT = static_cast<int>(v.width / BK);
-  tables = tables && !kScores;
+  tables = tables && !kScores;  // (the launcher passes false for the scores; this makes it a constant there)
   // (free_at is even: the consumers free the staged tile between an even k tile and the next.)
   const int free_at = min(kFreeAt, (KT - 1) & ~1), tab_at = min(kFreeAt + STAGES, KT - 1);
 
