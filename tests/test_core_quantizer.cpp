@@ -162,19 +162,19 @@ TEST_CASE_TEMPLATE("encode with a reciprocal gives encode's code for every input
   CHECK(exact_halves > 1000);  // the ties themselves were exercised
 }
 
-// The CUDA per-token kernel encodes with Uniform::encode_biased: a reciprocal, rounding by adding
-// 1.5·2^23, and one tie flag per value instead of encode_scaled's division test. Wherever it does
-// not flag a tie its code must be encode()'s, clamped or (where rounds_within_levels holds)
-// unclamped. Inputs as in the encode_scaled test: every rounding boundary of many fp16 scales and
-// zeros, and a few ulps around it, plus constant groups (scale 0). A threshold with no error
-// allowance (only exact halves flagged) must miss some, or the inputs do not probe the bound.
-TEST_CASE_TEMPLATE("encode_biased gives encode's code wherever it flags no tie", Q, XQ_TOKEN_QUANTIZERS) {
+// The CUDA per-token kernel encodes with Uniform::encode_exact: the quotient from the reciprocal
+// and one correction step, rounded by adding 1.5·2^23. Its code must be encode()'s for every
+// input, clamped or (where rounds_within_levels holds) unclamped. Inputs as in the encode_scaled
+// test: every rounding boundary of many fp16 scales and zeros, and a few ulps around it, plus
+// constant groups (scale 0). The plain product a·inv must round some of them apart, or the
+// inputs do not probe the correction.
+TEST_CASE_TEMPLATE("encode_exact gives encode's code for every input", Q, XQ_TOKEN_QUANTIZERS) {
   std::uint64_t seed;
   auto g = xqtest::make_rng(seed);
   INFO("seed ", seed);
   std::uniform_int_distribution<int> scale_bits(1, 0x7bff), zero_bits(0, 0xfbff);
   const bool sym = Q::scheme == Scheme::Symmetric;
-  long checked = 0, unclamped = 0, flagged = 0, missed_without_allowance = 0;
+  long checked = 0, unclamped = 0, product_differs = 0;
   for (int trial = 0; trial < 3000; ++trial) {
     std::uint16_t p[2] = {static_cast<std::uint16_t>(trial % 100 == 0 ? 0 : scale_bits(g)),
                           static_cast<std::uint16_t>(zero_bits(g))};
@@ -185,38 +185,32 @@ TEST_CASE_TEMPLATE("encode_biased gives encode's code wherever it flags no tie",
       if (!std::isfinite(x)) return;
       const unsigned want = Q::encode(x, P);
       ++checked;
-      bool tie = false;
-      const std::uint32_t m = float_bits(Q::template encode_biased<true>(x, P, inv, tie));
-      flagged += tie;
-      if (!tie) REQUIRE(m - Q::biased_zero == want);
+      REQUIRE(float_bits(Q::template encode_exact<true>(x, P, inv)) - Q::exact_bias == want);
       if (Q::rounds_within_levels(x, x, P, inv)) {
         ++unclamped;
-        bool tie2 = false;
-        const std::uint32_t m2 = float_bits(Q::template encode_biased<false>(x, P, inv, tie2));
-        if (!tie2) REQUIRE(m2 - Q::biased_zero == want);
+        REQUIRE(float_bits(Q::template encode_exact<false>(x, P, inv)) - Q::exact_bias == want);
       }
-      bool exact_only = false;
-      const std::uint32_t m3 = float_bits(Q::template encode_biased<true>(x, P, inv, exact_only, 0.5f));
-      missed_without_allowance += !exact_only && m3 - Q::biased_zero != want;
+      if (P.scale > 0.0f) {  // the uncorrected product, rounded and clamped alike
+        const float t = std::fmin(std::fmax((x - z) * inv, Q::lowest_level), Q::highest_level);
+        product_differs += Q::code_of(std::rint(t)) != want;
+      }
     };
     for_each_boundary_input<Q>(P.scale > 0.0f ? P.scale : 0x1p-20f, z, g, check);
   }
-  INFO("checked ", checked, " inputs (", unclamped, " unclamped), ", flagged, " flagged, ", missed_without_allowance,
-       " missed with no error allowance");
+  INFO("checked ", checked, " inputs (", unclamped, " unclamped), ", product_differs,
+       " where the uncorrected product rounds to another code");
   CHECK(unclamped > checked / 4);
   // (2-bit symmetric has only the boundaries ±½, where the product and quotient rarely part.)
-  if (Q::bits > 2 || !sym) CHECK(missed_without_allowance > 0);
+  if (Q::bits > 2 || !sym) CHECK(product_differs > 0);
 }
 
-// A group's quotients lie between its ends' (rounding is monotone), so rounds_within_levels on the
-// group's range holds for each of its values; and random values away from boundaries are rarely
-// flagged (the kernel's division fallback stays rare).
-TEST_CASE_TEMPLATE("rounds_within_levels of a range covers its values; ties are rarely flagged", Q,
-                   XQ_TOKEN_QUANTIZERS) {
+// A group's quotients lie between its ends' (the correctly rounded quotient is monotone), so
+// rounds_within_levels on the group's range holds for each of its values.
+TEST_CASE_TEMPLATE("rounds_within_levels of a range covers its values", Q, XQ_TOKEN_QUANTIZERS) {
   std::uint64_t seed;
   auto g = xqtest::make_rng(seed);
   INFO("seed ", seed);
-  long values = 0, flagged = 0, groups_within = 0;
+  long groups_within = 0;
   for (int trial = 0; trial < 2000; ++trial) {
     auto x = xqtest::activations(g, 1, 64);
     const auto [lo_it, hi_it] = std::minmax_element(x.begin(), x.end());
@@ -228,15 +222,11 @@ TEST_CASE_TEMPLATE("rounds_within_levels of a range covers its values; ties are 
     groups_within += within;
     for (float v : x) {
       if (within) REQUIRE(Q::rounds_within_levels(v, v, P, inv));
-      bool tie = false;
-      Q::template encode_biased<true>(v, P, inv, tie);
-      flagged += tie;
-      ++values;
+      REQUIRE(float_bits(Q::template encode_exact<true>(v, P, inv)) - Q::exact_bias == Q::encode(v, P));
     }
   }
-  INFO(values, " values, ", flagged, " flagged, ", groups_within, " groups within the levels");
+  INFO(groups_within, " groups within the levels");
   CHECK(groups_within > 1900);
-  CHECK(flagged * 1000 < values);
 }
 
 // Found by fuzz_quantize: a group of mixed ±0 (and denormals that flush to zero in fp16) has a

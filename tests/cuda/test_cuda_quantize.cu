@@ -105,8 +105,9 @@ template <class Q>
 void check_all() {
   XQ_REQUIRE_DEVICE();
   // Per-token groups 8 and 16 take the kernel's 8-values-per-thread path; in the 300-row chunk and
-  // the 100-token batch, groups of 32 and more take the staged path (32 values a lane for groups of
-  // 32, else 64: one to four lanes per group; the append_batch test forces every width);
+  // the 100-token batch, groups of 32 and more take the staged path (these small launches: 64 values
+  // a lane at 2 bits for groups of 64 and more, else 32; one to eight lanes per group; the
+  // append_batch test forces every width);
   // per-channel groups of 32 and 128 tokens.
   std::vector<index_t> groups{32, 128};
   if constexpr (Q::axis == Axis::Token) groups = {8, 16, 32, 128, 256};
@@ -132,6 +133,29 @@ __global__ void conversion_mismatches(unsigned long long* bad) {
   atomicAdd(bad, local);
 }
 
+// Uniform::quotient (the reciprocal's product and one correction step) against the division, for
+// one fp16 significand of the scale per block row (s in [1, 2)) and every float a with a/s in
+// [2^-3, 2^9): every float significand of a in each binade from 2^-3 to 2^10. Scaling a and s by
+// a power of two scales every step exactly while all stay normal, which they do for every fp16
+// scale and such quotients, so this covers every (a, s) whose code quotient() decides.
+__global__ void quotient_mismatches(unsigned long long* bad, unsigned* example) {
+  const float s = 1.0f + static_cast<float>(blockIdx.y) * 0x1p-10f;
+  const float inv = __frcp_rn(s);
+  unsigned long long local = 0;
+  constexpr unsigned kSignificands = 1u << 23, kBinades = 13;  // a in [2^-3, 2^10)
+  const unsigned stride = gridDim.x * blockDim.x;
+  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < kSignificands * kBinades; i += stride) {
+    const unsigned binade = i >> 23, frac = i & (kSignificands - 1);
+    const float a = xq::bits_float(((127u - 3u + binade) << 23) | frac);
+    const float q = xq::quant::Uniform<4>::quotient(a, s, inv);
+    if (xq::float_bits(q) != xq::float_bits(__fdiv_rn(a, s))) {
+      ++local;
+      example[0] = xq::float_bits(a), example[1] = xq::float_bits(s);
+    }
+  }
+  atomicAdd(bad, local);
+}
+
 }  // namespace
 
 TEST_CASE("device fp16 conversions equal the bit-level ones for every float and every half") {
@@ -140,6 +164,19 @@ TEST_CASE("device fp16 conversions equal the bit-level ones for every float and 
   bad.fill_bytes(0, nullptr);
   conversion_mismatches<<<1024, 256>>>(bad.data());  // 2^18 threads, 2^14 floats each
   XQ_CUDA_CHECK(cudaGetLastError());
+  CHECK(xqcuda::to_host(bad)[0] == 0);
+}
+
+TEST_CASE("the quotient from the reciprocal and one correction equals the division (exhaustive)") {
+  XQ_REQUIRE_DEVICE();
+  xc::DeviceBuffer<unsigned long long> bad(1);
+  xc::DeviceBuffer<unsigned> example(2);
+  bad.fill_bytes(0, nullptr);
+  example.fill_bytes(0, nullptr);
+  quotient_mismatches<<<dim3(128, 1024), 256>>>(bad.data(), example.data());  // 1024 scales × 13 · 2^23 values
+  XQ_CUDA_CHECK(cudaGetLastError());
+  const auto ex = xqcuda::to_host(example);
+  INFO("one mismatch: a bits ", ex[0], ", s bits ", ex[1]);
   CHECK(xqcuda::to_host(bad)[0] == 0);
 }
 

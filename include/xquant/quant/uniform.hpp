@@ -81,69 +81,49 @@ struct Uniform {
     return code_of(p.scale > 0.0f ? rintf(a / p.scale) : 0.0f);
   }
 
-  /// encode(x, p) with a multiplication by `inv` = 1/p.scale in place of the division (for kernels
-  /// where one division per value is the cost); the code is always encode()'s. Why: the product
-  /// t = (x − z)·inv and the correctly rounded quotient d = (x − z)/s both come within three
-  /// roundings of 2^-24 of the exact quotient, so |t − d| < 2^-22·|t|; rint(t) and rint(d) can then
-  /// differ only if a half-integer lies within that distance of t, and exactly then the division is
-  /// done. (|t| ≥ 2^21 always takes the division; a subnormal t errs by < 2^-126 absolutely.)
-  /// Precondition: p.scale > 0 (a constant group has scale 0: use encode()).
+  /// The quotient a / s correctly rounded (what `a / s` gives), from `inv` = 1/s correctly rounded,
+  /// without a division: q = a·inv, then one correction q + (a − s·q)·inv, whose remainder a − s·q
+  /// is exact inside the fused multiply-add (Markstein's step). s = 0 with inv = 0 (a constant
+  /// group) gives 0.
+  /// Exact for every positive fp16 s and every float a with |a/s| in [2^-3, 2^9): checked
+  /// exhaustively on the GPU (test_cuda_quantize: every fp16 significand of s against every float
+  /// significand of a over those binades; scaling a and s by a power of two scales every step, and
+  /// no step leaves the normal range there). Below 2^-3 the result stays within a few ulps of a/s
+  /// (or 2^-125), so both round to level 0; 2^9 is past every level of 8-bit codes.
+  XQ_HOST_DEVICE static float quotient(float a, float s, float inv) {
+    const float q = a * inv;
+    return fmaf(fmaf(-q, s, a), inv, q);
+  }
+
+  /// encode(x, p) with the quotient from the reciprocal `inv` = 1/p.scale (correctly rounded, or 0
+  /// for a constant group): the same code for every finite x, see quotient().
   XQ_HOST_DEVICE static std::uint8_t encode_scaled(float x, Params p, float inv) {
     const float a = S == Scheme::Asymmetric ? x - p.zero : x;
-    float t = a * inv;
-    const float f = t - floorf(t);
-    if (fabsf(f - 0.5f) <= fabsf(t) * 0x1p-22f + 0x1p-126f) t = a / p.scale;
-    return code_of(rintf(t));
+    return code_of(rintf(quotient(a, p.scale, inv)));
   }
 
-  /// Threshold of encode_biased's tie flag: |t − rint(t)| at or above it flags t (see there).
-  static constexpr float tie_threshold = 0.5f - static_cast<float>(1u << Bits) * 0x1p-22f;
-  /// float_bits(1.5·2^23): encode_biased's result is the float 1.5·2^23 + code, its bits this + code.
-  static constexpr std::uint32_t biased_zero = 0x4B400000u;
-
-  /// encode_scaled without its per-value division test, for kernels: returns the float
-  /// 1.5·2^23 + code (its bits are biased_zero + code) and sets `tie` when that code may differ
-  /// from encode()'s (the caller then encodes with encode()). `inv` = 1/p.scale correctly rounded,
-  /// or 0 for a constant group (q = 0: encode()'s code 0, or the middle level). Clamp = false
-  /// skips the clamp to the levels, for groups where rounds_within_levels() holds.
-  ///
-  /// Why it is exact. The quotient rounded here is q = a·inv (a = x − z), exact inside the fused
-  /// multiply-adds, or, when clamped, fl(a·inv) clamped to the levels [L, H] (integers). Against
-  /// d = a/s rounded (encode's), |q − d| < 3.01·2^-24·|q| + 2^-148 (at most three roundings).
-  ///  - Clamping before rounding equals rounding before clamping (rounding is monotone and fixes
-  ///    integers); unclamped, q is in (L − ½, H + ½). Either way q + 1.5·2^23 − L lies in
-  ///    [2^23, 2^24), where floats are spaced 1: m is 1.5·2^23 − L plus the integer nearest q (a
-  ///    tie may go either way: it is flagged), and m − (1.5·2^23 − L) is exact (Sterbenz).
-  ///  - q clamped: fl(a·inv) > H gives d > H·(1 − 2^-22) > H − ½, so rint(d) clamps to H too;
-  ///    below L likewise. No tie can matter there.
-  ///  - Otherwise |q| < 2^Bits, so |q − d| < 2^(Bits−22). The codes can differ only if a
-  ///    half-integer lies within |q − d| of q, i.e. |q − round(q)| > ½ − 2^(Bits−22) =
-  ///    tie_threshold; r = q − round(q) rounded keeps |r| ≥ tie_threshold there (rounding is
-  ///    monotone and the threshold is a float): `tie` is set.
-  /// `threshold` is for the tests (a larger one must miss ties); kernels keep the default.
+  /// encode_scaled for kernels, with the rounding and the offset to an unsigned code done by one
+  /// addition: returns the float 1.5·2^23 + rint(quotient), whose bits are exact_bias + code (in
+  /// [2^23, 2^24) floats are spaced 1, and 1.5·2^23 is even, so ties go to even as rintf's do).
+  /// Clamping before rounding equals encode()'s rounding before clamping (rounding is monotone and
+  /// the levels are integers). Clamp = false skips the clamp, for groups where
+  /// rounds_within_levels() holds. Non-finite x gives a meaningless code (the kernels flag it).
   template <bool Clamp = true>
-  XQ_HOST_DEVICE static float encode_biased(float x, Params p, float inv, bool& tie,
-                                            float threshold = tie_threshold) {
-    constexpr float magic = 0x1.8p23f - lowest_level;
+  XQ_HOST_DEVICE static float encode_exact(float x, Params p, float inv) {
     const float a = S == Scheme::Asymmetric ? x - p.zero : x;
-    float m, r;
-    if constexpr (Clamp) {
-      const float t = fminf(fmaxf(a * inv, lowest_level), highest_level);  // NaN (non-finite x) → lowest
-      m = t + magic;
-      r = t - (m - magic);
-    } else {  // fused: one instruction each, and the same code on every compiler
-      m = fmaf(a, inv, magic);
-      r = fmaf(a, inv, -(m - magic));
-    }
-    tie = tie | (fabsf(r) >= threshold);
-    return m;
+    float d = quotient(a, p.scale, inv);
+    if constexpr (Clamp) d = fminf(fmaxf(d, lowest_level), highest_level);  // NaN → lowest
+    return d + 0x1.8p23f;
   }
+  /// encode_exact's float bits minus the code: float_bits(1.5·2^23) plus the lowest level.
+  static constexpr std::uint32_t exact_bias = 0x4B400000u - static_cast<std::uint32_t>(S == Scheme::Symmetric ? sym_levels : 0);
 
-  /// Whether every x in [lo, hi] has a quotient (x − z)·inv that rounds into the levels unclamped,
-  /// in (L − ½, H + ½): the quotient is monotone in x, so the ends decide. NaN ends give false.
+  /// Whether every x in [lo, hi] has a quotient that rounds into the levels unclamped, in
+  /// (L − ½, H + ½): the correctly rounded quotient is monotone in x, so the ends decide. NaN ends
+  /// give false.
   XQ_HOST_DEVICE static bool rounds_within_levels(float lo, float hi, Params p, float inv) {
     const float z = S == Scheme::Asymmetric ? p.zero : 0.0f;
-    return (lo - z) * inv > lowest_level - 0.5f && (hi - z) * inv < highest_level + 0.5f;
+    return quotient(lo - z, p.scale, inv) > lowest_level - 0.5f && quotient(hi - z, p.scale, inv) < highest_level + 0.5f;
   }
 
   /// The levels, as rounded quotients: [0, 2^e − 1], or symmetric [−(2^(e−1) − 1), 2^(e−1) − 1].

@@ -6,11 +6,11 @@
 // Work split: per-token, one thread per chunk of consecutive values of a row: a whole group (up
 // to 128 values, staged through shared memory by coalesced cp.async) for prefill chunks, or 8
 // values (one 16-byte load) for groups of 8 and 16 and for decode-sized appends; a group of G
-// values spans G/chunk consecutive lanes, its min/max a butterfly over them. Per-token codes use
-// Uniform::encode_biased (reciprocal, round by adding 1.5·2^23, a per-value tie flag that sends
-// that value to encode()'s division), per-channel ones Uniform::encode_scaled: the same codes
-// either way, see their comments. Per-channel groups: one thread per 8 channels walks the G tokens
-// of the group (coalesced across threads).
+// values spans G/chunk consecutive lanes, its min/max a butterfly over them. Codes come from the
+// correctly rounded quotient without a division (Uniform::quotient: the reciprocal's product and
+// one correction step), so they are encode()'s bit for bit; per-token ones are rounded by adding
+// 1.5·2^23 (Uniform::encode_exact). Per-channel groups: one thread per 8 channels walks the G
+// tokens of the group (coalesced across threads).
 
 #include "../../core/fast_divmod.hpp"
 #include "common.cuh"
@@ -96,10 +96,10 @@ __device__ __forceinline__ void packed_range(const uint4 (&raw)[N], float& lo, f
 template <int Bits, int N>
 inline constexpr int codes_per_group = Bits == 3 ? 8 : (N * Bits < 32 ? N : 32 / Bits);
 
-/// Packs codes given as Bias + code (encode_biased's float bits) into groups of codes_per_group
+/// Packs codes given as Bias + code (encode_exact's float bits) into groups of codes_per_group
 /// codes, code i of a group at bit Bits·i (quant::pack_codes' layout) with one shift-add; the
-/// biases ride along modulo 2^32 and leave as one constant per group. No code straddles a group,
-/// so one can be patched in place (encode_store); group_words then makes the row's words.
+/// biases ride along modulo 2^32 and leave as one constant per group. group_words then makes the
+/// row's words.
 template <int Bits, std::uint32_t Bias, int N>
 __device__ __forceinline__ void pack_biased(const std::uint32_t (&m)[N],
                                             std::uint32_t (&g)[N / codes_per_group<Bits, N>]) {
@@ -175,44 +175,24 @@ __device__ __forceinline__ void store_words(std::uint8_t* p, const std::uint32_t
 }
 
 /// Encodes 8·N values (unpacked from `raw`) under the group's parameters and stores their packed
-/// codes at `dst`. Codes: Uniform::encode_biased (reciprocal, clamp only where the group can reach
-/// it, round by adding 1.5·2^23, packed by shift-add); a value that sits within its error bound of
-/// a rounding boundary is encoded again with encode()'s division (rare: about 0.1 % of bf16
-/// inputs, whose few mantissa bits make exact ties common), so the codes are encode()'s bit for bit.
-/// value(i) gives input i as a float again, for those few (a dynamic index into the unpacked
-/// registers would put them in local memory).
-template <class Q, class T, int N, class Value>
+/// codes at `dst`. Codes: Uniform::encode_exact (the quotient from the reciprocal by one correction
+/// step, exactly encode()'s division; rounded by adding 1.5·2^23; clamped only where the group can
+/// reach past the levels), packed by shift-add.
+template <class Q, class T, int N>
 __device__ __forceinline__ void encode_store(const uint4 (&raw)[N], typename Q::Params P, float inv, bool in_levels,
-                                             std::uint8_t* dst, Value value) {
+                                             std::uint8_t* dst) {
   float xv[8 * N];
   unpack<T>(raw, xv);
-  static_assert(8 * N <= 32, "one flag bit per value");
-  std::uint32_t m[8 * N], flags = 0;
+  std::uint32_t m[8 * N];
   auto encode_all = [&](auto clamp) {
 #pragma unroll
-    for (int i = 0; i < 8 * N; ++i) {
-      bool flag = false;
-      m[i] = float_bits(Q::template encode_biased<decltype(clamp)::value>(xv[i], P, inv, flag));
-      flags |= static_cast<std::uint32_t>(flag) << i;
-    }
+    for (int i = 0; i < 8 * N; ++i) m[i] = float_bits(Q::template encode_exact<decltype(clamp)::value>(xv[i], P, inv));
   };
   if (in_levels) encode_all(std::false_type{});  // the usual group: no clamp needed
   else encode_all(std::true_type{});
   constexpr unsigned per = codes_per_group<Q::bits, 8 * N>, groups = 8 * N / per;
   std::uint32_t g[groups];
-  pack_biased<Q::bits, Q::biased_zero>(m, g);
-  // Only the flagged values divide, patched over their packed code. A warp enters this loop when
-  // any lane has a flag (about half the time for 32-value chunks at 4 bits, though only ~0.1 % of
-  // values flag), so it visits only the set bits: testing all 32 cost ~130 instructions a call.
-  while (flags) {
-    const unsigned i = __ffs(static_cast<int>(flags)) - 1;
-    flags &= flags - 1;
-    const std::uint32_t c = Q::encode(value(i), P);
-    const unsigned gi = i / per, s = Q::bits * (i % per);
-#pragma unroll
-    for (unsigned k = 0; k < groups; ++k)  // g[gi] without a dynamic index
-      if (groups == 1 || gi == k) g[k] = (g[k] & ~(Q::max_code << s)) | c << s;
-  }
+  pack_biased<Q::bits, Q::exact_bias>(m, g);
   std::uint32_t w[(8 * N * Q::bits + 31) / 32];
   group_words<Q::bits, 8 * N>(g, w);
   store_words<N * Q::bits>(dst, w);
@@ -282,7 +262,7 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
   [[maybe_unused]] auto slot = [&](unsigned L, unsigned p) { return L * pieces + (p ^ swizzle(L)); };
   [[maybe_unused]] uint4* stage = nullptr;
   // Pieces 4k .. 4k+3 of the lane's chunk into raw. They sit at slot(lane, 4k) ^ 0..3 (4k's low
-  // bits are 0): byte offsets 16·slot(lane, 4k) ^ 16i, and value j of the four at ... ^ 2j.
+  // bits are 0): byte offsets 16·slot(lane, 4k) ^ 16i.
   [[maybe_unused]] auto load4 = [&](int k) {
     const unsigned at = 16 * slot(lane, 4 * k);
 #pragma unroll
@@ -362,28 +342,18 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
       else dst[0] = p[0];
     }
     const auto P = Q::load(p);
-    const float inv = P.scale > 0.0f ? 1.0f / P.scale : 0.0f;  // 0: a constant group (encode_biased)
+    // 0 for a constant group (encode_exact's quotient is then 0). __frcp_rn: correctly rounded
+    // under any compiler flags (quotient() needs it).
+    const float inv = P.scale > 0.0f ? __frcp_rn(P.scale) : 0.0f;
     const bool in_levels = Q::rounds_within_levels(lo, hi, P, inv);
     std::uint8_t* out = v.row(seq, tok) + (j / 8) * Q::bits;
     if constexpr (VPT == 8) {
-      // Value i from the registers by selects on its bits.
-      auto value = [&](unsigned i) {
-        const std::uint32_t* u = reinterpret_cast<const std::uint32_t*>(raw);
-        const std::uint32_t pair = i & 4u ? (i & 2u ? u[3] : u[2]) : (i & 2u ? u[1] : u[0]);
-        const std::uint16_t h = static_cast<std::uint16_t>(i & 1u ? pair >> 16 : pair);
-        if constexpr (std::is_same_v<T, bf16>) return __uint_as_float(std::uint32_t(h) << 16);
-        else return __half2float(__ushort_as_half(h));
-      };
-      encode_store<Q, T, 1>(raw, P, inv, in_levels, out, value);
+      encode_store<Q, T, 1>(raw, P, inv, in_levels, out);
     } else {
 #pragma unroll 1
       for (int k = 0; k < pieces / 4; ++k) {
         load4(k);
-        // Value i of the four pieces, read back from the stage (see load4).
-        auto value = [&, at = 16 * slot(lane, 4 * k)](unsigned i) {
-          return to_float(*reinterpret_cast<const T*>(reinterpret_cast<const char*>(stage) + (at ^ 2 * i)));
-        };
-        encode_store<Q, T, 4>(raw, P, inv, in_levels, out + 4 * k * Q::bits, value);
+        encode_store<Q, T, 4>(raw, P, inv, in_levels, out + 4 * k * Q::bits);
       }
     }
   }
@@ -440,7 +410,7 @@ __global__ void __launch_bounds__(128) quantize_channels_kernel(StreamView<Q> v,
 #pragma unroll
     for (int k = 0; k < Q::params_per_group; ++k) p[k] = q[k];
     P[i] = Q::load(q);
-    inv[i] = P[i].scale > 0.0f ? 1.0f / P[i].scale : 0.0f;
+    inv[i] = P[i].scale > 0.0f ? __frcp_rn(P[i].scale) : 0.0f;  // (correctly rounded: see quotient())
   }
   for (index_t r = 0; r < G; ++r) {
     std::uint8_t c[8];
