@@ -185,15 +185,18 @@ class DeviceStream {
     const StreamView<Q> v = view();
     const index_t rows = count * n;
     if constexpr (Q::axis == Axis::Token) {
-      // Values per thread: up to a whole group, at most 128; 64 for 2-bit codes, and for the others
-      // while a launch of 128 would have fewer than 2^20 threads (one partial wave, latency-bound).
-      // Measured on an H200 (bench/cuda/NOTES.md item 41): 64 beat 128 by 6-8 % at 2 bits in every
-      // row and by 2-9 % at 4 bits below that size, and beat 32 in every row. 8 for groups of 8 and
-      // 16 and for decode-sized appends. The kernel also bumps the lengths (its last block).
+      // Values per thread: up to a whole group, at most 128. Smaller for small launches (a launch
+      // of 128 would have fewer than 2^20 threads: a partial wave or two, latency-bound): 64 for
+      // 2-bit codes, 32 for the others; and 64 for 2-bit codes at any size. Measured on an H200
+      // (bench/cuda/NOTES.md items 41 and 62): at 2 bits 64 beat 128 by 4-10 % in every row and 32
+      // in all but the smallest; below that size, at 4 bits, 32 beat 64 by 0-5 %. 8 for groups of
+      // 8 and 16 and for decode-sized appends. The kernel also bumps the lengths (its last block).
       index_t vpt = 8;
       if (s_.group >= 32 && rows >= 256) {
         vpt = std::min<index_t>(s_.group, 128);
-        if (vpt == 128 && (Q::bits == 2 || rows * (s_.width / 128) < (index_t(1) << 20))) vpt = 64;
+        const bool small = rows * (s_.width / 128) < (index_t(1) << 20);
+        if (vpt > 32 && small) vpt = Q::bits == 2 ? 64 : 32;
+        else if (vpt == 128 && Q::bits == 2) vpt = 64;
       }
       if (const int f = detail::append_values_per_thread;
           (f == 8 || (f >= 32 && f <= 128 && (f & (f - 1)) == 0)) && f <= s_.group && 32 * f >= s_.group)
