@@ -147,7 +147,7 @@ TEST_CASE_TEMPLATE("encode with a reciprocal gives encode's code for every input
   for (int trial = 0; trial < 3000; ++trial) {
     std::uint16_t p[2] = {static_cast<std::uint16_t>(scale_bits(g)), static_cast<std::uint16_t>(zero_bits(g))};
     const auto P = Q::load(p);
-    const float inv = 1.0f / P.scale;
+    const float inv = Q::reciprocal(P);
     const float z = sym ? 0.0f : P.zero;
     auto check = [&](float x) {
       if (!std::isfinite(x)) return;
@@ -179,7 +179,7 @@ TEST_CASE_TEMPLATE("encode_exact gives encode's code for every input", Q, XQ_TOK
     std::uint16_t p[2] = {static_cast<std::uint16_t>(trial % 100 == 0 ? 0 : scale_bits(g)),
                           static_cast<std::uint16_t>(zero_bits(g))};
     const auto P = Q::load(p);
-    const float inv = P.scale > 0.0f ? 1.0f / P.scale : 0.0f;
+    const float inv = Q::reciprocal(P);
     const float z = sym ? 0.0f : P.zero;
     auto check = [&](float x) {
       if (!std::isfinite(x)) return;
@@ -217,7 +217,7 @@ TEST_CASE_TEMPLATE("rounds_within_levels of a range covers its values", Q, XQ_TO
     std::uint16_t p[2] = {0, 0};
     if (!Q::fit(*lo_it, *hi_it, p)) continue;
     const auto P = Q::load(p);
-    const float inv = P.scale > 0.0f ? 1.0f / P.scale : 0.0f;
+    const float inv = Q::reciprocal(P);
     const bool within = Q::rounds_within_levels(*lo_it, *hi_it, P, inv);
     groups_within += within;
     for (float v : x) {

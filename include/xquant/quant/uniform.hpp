@@ -95,6 +95,18 @@ struct Uniform {
     return fmaf(fmaf(-q, s, a), inv, q);
   }
 
+  /// The `inv` that quotient(), encode_scaled() and encode_exact() take: 1/p.scale correctly
+  /// rounded, or 0 for a constant group (scale 0). Device code uses __frcp_rn, which stays
+  /// correctly rounded under fast-math flags (where a plain 1/x may become an approximation).
+  XQ_HOST_DEVICE static float reciprocal(Params p) {
+    if (!(p.scale > 0.0f)) return 0.0f;
+#ifdef __CUDA_ARCH__
+    return __frcp_rn(p.scale);
+#else
+    return 1.0f / p.scale;
+#endif
+  }
+
   /// encode(x, p) with the quotient from the reciprocal `inv` = 1/p.scale (correctly rounded, or 0
   /// for a constant group): the same code for every finite x, see quotient().
   XQ_HOST_DEVICE static std::uint8_t encode_scaled(float x, Params p, float inv) {

@@ -342,9 +342,7 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
       else dst[0] = p[0];
     }
     const auto P = Q::load(p);
-    // 0 for a constant group (encode_exact's quotient is then 0). __frcp_rn: correctly rounded
-    // under any compiler flags (quotient() needs it).
-    const float inv = P.scale > 0.0f ? __frcp_rn(P.scale) : 0.0f;
+    const float inv = Q::reciprocal(P);
     const bool in_levels = Q::rounds_within_levels(lo, hi, P, inv);
     std::uint8_t* out = v.row(seq, tok) + (j / 8) * Q::bits;
     if constexpr (VPT == 8) {
@@ -410,14 +408,14 @@ __global__ void __launch_bounds__(128) quantize_channels_kernel(StreamView<Q> v,
 #pragma unroll
     for (int k = 0; k < Q::params_per_group; ++k) p[k] = q[k];
     P[i] = Q::load(q);
-    inv[i] = P[i].scale > 0.0f ? __frcp_rn(P[i].scale) : 0.0f;  // (correctly rounded: see quotient())
+    inv[i] = Q::reciprocal(P[i]);
   }
   for (index_t r = 0; r < G; ++r) {
     std::uint8_t c[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const float x = via_half(base[r * ld + i]);
-      c[i] = P[i].scale > 0.0f ? Q::encode_scaled(x, P[i], inv[i]) : Q::encode(x, P[i]);
+      c[i] = Q::encode_scaled(x, P[i], inv[i]);  // encode()'s code (a constant group's too)
     }
     store_chunk<Q::bits>(v.row(seq, tok0 + r) + chunk * Q::bits, pack8<Q::bits>(c));
   }
