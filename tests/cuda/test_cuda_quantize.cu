@@ -198,16 +198,17 @@ float nudged(float v, int u) {
   return xqcuda::round_to<T>({v + std::ldexp(static_cast<float>(u), std::ilogb(v) + 1 - digits)})[0];
 }
 
-// Inputs on and next to rounding boundaries, where the kernel's reciprocal encoder must flag the
-// value and fall back to encode()'s division: each group's ends pin a scale with few mantissa bits
+// Inputs on and next to rounding boundaries, where a quotient from the reciprocal alone would
+// round some values apart from encode()'s division: each group's ends pin a scale with few mantissa bits
 // and a zero on its grid, and the other values sit at z + (k + ½)·s (exact ties) and a few input
 // ulps either side, plus level values. Codes and parameters must equal the CPU reference's.
 template <class Q, class T>
 void check_boundaries(index_t group) {
   std::uint64_t seed;
   auto rng = xqtest::make_rng(seed);
-  INFO("seed ", seed, " bits ", Q::bits, " group ", group, (Q::scheme == Scheme::Symmetric ? " symmetric" : " asymmetric"),
-       (std::is_same_v<T, xc::bf16> ? " bf16" : " fp16"));
+  INFO("seed ", seed, " bits ", Q::bits, " group ", group,
+       std::string(Q::scheme == Scheme::Symmetric ? " symmetric" : " asymmetric"),
+       std::string(std::is_same_v<T, xc::bf16> ? " bf16" : " fp16"));  // (doctest prints a char* as a pointer)
   const index_t n = 512, width = 256;  // >= 256 rows: the 32-values-per-thread path where the group allows
   const bool sym = Q::scheme == Scheme::Symmetric;
   const int top = sym ? Q::sym_levels : static_cast<int>(Q::max_code);
@@ -284,6 +285,164 @@ TEST_CASE("cuda append reports values that cannot be quantized") {
   CHECK_THROWS_AS(st.append_batch(d.data(), -1, 64, nullptr), xq::ShapeError);
   CHECK_THROWS_AS(st.append_batch(d.data(), 1, 60, nullptr), xq::ShapeError);
   CHECK(st.length(0) == 1);  // the rejected calls appended nothing
+}
+
+// One bad value (NaN, ±Inf, or for per-channel streams a bf16 value past fp16's range, which the
+// CPU stream refuses too) at a random row and column of an append must make check() raise
+// ValueError naming it, on every path: per-token chunks at each kernel width, decode steps and
+// batches; per-channel whole groups straight from x (the bad value past a group's first row,
+// where a min/max alone would skip a NaN), the fp16 window, and a chunk that tops up the open
+// group, flushes whole ones and leaves a tail. The same appends without the bad value must pass,
+// so the check cannot pass by raising always.
+template <class Q>
+void check_bad_values() {
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  const index_t width = 256, group = Q::axis == Axis::Token ? 128 : 32, cap = 512;
+  std::vector<float> bad = {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity()};
+  if (Q::axis == Axis::Channel) bad.push_back(1.0e5f);  // bf16 holds it, fp16 does not
+  enum Path { Chunk, Step, Batch, Whole, Window, Mixed };
+  const std::vector<Path> paths =
+      Q::axis == Axis::Token ? std::vector<Path>{Chunk, Step, Batch} : std::vector<Path>{Whole, Window, Mixed, Step};
+  const int B = 3;
+  int raised = 0, runs = 0;
+  for (Path path : paths)
+    for (int vpt : path == Chunk ? std::vector<int>{8, 32, 64, 128} : std::vector<int>{0})  // 0: the rule
+      for (float v : bad)
+        for (bool spoil : {false, true}) {
+          // Rows: Chunk 300 (the staged kernels), Batch 64 per sequence, Step one per sequence, Whole 2
+          // groups, Window 20, Mixed 90 after 10 tokens (22 to close the open group, 2 whole groups, a
+          // tail of 4).
+          const index_t n = path == Step ? 1 : path == Whole ? 2 * group : path == Window ? 20 : path == Mixed ? 90
+                          : path == Chunk ? 300 : 64;
+          const index_t rows = path == Step || path == Batch ? B * n : n;
+          auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, static_cast<std::size_t>(rows), width));
+          std::uniform_int_distribution<index_t> pick_row(0, rows - 1), pick_col(0, width - 1);
+          index_t r = pick_row(rng);
+          const index_t c = pick_col(rng);
+          if (path == Whole && r % group == 0) ++r;  // not a group's first row
+          if (spoil) x[r * width + c] = v;
+          INFO("seed ", seed, " bits ", Q::bits, std::string(Q::axis == Axis::Token ? " per-token" : " per-channel"),
+               " path ", static_cast<int>(path), " vpt ", vpt, " value ", v, " at row ", r, " column ", c,
+               std::string(spoil ? "" : " (not set)"));
+          auto d = xqcuda::to_device<xc::bf16>(x);
+          xc::DeviceStream<Q> st({B, cap, width, group});
+          if (path == Mixed) {  // 10 clean tokens first: the chunk opens by topping up the group
+            auto pre = xqcuda::to_device<xc::bf16>(
+                xqcuda::round_to<xc::bf16>(xqtest::activations(rng, static_cast<std::size_t>(10), width)));
+            st.append(0, pre.data(), 10, width, nullptr);
+            REQUIRE_NOTHROW(st.check(nullptr));
+          }
+          {
+            const xqcuda::ScopedValue<int> forced(xc::detail::append_values_per_thread, vpt);
+            if (path == Step) st.append_all(d.data(), width, nullptr);
+            else if (path == Batch) st.append_batch(d.data(), n, width, nullptr);
+            else st.append(0, d.data(), n, width, nullptr);
+          }
+          ++runs;
+          if (!spoil) {
+            REQUIRE_NOTHROW(st.check(nullptr));
+            continue;
+          }
+          std::string what;
+          try {
+            st.check(nullptr);
+          } catch (const xq::ValueError& e) {
+            what = e.what();
+          }
+          INFO("message: ", what);
+          CHECK(what.find("NaN or Inf") != std::string::npos);
+          raised += !what.empty();
+        }
+  INFO("seed ", seed);
+  CHECK(raised == runs / 2);
+}
+
+TEST_CASE_TEMPLATE("cuda append raises on NaN, Inf and fp16 overflow wherever they sit", Q, xq::quant::Uniform<4>,
+                   xq::quant::Uniform<2, Axis::Token, Scheme::Symmetric>, xq::quant::Uniform<4, Axis::Channel>,
+                   xq::quant::Uniform<2, Axis::Channel, Scheme::Symmetric>) {
+  XQ_REQUIRE_DEVICE();
+  check_bad_values<Q>();
+}
+
+TEST_CASE("cuda append: a value error sticks until clear(), and clear() makes the stream usable again") {
+  // The device append cannot roll back: tokens with meaningless codes are in the stream. check()
+  // must keep raising (a caller who catches the first error and goes on would otherwise attend over
+  // them silently) until clear() empties the stream.
+  XQ_REQUIRE_DEVICE();
+  using Q = xq::quant::Uniform<4>;
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  const index_t width = 128;
+  auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, 4, width));
+  auto good = xqcuda::to_device<xc::bf16>(x);
+  x[width + 5] = std::numeric_limits<float>::quiet_NaN();
+  auto bad = xqcuda::to_device<xc::bf16>(x);
+  xc::DeviceStream<Q> st({2, 16, width, 32});
+  st.append(0, good.data(), 4, width, nullptr);
+  REQUIRE_NOTHROW(st.check(nullptr));
+  st.append(1, bad.data(), 4, width, nullptr);
+  CHECK_THROWS_AS(st.check(nullptr), xq::ValueError);
+  st.append(0, good.data(), 1, width, nullptr);  // a clean append does not clear it
+  CHECK_THROWS_AS(st.check(nullptr), xq::ValueError);
+  CHECK_THROWS_AS(st.check(nullptr), xq::ValueError);
+  st.clear(nullptr);
+  CHECK(st.length(0) == 0);
+  CHECK(st.length(1) == 0);
+  st.append(1, good.data(), 4, width, nullptr);
+  CHECK_NOTHROW(st.check(nullptr));
+}
+
+TEST_CASE("cuda stream: capacity past 32-bit lengths, sequence indices out of range and bad dequantize outputs are refused") {
+  XQ_REQUIRE_DEVICE();
+  using Q = xq::quant::Uniform<4>;
+  CHECK_THROWS_AS(xc::DeviceStream<Q>({1, index_t(1) << 31, 8, 8}), xq::ConfigError);  // before any allocation
+  xc::DeviceStream<Q> st({2, 16, 64, 32});
+  CHECK(st.length(1) == 0);
+  CHECK_THROWS_AS((void)st.length(2), xq::ShapeError);
+  CHECK_THROWS_AS((void)st.length(-1), xq::ShapeError);
+  std::vector<float> x(2 * 64);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 13) - 6.0f;
+  const auto dx = xqcuda::to_device<xc::bf16>(x);
+  st.append_batch(dx.data(), 1, 64, nullptr);
+  xc::DeviceBuffer<float> out(2 * 64 + 8);
+  CHECK_THROWS_AS(xc::dequantize(st, 0, 1, out.data() + 1, 64, nullptr), xq::ShapeError);  // stores are 16 bytes wide
+  CHECK_THROWS_AS(xc::dequantize(st, 0, 1, static_cast<float*>(nullptr), 64, nullptr), xq::ShapeError);
+  CHECK_THROWS_AS(xc::dequantize(st, 0, 1, out.data(), 60, nullptr), xq::ShapeError);
+  CHECK_NOTHROW(xc::dequantize(st, 0, 1, out.data() + 4, 64, nullptr));  // 16-byte aligned
+  XQ_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+TEST_CASE("cuda append: a per-channel prefill of more than 65535 groups (several launches) matches the CPU") {
+  // Whole groups are quantized one grid row each; the grid holds at most 65535 rows, so a longer
+  // prefill is cut into launches. Groups of 8 over 8 channels: 65537 groups = 524296 tokens.
+  XQ_REQUIRE_DEVICE();
+  using Q = xq::quant::Uniform<4, Axis::Channel>;
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  const index_t width = 8, group = 8, n = 65537 * group + 3;  // + 3 tokens left in the window
+  auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, static_cast<std::size_t>(n), width));
+  auto d = xqcuda::to_device<xc::bf16>(x);
+  xc::DeviceStream<Q> st({1, n + 5, width, group});
+  st.fill_storage(0xff, nullptr);
+  st.append(0, d.data(), n, width, nullptr);
+  REQUIRE_NOTHROW(st.check(nullptr));
+  CHECK(st.length(0) == n);
+  for (float& v : x) v = xq::round_to_half(v);
+  const index_t whole = n / group * group, cb = Q::code_bytes(width);
+  std::vector<std::uint8_t> c(static_cast<std::size_t>(whole * cb));
+  std::vector<std::uint16_t> p(static_cast<std::size_t>(whole / group * width * Q::params_per_group));
+  using Ops = xq::quant::QuantOps<xq::backend::Reference>;
+  for (index_t t = 0; t < whole; t += group)
+    Ops::quantize_channels<Q>(x.data() + t * width, group, width, width, c.data() + t * cb,
+                              p.data() + t / group * width * Q::params_per_group);
+  const auto codes = xqcuda::to_host(st.codes());
+  const auto params = xqcuda::to_host(st.params());
+  CHECK(std::equal(c.begin(), c.end(), codes.begin()));
+  CHECK(std::equal(p.begin(), p.end(), params.begin()));
 }
 
 TEST_CASE("cuda append: a per-channel append inside a CUDA graph capture is refused") {

@@ -388,15 +388,23 @@ __global__ void __launch_bounds__(128) quantize_channels_kernel(StreamView<Q> v,
   const index_t G = v.group, gi = blockIdx.y, j = chunk * 8;
   const S* base = src + gi * G * ld + j;
   float lo[8], hi[8];
+  // Whole groups straight from x have not passed the window's check: a value that is NaN or Inf,
+  // or overflows fp16 on the way in, is flagged here (the min/max below would skip a NaN).
+  bool finite = true;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) lo[i] = hi[i] = via_half(base[i]);
+  for (int i = 0; i < 8; ++i) {
+    lo[i] = hi[i] = via_half(base[i]);
+    finite = finite && fabsf(lo[i]) <= 65504.0f;
+  }
   for (index_t r = 1; r < G; ++r)
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const float x = via_half(base[r * ld + i]);
+      finite = finite && fabsf(x) <= 65504.0f;
       lo[i] = x < lo[i] ? x : lo[i];
       hi[i] = x > hi[i] ? x : hi[i];
     }
+  if (!finite) atomicOr(status, kNonFinite);
   const index_t tok0 = first_tok + gi * G;
   typename Q::Params P[8];
   float inv[8];

@@ -187,8 +187,11 @@ template <class Q, class O>
 void dequantize(const DeviceStream<Q>& x, index_t begin, index_t end, O* out, index_t ldo, cudaStream_t stream) {
   static_assert(std::is_same_v<O, bf16> || std::is_same_v<O, float>, "dequantize: out must be bf16 or float");
   const auto& s = x.shape();
-  require<ShapeError>(out != nullptr && ldo >= s.width && ldo % 8 == 0, "dequantize: ldo must be >= width ", s.width,
-                      " and a multiple of 8");
+  require<ShapeError>(out != nullptr, "dequantize: out must not be null");
+  require<ShapeError>(reinterpret_cast<std::uintptr_t>(out) % 16 == 0,
+                      "dequantize: out must be 16-byte aligned (8 values are stored at once)");
+  require<ShapeError>(ldo >= s.width && ldo % 8 == 0, "dequantize: ldo must be >= width ", s.width,
+                      " and a multiple of 8, got ", ldo);
   require<ShapeError>(0 <= begin && begin < end, "dequantize: token range [", begin, ", ", end, ") is empty");
   for (int b = 0; b < s.batch; ++b)
     require<ShapeError>(end <= x.length(b), "dequantize: token range end ", end, " exceeds sequence ", b, "'s length ",

@@ -36,10 +36,14 @@ class DeviceStream {
 
  public:
   using quantizer = Q;
+  /// Tokens per sequence at most: the device keeps lengths as 32-bit ints.
+  static constexpr index_t kMaxCapacity = 0x7FFFFFFF;
 
   explicit DeviceStream(const DeviceStreamShape& s) : s_(s) {
     require<ConfigError>(s.batch > 0, "batch: must be positive, got ", s.batch);
-    require<ConfigError>(s.capacity > 0, "capacity: must be positive, got ", s.capacity);
+    require<ConfigError>(s.capacity > 0 && s.capacity <= kMaxCapacity,
+                         "capacity: must be in [1, 2^31 - 1] (the device keeps lengths as 32-bit ints), got ",
+                         s.capacity);
     require<ConfigError>(s.width > 0 && s.width % 8 == 0, "width: the CUDA backend needs a positive multiple of 8, got ",
                          s.width);
     require<ConfigError>(s.group >= 8 && s.group <= 256 && (s.group & (s.group - 1)) == 0,
@@ -67,7 +71,10 @@ class DeviceStream {
   }
 
   const DeviceStreamShape& shape() const { return s_; }
-  index_t length(int seq) const { return host_len_.at(static_cast<std::size_t>(seq)); }
+  index_t length(int seq) const {
+    require<ShapeError>(seq >= 0 && seq < s_.batch, "seq: must be in [0, ", s_.batch, "), got ", seq);
+    return host_len_[static_cast<std::size_t>(seq)];
+  }
   index_t code_bytes() const { return code_bytes_; }
   /// Device bytes of codes + parameters (+ window) this stream holds.
   std::size_t allocated_bytes() const { return codes_.bytes() + params_.bytes() + window_.bytes(); }
@@ -141,25 +148,33 @@ class DeviceStream {
     for (std::size_t b = 0; b < len.size(); ++b) host_len_[b] = len[b];
   }
 
-  /// Forgets every sequence's tokens (storage is kept).
+  /// Forgets every sequence's tokens (storage is kept), and a value error that check() reported.
   void clear(cudaStream_t stream) {
     XQ_CUDA_CHECK(cudaMemsetAsync(length_.data(), 0, length_.bytes(), stream));
     host_len_.assign(host_len_.size(), 0);
+    bad_values_ = 0;
   }
 
   /// Synchronizes `stream` and raises ValueError if an append met a non-finite value or a group
-  /// whose scale or zero does not fit fp16 (the codes written for it are then meaningless).
+  /// whose scale or zero does not fit fp16. Unlike the CPU stream's append, the device's cannot
+  /// leave the stream as it was: the tokens went in with meaningless codes. So the error sticks:
+  /// every later check() raises it again, until clear(). CapacityError (a replayed append that
+  /// found a sequence full wrote nothing) is reported once.
   void check(cudaStream_t stream) {
     unsigned st = 0;
     XQ_CUDA_CHECK(cudaMemcpyAsync(&st, status_.data(), sizeof st, cudaMemcpyDeviceToHost, stream));
     XQ_CUDA_CHECK(cudaStreamSynchronize(stream));
     if (st) XQ_CUDA_CHECK(cudaMemsetAsync(status_.data(), 0, sizeof st, stream));
+    bad_values_ |= st & (detail::kNonFinite | detail::kFp16Range);
+    st |= bad_values_;
     require<CapacityError>(!(st & detail::kCapacity),
                            "append: a sequence was full on the device, and the tokens of that append were not written "
                            "(a captured append replayed past the capacity?); sync_lengths() shows the lengths");
-    require<ValueError>(!(st & detail::kNonFinite), "X: a value is NaN or Inf (or overflows fp16)");
+    require<ValueError>(!(st & detail::kNonFinite),
+                        "X: a value is NaN or Inf (or overflows fp16); the stream holds meaningless codes until clear()");
     require<ValueError>(!(st & detail::kFp16Range),
-                        "X: a quantization group's scale or zero does not fit fp16 (|value| <= 65504); rescale the activations");
+                        "X: a quantization group's scale or zero does not fit fp16 (|value| <= 65504); rescale the "
+                        "activations (the stream holds meaningless codes until clear())");
   }
 
  private:
@@ -269,9 +284,14 @@ class DeviceStream {
   template <class S>
   void launch_flush(const StreamView<Q>& v, const S* src, index_t ld, int seq, index_t first_tok, index_t groups,
                     cudaStream_t stream) {
-    const dim3 grid(detail::blocks_for(s_.width / 8, 128), static_cast<unsigned>(groups));
-    detail::quantize_channels_kernel<Q, S><<<grid, 128, 0, stream>>>(v, src, ld, seq, first_tok, status_.data());
-    check_launch("quantize_channels_kernel");
+    // At most 65535 groups per launch (the grid's y limit): a long prefill takes several.
+    for (index_t g0 = 0; g0 < groups; g0 += 65535) {
+      const index_t part = std::min<index_t>(groups - g0, 65535);
+      const dim3 grid(detail::blocks_for(s_.width / 8, 128), static_cast<unsigned>(part));
+      detail::quantize_channels_kernel<Q, S>
+          <<<grid, 128, 0, stream>>>(v, src + g0 * s_.group * ld, ld, seq, first_tok + g0 * s_.group, status_.data());
+      check_launch("quantize_channels_kernel");
+    }
   }
   void bump(int seq0, int count, int n, cudaStream_t stream) {
     detail::add_length_kernel<<<detail::blocks_for(count, 128), 128, 0, stream>>>(length_.data(), seq0, count, n);
@@ -288,6 +308,7 @@ class DeviceStream {
   // word per first sequence of a launch, so appends to different sequences may run concurrently.
   DeviceBuffer<unsigned> blocks_done_;
   std::vector<index_t> host_len_;
+  unsigned bad_values_ = 0;  // value errors check() has reported (they stick until clear())
 };
 
 }  // namespace xquant::cuda
