@@ -16,18 +16,21 @@ namespace {
 
 std::vector<float> bf(std::vector<float> v) { return xqcuda::round_to<xc::bf16>(std::move(v)); }
 
-/// Float64 decode attention of sequence rows: K = RoPE(X̂k·Wkᵀ), V = X̂v·Wvᵀ + bv; query at len−1.
+/// Float64 decode attention of sequence rows: K = RoPE(X̂k·Wkᵀ), V = X̂v·Wvᵀ + bv; query at len−1,
+/// over the first `attend` tokens (-1: all len).
 std::vector<double> reference(const std::vector<float>& xk, index_t wk_in, const std::vector<float>& xv, index_t wv_in,
                               const std::vector<float>& wk, const std::vector<float>& wv, const std::vector<float>& bv,
-                              const std::vector<float>& q, index_t len, const xq::AttentionShape& a) {
-  const index_t dkv = a.kv_width();
+                              const std::vector<float>& q, index_t len, const xq::AttentionShape& a,
+                              index_t attend = -1) {
+  const index_t dkv = a.kv_width(), qpos = len - 1;
+  if (attend >= 0) len = attend;
   auto K = xqtest::project64(std::vector<float>(xk.begin(), xk.begin() + len * wk_in), wk.data(), len, wk_in, dkv);
   xqtest::rope64(K, len, a.kv_heads, a.head_dim, 0);
   auto V = xqtest::project64(std::vector<float>(xv.begin(), xv.begin() + len * wv_in), wv.data(), len, wv_in, dkv);
   for (index_t r = 0; r < len; ++r)
     for (index_t j = 0; j < dkv; ++j) V[r * dkv + j] += bv[j];
   std::vector<double> qd(q.begin(), q.end());
-  xqtest::rope64(qd, 1, a.heads, a.head_dim, len - 1);
+  xqtest::rope64(qd, 1, a.heads, a.head_dim, qpos);
   return xqtest::attention64(qd, K, V, 1, len, a.heads, a.kv_heads, a.head_dim);
 }
 
@@ -185,7 +188,7 @@ TEST_CASE("cuda decode steps captured once in a CUDA graph and replayed as the s
   for (int path = 0; path < 2; ++path) {
     std::uint64_t seed;
     auto rng = xqtest::make_rng(seed);
-    INFO("seed ", seed, " path ", path == 0 ? "default" : "portable");
+    INFO("seed ", seed, " path ", std::string(path == 0 ? "default" : "portable"));
     const xq::AttentionShape a{8, 2, 128};
     const int B = 2;
     const index_t d = 512, dkv = a.kv_width(), cap = 256, bound = 200;
@@ -292,6 +295,111 @@ TEST_CASE("cuda decode: a replayed step past the RoPE table gives NaN, not a rea
   XQ_CUDA_CHECK(cudaStreamSynchronize(s));
   const auto got = xqcuda::to_host(out);
   CHECK(std::all_of(got.begin(), got.end(), [](float v) { return std::isnan(v); }));
+}
+TEST_CASE("cuda decode attention: a sequence longer than max_tokens attends over its first max_tokens tokens") {
+  // max_tokens sizes the launches without the lengths (graph replays); a sequence that outgrew it
+  // must not make a kernel read past its rows of the workspace (other heads' scores, or past the
+  // end): it attends over tokens [0, max_tokens), its query still at position length − 1. The
+  // scratch is poisoned with NaN, so a read of a row no kernel wrote shows as a non-finite output.
+  XQ_REQUIRE_DEVICE();
+  using Q = xq::quant::Uniform<4>;
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  const xq::AttentionShape a{8, 2, 128};
+  const int B = 3;
+  const index_t d = 256, dkv = a.kv_width(), cap = 384, bound = 100;
+  const std::vector<index_t> lens = {300, 77, 129};  // two past the bound, one within it
+  xc::DeviceStream<Q> st({B, cap, d, 128});
+  std::vector<std::vector<float>> xh(B);
+  for (int b = 0; b < B; ++b) {
+    const auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, lens[b], d));
+    const auto dx = xqcuda::to_device<xc::bf16>(x);
+    st.append(b, dx.data(), lens[b], d, nullptr);
+    xh[b] = bf(xqcuda::reference_xhat<Q>(x, lens[b], d, 128));
+  }
+  st.check(nullptr);
+  const auto wk = bf(xqtest::randn(rng, static_cast<std::size_t>(dkv * d), 0.05f));
+  const auto wv = bf(xqtest::randn(rng, static_cast<std::size_t>(dkv * d), 0.05f));
+  const auto bv = xqtest::randn(rng, static_cast<std::size_t>(dkv));
+  const auto q = xqtest::randn(rng, static_cast<std::size_t>(B * a.q_width()));
+  auto dwk = xqcuda::to_device<xc::bf16>(wk), dwv = xqcuda::to_device<xc::bf16>(wv);
+  xc::DeviceBuffer<float> dbv(bv.size()), dq(q.size()), out(q.size());
+  dbv.upload(bv.data(), bv.size(), nullptr);
+  dq.upload(q.data(), q.size(), nullptr);
+  const xc::DeviceRope drope(xq::Rope(a.head_dim, 1024));
+  const xc::DecodeWeights w{dwk.data(), 0, dwv.data(), 0, dbv.data()};
+  std::vector<double> ref;
+  for (int b = 0; b < B; ++b) {
+    const std::vector<float> qb(q.begin() + b * a.q_width(), q.begin() + (b + 1) * a.q_width());
+    const auto r = reference(xh[b], d, xh[b], d, wk, wv, bv, qb, lens[b], a, std::min(lens[b], bound));
+    ref.insert(ref.end(), r.begin(), r.end());
+  }
+  xc::DecodeWorkspace ws;
+  for (int path = 0; path < 3; ++path)
+    for (int splits : {0, 1, 3}) {
+      INFO("seed ", seed, " path ", path, " splits ", splits);
+      const xqcuda::ScopedValue<bool> portable(xc::detail::decode_wgmma_disabled, path == 2);
+      const xqcuda::ScopedValue<int> blocks(xc::detail::remat_wgmma_max_blocks,
+                                            path == 1 ? 2 : xc::detail::remat_wgmma_max_blocks);
+      xc::attend_absorbed(st, st, a, w, drope, dq.data(), out.data(), ws, nullptr, 0, 0, splits, bound);  // grows ws
+      out.fill_bytes(0xff, nullptr);
+      ws.s.fill_bytes(0xff, nullptr);
+      ws.p.fill_bytes(0xff, nullptr);
+      ws.part.fill_bytes(0xff, nullptr);
+      ws.acc.fill_bytes(0xff, nullptr);
+      xc::attend_absorbed(st, st, a, w, drope, dq.data(), out.data(), ws, nullptr, 0, 0, splits, bound);
+      const auto got = xqcuda::to_host(out);
+      CHECK(xqtest::all_finite(got));
+      CHECK(xqtest::rel_error(got, ref) < 1e-2);
+    }
+}
+TEST_CASE("cuda decode attention rejects short or negative query and output strides, and no heads") {
+  XQ_REQUIRE_DEVICE();
+  xc::DeviceStream<xq::quant::Uniform<4>> st({1, 128, 512, 128});
+  const xc::DeviceRope rope(xq::Rope(128, 256));
+  const xq::AttentionShape a{4, 2, 128};
+  xc::DeviceBuffer<xc::bf16> w(static_cast<std::size_t>(a.kv_width() * 512));
+  xc::DeviceBuffer<float> q(static_cast<std::size_t>(2 * a.q_width())), out(q.size());
+  std::vector<float> x(16 * 512);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 97) / 97.0f - 0.5f;
+  const auto dx = xqcuda::to_device<xc::bf16>(x);
+  st.append(0, dx.data(), 16, 512, nullptr);
+  xc::DecodeWorkspace ws;
+  xc::Cublas blas;
+  const xc::DecodeWeights dw{w.data(), 0, w.data(), 0, nullptr};
+  for (index_t ldq : {index_t(0), a.q_width() - 1, index_t(-a.q_width())})
+    for (index_t ldo : {index_t(0), a.q_width() - 128, index_t(-1)}) {
+      if (ldq == 0 && ldo == 0) continue;
+      CAPTURE(ldq);
+      CAPTURE(ldo);
+      CHECK_THROWS_AS(xc::attend_absorbed(st, st, a, dw, rope, q.data(), out.data(), ws, nullptr, ldq, ldo),
+                      xq::ShapeError);
+      CHECK_THROWS_AS(xc::attend_absorbed_gemm(st, st, a, dw, rope, q.data(), out.data(), ws, blas, nullptr, ldq, ldo),
+                      xq::ShapeError);
+    }
+  CHECK_NOTHROW(xc::attend_absorbed(st, st, a, dw, rope, q.data(), out.data(), ws, nullptr, 2 * a.q_width(), a.q_width()));
+  for (const xq::AttentionShape bad : {xq::AttentionShape{0, 2, 128}, xq::AttentionShape{-8, 2, 128}})
+    CHECK_THROWS_AS(xc::attend_absorbed(st, st, bad, dw, rope, q.data(), out.data(), ws, nullptr), xq::ConfigError);
+  // attend_kv: K and V are read 4 elements (8 bytes) at a time; batch must be positive.
+  xc::DeviceBuffer<xc::bf16> K(static_cast<std::size_t>(16 * a.kv_width() + 8)), V(K.size());
+  xc::DeviceBuffer<int> len(1);
+  const int sixteen = 16;
+  len.upload(&sixteen, 1, nullptr);
+  CHECK_THROWS_AS(xc::attend_kv(K.data() + 1, V.data(), a.kv_width(), 16, 1, 16, len.data(), a, rope, q.data(), out.data(),
+                                ws, nullptr),
+                  xq::ShapeError);
+  CHECK_THROWS_AS(xc::attend_kv(K.data(), V.data() + 2, a.kv_width(), 16, 1, 16, len.data(), a, rope, q.data(), out.data(),
+                                ws, nullptr),
+                  xq::ShapeError);
+  CHECK_THROWS_AS(xc::attend_kv(K.data(), V.data(), a.kv_width(), 16, 0, 16, len.data(), a, rope, q.data(), out.data(),
+                                ws, nullptr),
+                  xq::ShapeError);
+  CHECK_THROWS_AS(xc::attend_kv(K.data(), V.data(), a.kv_width(), 16, 1, 16, len.data(), a, rope, q.data(), out.data(),
+                                ws, nullptr, a.q_width() - 1),
+                  xq::ShapeError);
+  CHECK_NOTHROW(xc::attend_kv(K.data(), V.data(), a.kv_width(), 16, 1, 16, len.data(), a, rope, q.data(), out.data(),
+                              ws, nullptr));
+  XQ_CUDA_CHECK(cudaDeviceSynchronize());
 }
 TEST_CASE("cuda decode attention: max_tokens beyond a capacity is rejected") {
   XQ_REQUIRE_DEVICE();

@@ -92,6 +92,7 @@ static __global__ void rope_queries_kernel(const float* __restrict__ q, index_t 
 
 struct SplitArgs {
   int heads, hpg, splits, tiles_per_split;
+  index_t limit;  // tokens past it are left out (a sequence longer than attend_absorbed's max_tokens)
 };
 
 template <class QK, class QV>
@@ -114,7 +115,8 @@ __global__ void __launch_bounds__(gemm::THREADS, 1)
 
   const index_t len = vk.length[b];
   const index_t qk = StreamView<QK>::quantized(len, vk.group), qv = StreamView<QV>::quantized(len, vv.group);
-  const index_t ntiles = (len + attn::kTile - 1) / attn::kTile;
+  const index_t end = len < sa.limit ? len : sa.limit;  // the tokens attended over
+  const index_t ntiles = (end + attn::kTile - 1) / attn::kTile;
   const index_t tile0 = static_cast<index_t>(split) * sa.tiles_per_split;
   const index_t tile1 = tile0 + sa.tiles_per_split < ntiles ? tile0 + sa.tiles_per_split : ntiles;
 
@@ -129,10 +131,10 @@ __global__ void __launch_bounds__(gemm::THREADS, 1)
 
   for (index_t tile = tile0; tile < tile1; ++tile) {
     const index_t base = tile * attn::kTile;
-    const index_t ntok = len - base < attn::kTile ? len - base : attn::kTile;
+    const index_t ntok = end - base < attn::kTile ? end - base : attn::kTile;
     FragC acc[4][2];
     const index_t tok = base + (t >> 1);
-    fused_mainloop<QK>(vk, b, tok, tok < len, qk, wk, ldwk, static_cast<index_t>(g) * attn::kDh, nk, vk.width, smem, acc);
+    fused_mainloop<QK>(vk, b, tok, tok < end, qk, wk, ldwk, static_cast<index_t>(g) * attn::kDh, nk, vk.width, smem, acc);
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -584,15 +586,16 @@ inline void launch_gemm_scores(const bf16* K, index_t Lp, int batch, const Atten
 /// (head, sequence) a batch of one runs only `heads` blocks, so each takes many threads.
 inline constexpr int kSoftmaxThreads = 1024;
 /// Softmax of the GEMM paths, one block per (head, sequence): P = bf16(e^{S−m}) (zeros past the
-/// sequence's length), ml = (m, l) with l the sum of the rounded weights (splits = 1 for combine).
+/// sequence's length or `limit` <= Lp, whichever is smaller), ml = (m, l) with l the sum of the
+/// rounded weights (splits = 1 for combine).
 static __global__ void __launch_bounds__(kSoftmaxThreads)
-    gemm_softmax_kernel(const float* __restrict__ S, index_t Lp, const int* __restrict__ length, int heads,
-                        bf16* __restrict__ P, float* __restrict__ ml) {
+    gemm_softmax_kernel(const float* __restrict__ S, index_t Lp, index_t limit, const int* __restrict__ length,
+                        int heads, bf16* __restrict__ P, float* __restrict__ ml) {
   using BlockReduce = cub::BlockReduce<float, kSoftmaxThreads>;
   __shared__ typename BlockReduce::TempStorage tmp;
   __shared__ float bcast;
   const int h = blockIdx.x, b = blockIdx.y, t = threadIdx.x;
-  const index_t slot = static_cast<index_t>(b) * heads + h, len = length[b];
+  const index_t slot = static_cast<index_t>(b) * heads + h, len = length[b] < limit ? length[b] : limit;
   const float* s = S + slot * Lp;
   bf16* p = P + slot * Lp;
   float mx = -INFINITY;
@@ -615,11 +618,12 @@ static __global__ void __launch_bounds__(kSoftmaxThreads)
   }
 }
 
-/// gemm_softmax_kernel over ws.s (B·heads rows of Lp scores) into ws.p and ws.ml, both reserved.
-inline void launch_softmax(DecodeWorkspace& ws, index_t Lp, int batch, int heads, const int* length,
+/// gemm_softmax_kernel over ws.s (B·heads rows of Lp scores) into ws.p and ws.ml, both reserved;
+/// tokens from `limit` (<= Lp) on are left out.
+inline void launch_softmax(DecodeWorkspace& ws, index_t Lp, index_t limit, int batch, int heads, const int* length,
                            cudaStream_t stream) {
   gemm_softmax_kernel<<<dim3(static_cast<unsigned>(heads), static_cast<unsigned>(batch)), kSoftmaxThreads, 0, stream>>>(
-      ws.s.data(), Lp, length, heads, ws.p.data(), ws.ml.data());
+      ws.s.data(), Lp, limit, length, heads, ws.p.data(), ws.ml.data());
   check_launch("gemm_softmax_kernel");
 }
 
@@ -811,7 +815,9 @@ __global__ void __launch_bounds__(pv::kThreads) absorb_values_kernel(StreamView<
   const int c0 = static_cast<int>(blockIdx.x) * kCols, h0 = static_cast<int>(blockIdx.y) * kHeads;
   const int width = static_cast<int>(vv.width), len = vv.length[b];
   [[maybe_unused]] const index_t quantized = StreamView<QV>::quantized(len, vv.group);
-  const int t_begin = split * static_cast<int>(per_split), t_end = min(t_begin + static_cast<int>(per_split), len);
+  // Not past Lp either: a sequence longer than max_tokens has weights only in [0, Lp).
+  const int t_begin = split * static_cast<int>(per_split),
+            t_end = min(t_begin + static_cast<int>(per_split), min(len, static_cast<int>(Lp)));
   float acc[2][2][4] = {};  // [head tile of 16][column tile of 8][fragment]
   // ldmatrix row addresses: A (weights, 16 × 16 per head tile) rows lane % 16, columns 8·(lane / 16);
   // B (X̂v, transposed) token rows lane % 8 + 8·((lane / 8) % 2), columns 16·warp + 8·(lane / 16).
@@ -899,9 +905,17 @@ inline bool decode_wgmma_disabled = false;
 
 inline void check_attention(const AttentionShape& a) {
   require<ConfigError>(a.head_dim == attn::kDh, "CUDA decode attention: head_dim must be 128, got ", a.head_dim);
-  require<ConfigError>(a.kv_heads > 0 && a.heads % a.kv_heads == 0 && a.heads / a.kv_heads <= attn::kMaxGroup,
+  require<ConfigError>(a.heads > 0 && a.kv_heads > 0 && a.heads % a.kv_heads == 0 && a.heads / a.kv_heads <= attn::kMaxGroup,
                        "CUDA decode attention: heads must be a multiple of kv_heads with at most ", attn::kMaxGroup,
                        " query heads per KV head, got ", a.heads, " and ", a.kv_heads);
+}
+
+/// The query and output row strides (0: H·Dh, packed) as used; each must hold a row of H·Dh.
+inline void resolve_strides(const AttentionShape& a, index_t& ldq, index_t& ldo, const char* fn) {
+  if (ldq == 0) ldq = a.q_width();
+  if (ldo == 0) ldo = a.q_width();
+  require<ShapeError>(ldq >= a.q_width(), fn, ": ldq must be 0 or at least heads × head_dim = ", a.q_width(), ", got ", ldq);
+  require<ShapeError>(ldo >= a.q_width(), fn, ": ldo must be 0 or at least heads × head_dim = ", a.q_width(), ", got ", ldo);
 }
 
 /// Splits so that about two blocks per multiprocessor are in flight.
@@ -1001,7 +1015,7 @@ void attend_absorbed_wgmma(const DeviceStream<QK>& keys, const DeviceStream<QV>&
   const EpilogueArgs e{nullptr, rope.cos(), rope.sin(), static_cast<int>(a.head_dim)};
   const ScoreArgs sc{ws.q.data(), ws.s.data(), static_cast<int>(Lp), H, hpg, static_cast<int>(a.kv_heads)};
   launch_score_wgmma<QK>(keys, Lp, w.wk, w.ldwk ? w.ldwk : ks.width, a.kv_width(), e, sc, stream);
-  launch_softmax(ws, Lp, B, H, length, stream);
+  launch_softmax(ws, Lp, maxlen, B, H, length, stream);
 
   const index_t col_blocks = blocks_for(width, pv::kCols), head_blocks = blocks_for(H, pv::kHeads);
   const index_t tiles = blocks_for(maxlen, pv::kTok), max_splits = std::max<index_t>(1, std::min<index_t>(tiles, 65535 / B));
@@ -1039,10 +1053,10 @@ void attend_absorbed_wgmma(const DeviceStream<QK>& keys, const DeviceStream<QV>&
 ///               checked. > 0: sized for sequences of up to max_tokens tokens, and the lengths are
 ///               read on the device only, so that a decode step (DeviceStream::append_all, then
 ///               this) can be captured in a CUDA graph once and replayed while the sequences grow.
-///               Each sequence must then hold 1 .. max_tokens tokens when the work runs (not
-///               checked; tokens past the bound are left out, and a length past the RoPE table
-///               gives NaN outputs); max_tokens must not exceed either stream's capacity or the
-///               RoPE table.
+///               Each sequence should then hold 1 .. max_tokens tokens when the work runs (not
+///               checked: a longer one attends over its first max_tokens tokens only, its query
+///               still rotated at its length − 1, and a length past the RoPE table gives NaN
+///               outputs); max_tokens must not exceed either stream's capacity or the RoPE table.
 ///               The work grows with max_tokens, not with the lengths. Call once outside the
 ///               capture first, with the same arguments, so that the workspace is grown then.
 template <class QK, class QV>
@@ -1074,8 +1088,7 @@ void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& value
       maxlen = std::max(maxlen, keys.length(b));
     }
   }
-  ldq = ldq ? ldq : a.q_width();
-  ldo = ldo ? ldo : a.q_width();
+  detail::resolve_strides(a, ldq, ldo, "attend_absorbed");
   if (detail::absorbed_wgmma_applies<QK, QV>(ks, vs, maxlen)) {
     detail::attend_absorbed_wgmma(keys, values, a, w, rope, q, ldq, out, ldo, ws, splits, maxlen, stream);
     return;
@@ -1097,7 +1110,7 @@ void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& value
   auto kernel = detail::absorbed_decode_kernel<QK, QV>;
   static detail::SmemAllowance allowance;
   allowance.ensure(kernel, static_cast<int>(smem));
-  const detail::SplitArgs sa{static_cast<int>(a.heads), hpg, splits, tps};
+  const detail::SplitArgs sa{static_cast<int>(a.heads), hpg, splits, tps, maxlen};
   kernel<<<dim3(static_cast<unsigned>(splits), static_cast<unsigned>(a.kv_heads), static_cast<unsigned>(B)),
            detail::gemm::THREADS, smem, stream>>>(keys.view(), values.view(), w.wk, w.ldwk ? w.ldwk : ks.width,
                                                   a.kv_width(), ws.q.data(), rope.cos(), rope.sin(), sa, ws.acc.data(),
@@ -1136,8 +1149,7 @@ void attend_absorbed_gemm(const DeviceStream<QK>& keys, const DeviceStream<QV>& 
                          " is longer than the RoPE table");
     maxlen = std::max(maxlen, keys.length(b));
   }
-  ldq = ldq ? ldq : a.q_width();
-  ldo = ldo ? ldo : a.q_width();
+  detail::resolve_strides(a, ldq, ldo, "attend_absorbed_gemm");
   const index_t Lp = (maxlen + 7) / 8 * 8, dkv = a.kv_width(), H = a.heads;
   const bool same = keys.view().codes == reinterpret_cast<const void*>(values.view().codes);
   ws.xk.reserve(static_cast<std::size_t>(B * Lp * ks.width));
@@ -1152,7 +1164,7 @@ void attend_absorbed_gemm(const DeviceStream<QK>& keys, const DeviceStream<QV>& 
   gemm_bf16_nt(blas, B * Lp, dkv, ks.width, ws.xk.data(), ks.width, w.wk, w.ldwk ? w.ldwk : ks.width, ws.k.data(), dkv,
                stream);
   detail::launch_gemm_scores(ws.k.data(), Lp, B, a, length, q, ldq, rope, ws.s.data(), stream);
-  detail::launch_softmax(ws, Lp, B, static_cast<int>(H), length, stream);
+  detail::launch_softmax(ws, Lp, maxlen, B, static_cast<int>(H), length, stream);
   const bf16* xv = ws.xk.data();
   if (!same) {
     detail::launch_dequantize(values.view(), 0, Lp, ws.xv.data(), vs.width, stream);
@@ -1179,10 +1191,15 @@ void attend_kv(const T* K, const T* V, index_t ld, index_t seq_rows, int batch, 
                cudaStream_t stream, index_t ldq = 0, index_t ldo = 0, int splits = 0) {
   static_assert(detail::is_input_type<T>, "attend_kv: K and V must be bf16 or fp16");
   detail::check_attention(a);
-  require<ShapeError>(K && V && q && out && length, "attend_kv: null pointer");
-  require<ShapeError>(ld >= a.kv_width() && ld % 4 == 0 && len >= 1 && seq_rows >= len, "attend_kv: bad ld/len/seq_rows");
-  ldq = ldq ? ldq : a.q_width();
-  ldo = ldo ? ldo : a.q_width();
+  require<ShapeError>(K && V && q && out && length, "attend_kv: K, V, q, out and length must not be null");
+  require<ShapeError>(batch >= 1, "attend_kv: batch must be positive, got ", batch);
+  require<ShapeError>(reinterpret_cast<std::uintptr_t>(K) % 8 == 0 && reinterpret_cast<std::uintptr_t>(V) % 8 == 0,
+                      "attend_kv: K and V must be 8-byte aligned (4 elements are read at once)");
+  require<ShapeError>(ld >= a.kv_width() && ld % 4 == 0, "attend_kv: ld must be a multiple of 4 and at least kv_heads × "
+                      "head_dim = ", a.kv_width(), ", got ", ld);
+  require<ShapeError>(len >= 1 && seq_rows >= len, "attend_kv: need 1 <= len <= seq_rows, got len ", len,
+                      " and seq_rows ", seq_rows);
+  detail::resolve_strides(a, ldq, ldo, "attend_kv");
   const int hpg = static_cast<int>(a.heads / a.kv_heads);
   if (splits <= 0) splits = detail::pick_splits(batch * a.kv_heads, (len + 127) / 128);
   const index_t chunk = ((len + splits - 1) / splits + 31) / 32 * 32;
@@ -1192,7 +1209,7 @@ void attend_kv(const T* K, const T* V, index_t ld, index_t seq_rows, int batch, 
   ws.acc.reserve(slots * a.head_dim);
   ws.ml.reserve(slots * 2);
   detail::rope_queries(q, ldq, batch, a, length, rope, ws, stream);
-  const detail::SplitArgs sa{static_cast<int>(a.heads), hpg, splits, 0};
+  const detail::SplitArgs sa{static_cast<int>(a.heads), hpg, splits, 0, len};
   detail::kv_decode_kernel<T><<<dim3(static_cast<unsigned>(splits), static_cast<unsigned>(a.kv_heads),
                                      static_cast<unsigned>(batch)), 128, 0, stream>>>(K, V, ld, seq_rows, len, ws.q.data(),
                                                                                      sa, chunk, ws.acc.data(), ws.ml.data());
