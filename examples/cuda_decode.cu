@@ -9,7 +9,9 @@
 //      is captured once in a CUDA graph and replayed as the sequences grow (max_tokens bound);
 //   4. the last step is checked against attend_absorbed_gemm, a path through cuBLAS that
 //      materializes X̂ and K in scratch, and the stream's device bytes per token are compared with
-//      an FP16 K/V cache's.
+//      an FP16 K/V cache's. (With 4 KV heads X is twice as wide as K and V together, so 4-bit X
+//      is only ~1.9x smaller here; for such GQA models the latent codec caches X·Uk and X·Uv of
+//      width dkv instead, and the same device streams and kernels serve it.)
 //
 // Build: part of the project's build when the CUDA backend is on (target xquant-cuda-decode);
 // on Hopper configure with -DCMAKE_CUDA_ARCHITECTURES=90a for the wgmma kernels. Without a CUDA
