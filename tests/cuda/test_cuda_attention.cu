@@ -34,6 +34,34 @@ std::vector<double> reference(const std::vector<float>& xk, index_t wk_in, const
   return xqtest::attention64(qd, K, V, 1, len, a.heads, a.kv_heads, a.head_dim);
 }
 
+/// Random inputs of a decode layer, on the host (for the reference) and the device: Wk (dkv ×
+/// wk_in) and Wv (dkv × wv_in) rounded to bf16, a value bias, and `batch` queries; `out` has the
+/// queries' shape.
+struct DecodeInputs {
+  std::vector<float> wk, wv, bv, q;
+  xc::DeviceBuffer<xc::bf16> dwk, dwv;
+  xc::DeviceBuffer<float> dbv, dq, out;
+  DecodeInputs(std::mt19937_64& rng, const xq::AttentionShape& a, index_t wk_in, index_t wv_in, int batch)
+      : wk(bf(xqtest::randn(rng, static_cast<std::size_t>(a.kv_width() * wk_in), 0.05f))),
+        wv(bf(xqtest::randn(rng, static_cast<std::size_t>(a.kv_width() * wv_in), 0.05f))),
+        bv(xqtest::randn(rng, static_cast<std::size_t>(a.kv_width()))),
+        q(xqtest::randn(rng, static_cast<std::size_t>(batch * a.q_width()))),
+        dwk(xqcuda::to_device<xc::bf16>(wk)),
+        dwv(xqcuda::to_device<xc::bf16>(wv)),
+        dbv(bv.size()),
+        dq(q.size()),
+        out(q.size()) {
+    dbv.upload(bv.data(), bv.size(), nullptr);
+    dq.upload(q.data(), q.size(), nullptr);
+    XQ_CUDA_CHECK(cudaDeviceSynchronize());  // (work on other streams does not wait for the legacy one)
+  }
+  xc::DecodeWeights weights() const { return {dwk.data(), 0, dwv.data(), 0, dbv.data()}; }
+  /// Query b's H·Dh values.
+  std::vector<float> query(int b, const xq::AttentionShape& a) const {
+    return {q.begin() + b * a.q_width(), q.begin() + (b + 1) * a.q_width()};
+  }
+};
+
 /// QK/QV: quantizers of the key-side and value-side streams; latent: two streams of width dkv,
 /// else one of width d; vgroup: the value stream's group (latent only; else both take 128).
 template <class QK, class QV>
@@ -69,21 +97,16 @@ void check_decode(const xq::AttentionShape& a, bool latent, index_t d = 512, ind
   }
   ks.check(s);
   vs.check(s);
-  const auto wk = bf(xqtest::randn(rng, static_cast<std::size_t>(dkv * wk_in), 0.05f));
-  const auto wv = bf(xqtest::randn(rng, static_cast<std::size_t>(dkv * wv_in), 0.05f));
-  const auto bv = xqtest::randn(rng, static_cast<std::size_t>(dkv));
-  const auto q = xqtest::randn(rng, static_cast<std::size_t>(B * a.q_width()));
-  auto dwk = xqcuda::to_device<xc::bf16>(wk), dwv = xqcuda::to_device<xc::bf16>(wv);
-  xc::DeviceBuffer<float> dbv(bv.size()), dq(q.size()), out(q.size());
-  dbv.upload(bv.data(), bv.size(), s);
-  dq.upload(q.data(), q.size(), s);
+  DecodeInputs in(rng, a, wk_in, wv_in, B);
+  const auto &wk = in.wk, &wv = in.wv, &bv = in.bv, &q = in.q;
+  auto& out = in.out;
   const xq::Rope rope(a.head_dim, 1024);
   const xc::DeviceRope drope(rope);
   xc::DecodeWorkspace ws;
 
   std::vector<double> ref;
   for (int b = 0; b < B; ++b) {
-    const std::vector<float> qb(q.begin() + b * a.q_width(), q.begin() + (b + 1) * a.q_width());
+    const auto qb = in.query(b, a);
     auto r = reference(bf(xk[b]), wk_in, xv[b], wv_in, wk, wv, bv, qb, lens[b], a);
     ref.insert(ref.end(), r.begin(), r.end());
   }
@@ -105,8 +128,7 @@ void check_decode(const xq::AttentionShape& a, bool latent, index_t d = 512, ind
         const xqcuda::ScopedValue<bool> portable(xc::detail::decode_wgmma_disabled, path == 2);
         const xqcuda::ScopedValue<int> blocks(xc::detail::remat_wgmma_max_blocks,
                                               path == 1 ? 2 : xc::detail::remat_wgmma_max_blocks);
-        xc::attend_absorbed(ks, vs, a, xc::DecodeWeights{dwk.data(), 0, dwv.data(), 0, dbv.data()}, drope, dq.data(),
-                            out.data(), ws, s, 0, 0, splits);
+        xc::attend_absorbed(ks, vs, a, in.weights(), drope, in.dq.data(), out.data(), ws, s, 0, 0, splits);
       }
       const auto got = xqcuda::to_host(out);
       CHECK(xqtest::all_finite(got));
@@ -122,8 +144,7 @@ void check_decode(const xq::AttentionShape& a, bool latent, index_t d = 512, ind
     for (int rep = 0; rep < 2; ++rep) {
       CAPTURE(rep);
       out.fill_bytes(0xff, s);
-      xc::attend_absorbed_gemm(ks, vs, a, xc::DecodeWeights{dwk.data(), 0, dwv.data(), 0, dbv.data()}, drope, dq.data(),
-                               out.data(), ws, blas, s);
+      xc::attend_absorbed_gemm(ks, vs, a, in.weights(), drope, in.dq.data(), out.data(), ws, blas, s);
       const auto got = xqcuda::to_host(out);
       CHECK(xqtest::all_finite(got));
       CHECK(xqtest::rel_error(got, ref) < 3e-2);
@@ -137,13 +158,13 @@ void check_decode(const xq::AttentionShape& a, bool latent, index_t d = 512, ind
     auto dx = xqcuda::to_device<xc::bf16>(x);
     one.append(0, dx.data(), n, d, s);
     xc::DeviceBuffer<xc::bf16> K(n * dkv), V(n * dkv);
-    xc::remat_fused(one, 0, n, xc::RematOperand{dwk.data(), dkv, 0, nullptr, &drope}, K.data(), dkv, s);
-    xc::remat_fused(one, 0, n, xc::RematOperand{dwv.data(), dkv, 0, dbv.data(), nullptr}, V.data(), dkv, s);
+    xc::remat_fused(one, 0, n, xc::RematOperand{in.dwk.data(), dkv, 0, nullptr, &drope}, K.data(), dkv, s);
+    xc::remat_fused(one, 0, n, xc::RematOperand{in.dwv.data(), dkv, 0, in.dbv.data(), nullptr}, V.data(), dkv, s);
     xc::DeviceBuffer<int> len(1);
     const int nl = static_cast<int>(n);
     len.upload(&nl, 1, s);
     out.fill_bytes(0xff, s);
-    xc::attend_kv(K.data(), V.data(), dkv, n, 1, n, len.data(), a, drope, dq.data(), out.data(), ws, s);
+    xc::attend_kv(K.data(), V.data(), dkv, n, 1, n, len.data(), a, drope, in.dq.data(), out.data(), ws, s);
     auto got = xqcuda::to_host(out, static_cast<std::size_t>(a.q_width()));
     const auto xh = xqcuda::reference_xhat<QK>(x, n, d, 128);
     const std::vector<float> q0(q.begin(), q.begin() + a.q_width());
@@ -318,20 +339,13 @@ TEST_CASE("cuda decode attention: a sequence longer than max_tokens attends over
     xh[b] = bf(xqcuda::reference_xhat<Q>(x, lens[b], d, 128));
   }
   st.check(nullptr);
-  const auto wk = bf(xqtest::randn(rng, static_cast<std::size_t>(dkv * d), 0.05f));
-  const auto wv = bf(xqtest::randn(rng, static_cast<std::size_t>(dkv * d), 0.05f));
-  const auto bv = xqtest::randn(rng, static_cast<std::size_t>(dkv));
-  const auto q = xqtest::randn(rng, static_cast<std::size_t>(B * a.q_width()));
-  auto dwk = xqcuda::to_device<xc::bf16>(wk), dwv = xqcuda::to_device<xc::bf16>(wv);
-  xc::DeviceBuffer<float> dbv(bv.size()), dq(q.size()), out(q.size());
-  dbv.upload(bv.data(), bv.size(), nullptr);
-  dq.upload(q.data(), q.size(), nullptr);
+  DecodeInputs in(rng, a, d, d, B);
+  auto& out = in.out;
   const xc::DeviceRope drope(xq::Rope(a.head_dim, 1024));
-  const xc::DecodeWeights w{dwk.data(), 0, dwv.data(), 0, dbv.data()};
+  const xc::DecodeWeights w = in.weights();
   std::vector<double> ref;
   for (int b = 0; b < B; ++b) {
-    const std::vector<float> qb(q.begin() + b * a.q_width(), q.begin() + (b + 1) * a.q_width());
-    const auto r = reference(xh[b], d, xh[b], d, wk, wv, bv, qb, lens[b], a, std::min(lens[b], bound));
+    const auto r = reference(xh[b], d, xh[b], d, in.wk, in.wv, in.bv, in.query(b, a), lens[b], a, std::min(lens[b], bound));
     ref.insert(ref.end(), r.begin(), r.end());
   }
   xc::DecodeWorkspace ws;
@@ -341,65 +355,17 @@ TEST_CASE("cuda decode attention: a sequence longer than max_tokens attends over
       const xqcuda::ScopedValue<bool> portable(xc::detail::decode_wgmma_disabled, path == 2);
       const xqcuda::ScopedValue<int> blocks(xc::detail::remat_wgmma_max_blocks,
                                             path == 1 ? 2 : xc::detail::remat_wgmma_max_blocks);
-      xc::attend_absorbed(st, st, a, w, drope, dq.data(), out.data(), ws, nullptr, 0, 0, splits, bound);  // grows ws
+      xc::attend_absorbed(st, st, a, w, drope, in.dq.data(), out.data(), ws, nullptr, 0, 0, splits, bound);  // grows ws
       out.fill_bytes(0xff, nullptr);
       ws.s.fill_bytes(0xff, nullptr);
       ws.p.fill_bytes(0xff, nullptr);
       ws.part.fill_bytes(0xff, nullptr);
       ws.acc.fill_bytes(0xff, nullptr);
-      xc::attend_absorbed(st, st, a, w, drope, dq.data(), out.data(), ws, nullptr, 0, 0, splits, bound);
+      xc::attend_absorbed(st, st, a, w, drope, in.dq.data(), out.data(), ws, nullptr, 0, 0, splits, bound);
       const auto got = xqcuda::to_host(out);
       CHECK(xqtest::all_finite(got));
       CHECK(xqtest::rel_error(got, ref) < 1e-2);
     }
-}
-TEST_CASE("cuda decode attention rejects short or negative query and output strides, and no heads") {
-  XQ_REQUIRE_DEVICE();
-  xc::DeviceStream<xq::quant::Uniform<4>> st({1, 128, 512, 128});
-  const xc::DeviceRope rope(xq::Rope(128, 256));
-  const xq::AttentionShape a{4, 2, 128};
-  xc::DeviceBuffer<xc::bf16> w(static_cast<std::size_t>(a.kv_width() * 512));
-  xc::DeviceBuffer<float> q(static_cast<std::size_t>(2 * a.q_width())), out(q.size());
-  std::vector<float> x(16 * 512);
-  for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 97) / 97.0f - 0.5f;
-  const auto dx = xqcuda::to_device<xc::bf16>(x);
-  st.append(0, dx.data(), 16, 512, nullptr);
-  xc::DecodeWorkspace ws;
-  xc::Cublas blas;
-  const xc::DecodeWeights dw{w.data(), 0, w.data(), 0, nullptr};
-  for (index_t ldq : {index_t(0), a.q_width() - 1, index_t(-a.q_width())})
-    for (index_t ldo : {index_t(0), a.q_width() - 128, index_t(-1)}) {
-      if (ldq == 0 && ldo == 0) continue;
-      CAPTURE(ldq);
-      CAPTURE(ldo);
-      CHECK_THROWS_AS(xc::attend_absorbed(st, st, a, dw, rope, q.data(), out.data(), ws, nullptr, ldq, ldo),
-                      xq::ShapeError);
-      CHECK_THROWS_AS(xc::attend_absorbed_gemm(st, st, a, dw, rope, q.data(), out.data(), ws, blas, nullptr, ldq, ldo),
-                      xq::ShapeError);
-    }
-  CHECK_NOTHROW(xc::attend_absorbed(st, st, a, dw, rope, q.data(), out.data(), ws, nullptr, 2 * a.q_width(), a.q_width()));
-  for (const xq::AttentionShape bad : {xq::AttentionShape{0, 2, 128}, xq::AttentionShape{-8, 2, 128}})
-    CHECK_THROWS_AS(xc::attend_absorbed(st, st, bad, dw, rope, q.data(), out.data(), ws, nullptr), xq::ConfigError);
-  // attend_kv: K and V are read 4 elements (8 bytes) at a time; batch must be positive.
-  xc::DeviceBuffer<xc::bf16> K(static_cast<std::size_t>(16 * a.kv_width() + 8)), V(K.size());
-  xc::DeviceBuffer<int> len(1);
-  const int sixteen = 16;
-  len.upload(&sixteen, 1, nullptr);
-  CHECK_THROWS_AS(xc::attend_kv(K.data() + 1, V.data(), a.kv_width(), 16, 1, 16, len.data(), a, rope, q.data(), out.data(),
-                                ws, nullptr),
-                  xq::ShapeError);
-  CHECK_THROWS_AS(xc::attend_kv(K.data(), V.data() + 2, a.kv_width(), 16, 1, 16, len.data(), a, rope, q.data(), out.data(),
-                                ws, nullptr),
-                  xq::ShapeError);
-  CHECK_THROWS_AS(xc::attend_kv(K.data(), V.data(), a.kv_width(), 16, 0, 16, len.data(), a, rope, q.data(), out.data(),
-                                ws, nullptr),
-                  xq::ShapeError);
-  CHECK_THROWS_AS(xc::attend_kv(K.data(), V.data(), a.kv_width(), 16, 1, 16, len.data(), a, rope, q.data(), out.data(),
-                                ws, nullptr, a.q_width() - 1),
-                  xq::ShapeError);
-  CHECK_NOTHROW(xc::attend_kv(K.data(), V.data(), a.kv_width(), 16, 1, 16, len.data(), a, rope, q.data(), out.data(),
-                              ws, nullptr));
-  XQ_CUDA_CHECK(cudaDeviceSynchronize());
 }
 TEST_CASE("cuda decode attention: max_tokens beyond a capacity is rejected") {
   XQ_REQUIRE_DEVICE();
@@ -423,13 +389,13 @@ TEST_CASE("cuda decode attention rejects unsupported head sizes") {
   CHECK_THROWS_AS(xc::attend_absorbed(st, st, {4, 4, 64}, xc::DecodeWeights{}, rope, nullptr, nullptr, ws, nullptr),
                   xq::ConfigError);
 }
-TEST_CASE("cuda decode attention rejects misaligned or short-strided weights") {
+TEST_CASE("cuda decode attention rejects misaligned or short-strided weights, queries and outputs, and no heads") {
   XQ_REQUIRE_DEVICE();
   xc::DeviceStream<xq::quant::Uniform<4>> st({1, 128, 512, 128});
   const xc::DeviceRope rope(xq::Rope(128, 256));
   const xq::AttentionShape a{4, 2, 128};
   xc::DeviceBuffer<xc::bf16> w(static_cast<std::size_t>(a.kv_width() * 512 + 8));
-  xc::DeviceBuffer<float> q(static_cast<std::size_t>(a.q_width())), out(q.size());
+  xc::DeviceBuffer<float> q(static_cast<std::size_t>(2 * a.q_width())), out(q.size());  // (2 rows: ldq = 2·H·Dh below)
   std::vector<float> x(16 * 512);
   for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 97) / 97.0f - 0.5f;
   const auto dx = xqcuda::to_device<xc::bf16>(x);
@@ -444,4 +410,41 @@ TEST_CASE("cuda decode attention rejects misaligned or short-strided weights") {
     CHECK_THROWS_AS(xc::attend_absorbed_gemm(st, st, a, bad, rope, q.data(), out.data(), ws, blas, nullptr),
                     xq::ShapeError);
   }
+  // Query and output strides: 0 (packed) or at least H·Dh; heads must be positive.
+  const xc::DecodeWeights dw{w.data(), 0, w.data(), 0, nullptr};
+  for (index_t ldq : {index_t(0), a.q_width() - 1, index_t(-a.q_width())})
+    for (index_t ldo : {index_t(0), a.q_width() - 128, index_t(-1)}) {
+      if (ldq == 0 && ldo == 0) continue;
+      CAPTURE(ldq);
+      CAPTURE(ldo);
+      CHECK_THROWS_AS(xc::attend_absorbed(st, st, a, dw, rope, q.data(), out.data(), ws, nullptr, ldq, ldo),
+                      xq::ShapeError);
+      CHECK_THROWS_AS(xc::attend_absorbed_gemm(st, st, a, dw, rope, q.data(), out.data(), ws, blas, nullptr, ldq, ldo),
+                      xq::ShapeError);
+    }
+  CHECK_NOTHROW(xc::attend_absorbed(st, st, a, dw, rope, q.data(), out.data(), ws, nullptr, 2 * a.q_width(), a.q_width()));
+  for (const xq::AttentionShape bad : {xq::AttentionShape{0, 2, 128}, xq::AttentionShape{-8, 2, 128}})
+    CHECK_THROWS_AS(xc::attend_absorbed(st, st, bad, dw, rope, q.data(), out.data(), ws, nullptr), xq::ConfigError);
+  // attend_kv: K and V are read 4 elements (8 bytes) at a time; batch must be positive.
+  xc::DeviceBuffer<xc::bf16> K(static_cast<std::size_t>(16 * a.kv_width() + 8)), V(K.size());
+  K.fill_bytes(0, nullptr);
+  V.fill_bytes(0, nullptr);
+  xc::DeviceBuffer<int> len(1);
+  const int sixteen = 16;
+  len.upload(&sixteen, 1, nullptr);
+  CHECK_THROWS_AS(xc::attend_kv(K.data() + 1, V.data(), a.kv_width(), 16, 1, 16, len.data(), a, rope, q.data(), out.data(),
+                                ws, nullptr),
+                  xq::ShapeError);
+  CHECK_THROWS_AS(xc::attend_kv(K.data(), V.data() + 2, a.kv_width(), 16, 1, 16, len.data(), a, rope, q.data(), out.data(),
+                                ws, nullptr),
+                  xq::ShapeError);
+  CHECK_THROWS_AS(xc::attend_kv(K.data(), V.data(), a.kv_width(), 16, 0, 16, len.data(), a, rope, q.data(), out.data(),
+                                ws, nullptr),
+                  xq::ShapeError);
+  CHECK_THROWS_AS(xc::attend_kv(K.data(), V.data(), a.kv_width(), 16, 1, 16, len.data(), a, rope, q.data(), out.data(),
+                                ws, nullptr, a.q_width() - 1),
+                  xq::ShapeError);
+  CHECK_NOTHROW(xc::attend_kv(K.data(), V.data(), a.kv_width(), 16, 1, 16, len.data(), a, rope, q.data(), out.data(),
+                              ws, nullptr));
+  XQ_CUDA_CHECK(cudaDeviceSynchronize());
 }
