@@ -278,7 +278,8 @@ TEST_CASE("cuda append reports values that cannot be quantized") {
   x[3] = 1e30f;  // bf16 holds it, an fp16 zero/scale cannot
   auto d = xqcuda::to_device<xc::bf16>(x);
   st.append(0, d.data(), 1, 64, nullptr);
-  CHECK_THROWS_AS(st.check(nullptr), xq::ValueError);
+  CHECK_THROWS_WITH_AS(st.check(nullptr), doctest::Contains("does not fit fp16 (|value| <= 65504), first at sequence 0, token 0;"),
+                       xq::ValueError);
   CHECK_THROWS_AS(st.append(0, d.data(), 1, 60, nullptr), xq::ShapeError);  // ld < width
   CHECK_THROWS_AS(st.append(0, d.data(), 100, 64, nullptr), xq::CapacityError);
   CHECK_THROWS_AS(st.append_batch(d.data(), 16, 64, nullptr), xq::CapacityError);  // 1 + 16 > 16
@@ -351,8 +352,14 @@ void check_bad_values() {
           } catch (const xq::ValueError& e) {
             what = e.what();
           }
-          INFO("message: ", what);
+          // The message names the token: rows go to sequence 0 from token 0 (Mixed: from 10), a
+          // decode step's row r to sequence r, a batch's row r to sequence r / n at token r % n.
+          const index_t seq = path == Step ? r : path == Batch ? r / n : 0;
+          const index_t tok = path == Step ? 0 : path == Batch ? r % n : path == Mixed ? 10 + r : r;
+          const std::string at = "first at sequence " + std::to_string(seq) + ", token " + std::to_string(tok) + ";";
+          INFO("message: ", what, "; expected: ", at);
           CHECK(what.find("NaN or Inf") != std::string::npos);
+          CHECK(what.find(at) != std::string::npos);
           raised += !what.empty();
         }
   INFO("seed ", seed);
@@ -386,8 +393,8 @@ TEST_CASE("cuda append: a value error sticks until clear(), and clear() makes th
   st.append(1, bad.data(), 4, width, nullptr);
   CHECK_THROWS_AS(st.check(nullptr), xq::ValueError);
   st.append(0, good.data(), 1, width, nullptr);  // a clean append does not clear it
-  CHECK_THROWS_AS(st.check(nullptr), xq::ValueError);
-  CHECK_THROWS_AS(st.check(nullptr), xq::ValueError);
+  CHECK_THROWS_WITH_AS(st.check(nullptr), doctest::Contains("first at sequence 1, token 1;"), xq::ValueError);
+  CHECK_THROWS_WITH_AS(st.check(nullptr), doctest::Contains("first at sequence 1, token 1;"), xq::ValueError);
   st.clear(nullptr);
   CHECK(st.length(0) == 0);
   CHECK(st.length(1) == 0);

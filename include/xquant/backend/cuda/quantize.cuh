@@ -59,6 +59,19 @@ namespace detail {
 /// kCapacity: an append found a sequence full on the device (only a replayed CUDA graph can get
 /// there: direct calls check the capacity on the host); its tokens were not written.
 enum : unsigned { kNonFinite = 1u, kFp16Range = 2u, kCapacity = 4u };
+/// The device status: word 0 the bits above; then, 8-byte aligned, the first token of each value
+/// error (kNonFinite at words 2-3, kFp16Range at 4-5) as sequence << 32 | token, the smallest
+/// such key (all ones: none).
+inline constexpr int kStatusWords = 6;
+__host__ __device__ constexpr int position_word(unsigned bit) { return bit == kNonFinite ? 2 : 4; }
+
+/// Raises a value error (kNonFinite or kFp16Range) met at token `tok` of sequence `seq`.
+__device__ __forceinline__ void flag_value_error(unsigned* status, unsigned bit, index_t seq, index_t tok) {
+  atomicOr(status, bit);
+  const unsigned long long key =
+      static_cast<unsigned long long>(seq) << 32 | static_cast<unsigned long long>(static_cast<std::uint32_t>(tok));
+  atomicMin(reinterpret_cast<unsigned long long*>(status + position_word(bit)), key);
+}
 
 /// Values per thread of the per-token append kernel, fixed for benchmarks and tests (8, 32, 64 or
 /// 128; ignored where the stream's group cannot take it); 0, the default: chosen per launch.
@@ -333,8 +346,8 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
   if (active && fits) {
     std::uint16_t p[2] = {0, 0};
     const bool ok = Q::fit(lo, hi, p);
-    if (!finite) atomicOr(status, kNonFinite);
-    if (!ok) atomicOr(status, kFp16Range);
+    if (!finite) flag_value_error(status, kNonFinite, seq, tok);
+    if (!ok) flag_value_error(status, kFp16Range, seq, tok);
     const index_t j = static_cast<index_t>(chunk) * VPT;
     if ((j & (v.group - 1)) == 0) {
       std::uint16_t* dst = v.param(seq, tok, j);
@@ -373,7 +386,7 @@ __global__ void window_store_kernel(StreamView<Q> v, const T* __restrict__ x, in
   const index_t tok = v.length[seq] + map.rows_per_seq.mod(r, in_seq);
   for (index_t j = threadIdx.x; j < v.width; j += blockDim.x) {
     const std::uint16_t h = float_to_half(to_float(x[r * ld + j]));
-    if (!half_is_finite(h)) atomicOr(status, kNonFinite);
+    if (!half_is_finite(h)) flag_value_error(status, kNonFinite, seq, tok);
     v.window_row(seq, tok)[j] = h;
   }
 }
@@ -389,30 +402,31 @@ __global__ void __launch_bounds__(128) quantize_channels_kernel(StreamView<Q> v,
   const S* base = src + gi * G * ld + j;
   float lo[8], hi[8];
   // Whole groups straight from x have not passed the window's check: a value that is NaN or Inf,
-  // or overflows fp16 on the way in, is flagged here (the min/max below would skip a NaN).
-  bool finite = true;
+  // or overflows fp16 on the way in, is flagged here (the min/max below would skip a NaN), at the
+  // first row that holds one.
+  index_t bad_row = G;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     lo[i] = hi[i] = via_half(base[i]);
-    finite = finite && fabsf(lo[i]) <= 65504.0f;
+    if (!(fabsf(lo[i]) <= 65504.0f)) bad_row = 0;
   }
   for (index_t r = 1; r < G; ++r)
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const float x = via_half(base[r * ld + i]);
-      finite = finite && fabsf(x) <= 65504.0f;
+      if (!(fabsf(x) <= 65504.0f) && r < bad_row) bad_row = r;
       lo[i] = x < lo[i] ? x : lo[i];
       hi[i] = x > hi[i] ? x : hi[i];
     }
-  if (!finite) atomicOr(status, kNonFinite);
   const index_t tok0 = first_tok + gi * G;
+  if (bad_row < G) flag_value_error(status, kNonFinite, seq, tok0 + bad_row);
   typename Q::Params P[8];
   float inv[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     std::uint16_t* p = v.param(seq, tok0, j + i);
     std::uint16_t q[2] = {0, 0};
-    if (!Q::fit(lo[i], hi[i], q)) atomicOr(status, kFp16Range);
+    if (!Q::fit(lo[i], hi[i], q)) flag_value_error(status, kFp16Range, seq, tok0);
 #pragma unroll
     for (int k = 0; k < Q::params_per_group; ++k) p[k] = q[k];
     P[i] = Q::load(q);

@@ -5,6 +5,8 @@
 // recorded on the device and raised as ValueError by check().
 
 #include <algorithm>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "memory.cuh"
@@ -61,10 +63,11 @@ class DeviceStream {
                                                                    : (rows / s.group) * s.width * Q::params_per_group));
     if constexpr (Q::axis == Axis::Channel) window_.resize(static_cast<std::size_t>(s.batch * s.group * s.width));
     length_.resize(static_cast<std::size_t>(s.batch));
-    status_.resize(1);
+    status_.resize(detail::kStatusWords);
     blocks_done_.resize(static_cast<std::size_t>(s.batch));
     XQ_CUDA_CHECK(cudaMemset(length_.data(), 0, length_.bytes()));
-    XQ_CUDA_CHECK(cudaMemset(status_.data(), 0, status_.bytes()));
+    reset_status(nullptr);
+    XQ_CUDA_CHECK(cudaStreamSynchronize(nullptr));
     XQ_CUDA_CHECK(cudaMemset(blocks_done_.data(), 0, blocks_done_.bytes()));
     host_len_.assign(static_cast<std::size_t>(s.batch), 0);
     (void)sm90a_kernels();  // probe the device's kernel set now, outside any graph capture
@@ -153,28 +156,40 @@ class DeviceStream {
     XQ_CUDA_CHECK(cudaMemsetAsync(length_.data(), 0, length_.bytes(), stream));
     host_len_.assign(host_len_.size(), 0);
     bad_values_ = 0;
+    first_non_finite_ = first_fp16_range_ = kNoPosition;
   }
 
   /// Synchronizes `stream` and raises ValueError if an append met a non-finite value or a group
-  /// whose scale or zero does not fit fp16. Unlike the CPU stream's append, the device's cannot
-  /// leave the stream as it was: the tokens went in with meaningless codes. So the error sticks:
-  /// every later check() raises it again, until clear(). CapacityError (a replayed append that
-  /// found a sequence full wrote nothing) is reported once.
+  /// whose scale or zero does not fit fp16, naming the first token (sequence, position) where it
+  /// did. Unlike the CPU stream's append, the device's cannot leave the stream as it was: the
+  /// tokens went in with meaningless codes. So the error sticks: every later check() raises it
+  /// again, until clear(). CapacityError (a replayed append that found a sequence full wrote
+  /// nothing) is reported once.
   void check(cudaStream_t stream) {
-    unsigned st = 0;
-    XQ_CUDA_CHECK(cudaMemcpyAsync(&st, status_.data(), sizeof st, cudaMemcpyDeviceToHost, stream));
+    unsigned st[detail::kStatusWords] = {};
+    XQ_CUDA_CHECK(cudaMemcpyAsync(st, status_.data(), sizeof st, cudaMemcpyDeviceToHost, stream));
     XQ_CUDA_CHECK(cudaStreamSynchronize(stream));
-    if (st) XQ_CUDA_CHECK(cudaMemsetAsync(status_.data(), 0, sizeof st, stream));
-    bad_values_ |= st & (detail::kNonFinite | detail::kFp16Range);
-    st |= bad_values_;
-    require<CapacityError>(!(st & detail::kCapacity),
+    if (st[0]) reset_status(stream);
+    for (unsigned bit : {detail::kNonFinite, detail::kFp16Range}) {
+      if (!(st[0] & bit)) continue;
+      std::uint64_t key;
+      std::memcpy(&key, st + detail::position_word(bit), sizeof key);
+      auto& first = bit == detail::kNonFinite ? first_non_finite_ : first_fp16_range_;
+      first = std::min(first, key);
+      bad_values_ |= bit;
+    }
+    require<CapacityError>(!(st[0] & detail::kCapacity),
                            "append: a sequence was full on the device, and the tokens of that append were not written "
                            "(a captured append replayed past the capacity?); sync_lengths() shows the lengths");
-    require<ValueError>(!(st & detail::kNonFinite),
-                        "X: a value is NaN or Inf (or overflows fp16); the stream holds meaningless codes until clear()");
-    require<ValueError>(!(st & detail::kFp16Range),
-                        "X: a quantization group's scale or zero does not fit fp16 (|value| <= 65504); rescale the "
-                        "activations (the stream holds meaningless codes until clear())");
+    auto where = [](std::uint64_t key) {
+      return "sequence " + std::to_string(key >> 32) + ", token " + std::to_string(key & 0xFFFFFFFFu);
+    };
+    require<ValueError>(!(bad_values_ & detail::kNonFinite), "X: a value is NaN or Inf (or overflows fp16), first at ",
+                        where(first_non_finite_), "; the stream holds meaningless codes until clear()");
+    require<ValueError>(!(bad_values_ & detail::kFp16Range),
+                        "X: a quantization group's scale or zero does not fit fp16 (|value| <= 65504), first at ",
+                        where(first_fp16_range_),
+                        "; rescale the activations (the stream holds meaningless codes until clear())");
   }
 
  private:
@@ -293,6 +308,11 @@ class DeviceStream {
       check_launch("quantize_channels_kernel");
     }
   }
+  // Clears the status word and sets the first-position keys to "none".
+  void reset_status(cudaStream_t stream) {
+    XQ_CUDA_CHECK(cudaMemsetAsync(status_.data(), 0, 2 * sizeof(unsigned), stream));
+    XQ_CUDA_CHECK(cudaMemsetAsync(status_.data() + 2, 0xFF, (detail::kStatusWords - 2) * sizeof(unsigned), stream));
+  }
   void bump(int seq0, int count, int n, cudaStream_t stream) {
     detail::add_length_kernel<<<detail::blocks_for(count, 128), 128, 0, stream>>>(length_.data(), seq0, count, n);
     check_launch("add_length_kernel");
@@ -308,7 +328,10 @@ class DeviceStream {
   // word per first sequence of a launch, so appends to different sequences may run concurrently.
   DeviceBuffer<unsigned> blocks_done_;
   std::vector<index_t> host_len_;
-  unsigned bad_values_ = 0;  // value errors check() has reported (they stick until clear())
+  // Value errors check() has reported, and the first token of each (they stick until clear()).
+  static constexpr std::uint64_t kNoPosition = ~std::uint64_t(0);
+  unsigned bad_values_ = 0;
+  std::uint64_t first_non_finite_ = kNoPosition, first_fp16_range_ = kNoPosition;
 };
 
 }  // namespace xquant::cuda
