@@ -1185,6 +1185,7 @@ void attend_absorbed_gemm(const DeviceStream<QK>& keys, const DeviceStream<QV>& 
 /// sequence b is row b·seq_rows + t (row stride ld elements, head g at columns g·Dh); every
 /// sequence has `len` tokens and its query sits at position len−1. `length` is a device array
 /// of `batch` ints equal to len (queries are rotated at length−1).
+/// \tparam T the element type of K and V: bf16 or fp16 (deduced)
 template <class T>
 void attend_kv(const T* K, const T* V, index_t ld, index_t seq_rows, int batch, index_t len, const int* length,
                const AttentionShape& a, const DeviceRope& rope, const float* q, float* out, DecodeWorkspace& ws,

@@ -12,6 +12,7 @@
 namespace xquant::cuda {
 
 /// `n` elements of T in device memory. Moves, never copies. Contents are uninitialized.
+/// \tparam T a trivially copyable element type (bf16, fp16, float, int, code bytes)
 template <class T>
 class DeviceBuffer {
  public:

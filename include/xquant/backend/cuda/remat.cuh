@@ -147,6 +147,8 @@ enum class FusedRematKernel {
           ///< width % 64 == 0, per-token groups >= 64, per-channel groups >= 32)
   Mma     ///< portable tensor-core mainloop (WMMA), X̂ staged in shared memory
 };
+/// The kernel remat_fused(x, begin, end, ...) runs on this build and device.
+/// \tparam Q the stream's quantizer, quant::Uniform<Bits, Axis, Scheme> (deduced)
 template <class Q>
 FusedRematKernel fused_remat_kernel(const DeviceStream<Q>& x, index_t begin, index_t end) {
   return detail::remat_wgmma_applies<Q>(x.shape(), end - begin) ? FusedRematKernel::Wgmma : FusedRematKernel::Mma;
@@ -155,6 +157,7 @@ FusedRematKernel fused_remat_kernel(const DeviceStream<Q>& x, index_t begin, ind
 /// out = RoPE(X̂·Wᵀ + bias) for tokens [begin, end) of every sequence, in one fused kernel
 /// (X̂ never leaves the chip). Needs width % 64 == 0 and, for per-token groups, group >= 32.
 /// On Hopper (sm_90a build) 2/4-bit streams take the wgmma kernel (remat_sm90.cuh).
+/// \tparam Q the stream's quantizer, quant::Uniform<Bits, Axis, Scheme> (deduced)
 template <class Q>
 void remat_fused(const DeviceStream<Q>& x, index_t begin, index_t end, const RematOperand& op, bf16* out, index_t ldo,
                  cudaStream_t stream) {
@@ -183,6 +186,8 @@ void remat_fused(const DeviceStream<Q>& x, index_t begin, index_t end, const Rem
 }
 
 /// Writes X̂ (tokens [begin, end) of every sequence, sequence-major) as bf16 or float rows.
+/// \tparam Q the stream's quantizer (deduced)
+/// \tparam O the output type: bf16 or float (deduced from `out`, 16-byte aligned)
 template <class Q, class O>
 void dequantize(const DeviceStream<Q>& x, index_t begin, index_t end, O* out, index_t ldo, cudaStream_t stream) {
   static_assert(std::is_same_v<O, bf16> || std::is_same_v<O, float>, "dequantize: out must be bf16 or float");
@@ -201,6 +206,7 @@ void dequantize(const DeviceStream<Q>& x, index_t begin, index_t end, O* out, in
 
 /// The plain path: X̂ -> bf16 scratch (device memory) -> cuBLAS bf16 GEMM -> bias + RoPE.
 /// `scratch` grows to (end−begin)·batch·width elements.
+/// \tparam Q the stream's quantizer (deduced)
 template <class Q>
 void remat_simple(const DeviceStream<Q>& x, index_t begin, index_t end, const RematOperand& op, bf16* out, index_t ldo,
                   Cublas& blas, DeviceBuffer<bf16>& scratch, cudaStream_t stream) {
