@@ -278,7 +278,7 @@ TEST_CASE("cuda append reports values that cannot be quantized") {
   x[3] = 1e30f;  // bf16 holds it, an fp16 zero/scale cannot
   auto d = xqcuda::to_device<xc::bf16>(x);
   st.append(0, d.data(), 1, 64, nullptr);
-  CHECK_THROWS_WITH_AS(st.check(nullptr), doctest::Contains("does not fit fp16 (|value| <= 65504), first at sequence 0, token 0;"),
+  CHECK_THROWS_WITH_AS(st.check(nullptr), doctest::Contains("does not fit fp16 (|value| <= 65504), first in the group that starts at sequence 0, token 0, channel 0;"),
                        xq::ValueError);
   CHECK_THROWS_AS(st.append(0, d.data(), 1, 60, nullptr), xq::ShapeError);  // ld < width
   CHECK_THROWS_AS(st.append(0, d.data(), 100, 64, nullptr), xq::CapacityError);
@@ -290,7 +290,8 @@ TEST_CASE("cuda append reports values that cannot be quantized") {
 
 // One bad value (NaN, ±Inf, or for per-channel streams a bf16 value past fp16's range, which the
 // CPU stream refuses too) at a random row and column of an append must make check() raise
-// ValueError naming it, on every path: per-token chunks at each kernel width, decode steps and
+// ValueError naming its sequence, token and channel; with three (two in that row, one in a later
+// row at any column) it must name the first in (sequence, token, channel) order. On every path: per-token chunks at each kernel width, decode steps and
 // batches; per-channel whole groups straight from x (the bad value past a group's first row,
 // where a min/max alone would skip a NaN), the fp16 window, and a chunk that tops up the open
 // group, flushes whole ones and leaves a tail. The same appends without the bad value must pass,
@@ -311,7 +312,7 @@ void check_bad_values() {
   for (Path path : paths)
     for (int vpt : path == Chunk ? std::vector<int>{8, 32, 64, 128} : std::vector<int>{0})  // 0: the rule
       for (float v : bad)
-        for (bool spoil : {false, true}) {
+        for (int spoil : {0, 1, 3}) {  // bad values set
           // Rows: Chunk 300 (the staged kernels), Batch 64 per sequence, Step one per sequence, Whole 2
           // groups, Window 20, Mixed 90 after 10 tokens (22 to close the open group, 2 whole groups, a
           // tail of 4).
@@ -321,12 +322,23 @@ void check_bad_values() {
           auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, static_cast<std::size_t>(rows), width));
           std::uniform_int_distribution<index_t> pick_row(0, rows - 1), pick_col(0, width - 1);
           index_t r = pick_row(rng);
-          const index_t c = pick_col(rng);
+          index_t c = pick_col(rng);
           if (path == Whole && r % group == 0) ++r;  // not a group's first row
           if (spoil) x[r * width + c] = v;
+          index_t c2 = -1, r3 = -1, c3 = -1;
+          if (spoil == 3) {
+            do c2 = pick_col(rng);
+            while (c2 == c);
+            x[r * width + c2] = v;
+            if (r + 1 < rows) {
+              r3 = std::uniform_int_distribution<index_t>(r + 1, rows - 1)(rng), c3 = pick_col(rng);
+              x[r3 * width + c3] = v;
+            }
+          }
           INFO("seed ", seed, " bits ", Q::bits, std::string(Q::axis == Axis::Token ? " per-token" : " per-channel"),
-               " path ", static_cast<int>(path), " vpt ", vpt, " value ", v, " at row ", r, " column ", c,
-               std::string(spoil ? "" : " (not set)"));
+               " path ", static_cast<int>(path), " vpt ", vpt, " value ", v, " set ", spoil, " at row ", r, " columns ",
+               c, " ", c2, ", row ", r3, " column ", c3);
+          c = c2 >= 0 ? std::min(c, c2) : c;
           auto d = xqcuda::to_device<xc::bf16>(x);
           xc::DeviceStream<Q> st({B, cap, width, group});
           if (path == Mixed) {  // 10 clean tokens first: the chunk opens by topping up the group
@@ -356,14 +368,15 @@ void check_bad_values() {
           // decode step's row r to sequence r, a batch's row r to sequence r / n at token r % n.
           const index_t seq = path == Step ? r : path == Batch ? r / n : 0;
           const index_t tok = path == Step ? 0 : path == Batch ? r % n : path == Mixed ? 10 + r : r;
-          const std::string at = "first at sequence " + std::to_string(seq) + ", token " + std::to_string(tok) + ";";
+          const std::string at = "first at sequence " + std::to_string(seq) + ", token " + std::to_string(tok) +
+                                 ", channel " + std::to_string(c) + ";";
           INFO("message: ", what, "; expected: ", at);
           CHECK(what.find("NaN or Inf") != std::string::npos);
           CHECK(what.find(at) != std::string::npos);
           raised += !what.empty();
         }
   INFO("seed ", seed);
-  CHECK(raised == runs / 2);
+  CHECK(3 * raised == 2 * runs);
 }
 
 TEST_CASE_TEMPLATE("cuda append raises on NaN, Inf and fp16 overflow wherever they sit", Q, xq::quant::Uniform<4>,
@@ -393,8 +406,8 @@ TEST_CASE("cuda append: a value error sticks until clear(), and clear() makes th
   st.append(1, bad.data(), 4, width, nullptr);
   CHECK_THROWS_AS(st.check(nullptr), xq::ValueError);
   st.append(0, good.data(), 1, width, nullptr);  // a clean append does not clear it
-  CHECK_THROWS_WITH_AS(st.check(nullptr), doctest::Contains("first at sequence 1, token 1;"), xq::ValueError);
-  CHECK_THROWS_WITH_AS(st.check(nullptr), doctest::Contains("first at sequence 1, token 1;"), xq::ValueError);
+  CHECK_THROWS_WITH_AS(st.check(nullptr), doctest::Contains("first at sequence 1, token 1, channel 5;"), xq::ValueError);
+  CHECK_THROWS_WITH_AS(st.check(nullptr), doctest::Contains("first at sequence 1, token 1, channel 5;"), xq::ValueError);
   st.clear(nullptr);
   CHECK(st.length(0) == 0);
   CHECK(st.length(1) == 0);

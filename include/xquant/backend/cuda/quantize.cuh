@@ -59,18 +59,35 @@ namespace detail {
 /// kCapacity: an append found a sequence full on the device (only a replayed CUDA graph can get
 /// there: direct calls check the capacity on the host); its tokens were not written.
 enum : unsigned { kNonFinite = 1u, kFp16Range = 2u, kCapacity = 4u };
-/// The device status: word 0 the bits above; then, 8-byte aligned, the first token of each value
-/// error (kNonFinite at words 2-3, kFp16Range at 4-5) as sequence << 32 | token, the smallest
-/// such key (all ones: none).
+/// The device status: word 0 the bits above; word 1 the channel bits c of a position key (set
+/// once by the stream); then, 8-byte aligned, the first position of each value error (kNonFinite
+/// at words 2-3, kFp16Range at 4-5) as the key (sequence << 31 | token) << c | channel, the
+/// smallest such key (all ones: none). Tokens are below 2^31 (the capacity's bound); c is 0 where
+/// the sequence and channel bits would not fit 64 (then no channel is recorded).
 inline constexpr int kStatusWords = 6;
 __host__ __device__ constexpr int position_word(unsigned bit) { return bit == kNonFinite ? 2 : 4; }
 
-/// Raises a value error (kNonFinite or kFp16Range) met at token `tok` of sequence `seq`.
-__device__ __forceinline__ void flag_value_error(unsigned* status, unsigned bit, index_t seq, index_t tok) {
+/// Raises a value error (kNonFinite or kFp16Range) met at token `tok`, channel `ch` of sequence
+/// `seq` (for kFp16Range: the group's first token and channel). A cold path: it reads the key's
+/// layout from the status itself, so the kernels carry no parameter for it.
+__device__ __forceinline__ void flag_value_error(unsigned* status, unsigned bit, index_t seq, index_t tok, index_t ch) {
   atomicOr(status, bit);
-  const unsigned long long key =
-      static_cast<unsigned long long>(seq) << 32 | static_cast<unsigned long long>(static_cast<std::uint32_t>(tok));
+  const unsigned c = status[1];
+  const unsigned long long at = static_cast<unsigned long long>(seq) << 31 | static_cast<unsigned long long>(tok);
+  const unsigned long long key = c == 0 ? at : at << c | static_cast<unsigned long long>(ch);
   atomicMin(reinterpret_cast<unsigned long long*>(status + position_word(bit)), key);
+}
+
+/// Index of the first value of a thread's packed chunk that is NaN or Inf (8·N if none): the
+/// channel of a value error, found again on the cold path (packed_range keeps no index).
+template <class T, int N>
+__device__ __forceinline__ int first_non_finite(const uint4 (&raw)[N]) {
+  const T* e = reinterpret_cast<const T*>(raw);
+  int first = 8 * N;
+#pragma unroll
+  for (int i = 8 * N - 1; i >= 0; --i)  // constant indices: raw stays in registers
+    if (!isfinite(to_float(e[i]))) first = i;
+  return first;
 }
 
 /// Values per thread of the per-token append kernel, fixed for benchmarks and tests (8, 32, 64 or
@@ -346,9 +363,22 @@ __global__ void __launch_bounds__(128) quantize_tokens_kernel(StreamView<Q> v, c
   if (active && fits) {
     std::uint16_t p[2] = {0, 0};
     const bool ok = Q::fit(lo, hi, p);
-    if (!finite) flag_value_error(status, kNonFinite, seq, tok);
-    if (!ok) flag_value_error(status, kFp16Range, seq, tok);
     const index_t j = static_cast<index_t>(chunk) * VPT;
+    if (!finite) {  // the first bad value's channel (raw holds the chunk's last pieces: read them again)
+      index_t at = j + VPT;
+      if constexpr (VPT == 8) {
+        at = j + first_non_finite<T>(raw);
+      } else {
+#pragma unroll 1
+        for (int k = pieces / 4 - 1; k >= 0; --k) {
+          load4(k);
+          const int i = first_non_finite<T>(raw);
+          if (i < 32) at = j + 32 * k + i;
+        }
+      }
+      flag_value_error(status, kNonFinite, seq, tok, at);
+    }
+    if (!ok) flag_value_error(status, kFp16Range, seq, tok, j & ~(v.group - 1));
     if ((j & (v.group - 1)) == 0) {
       std::uint16_t* dst = v.param(seq, tok, j);
       if constexpr (Q::params_per_group == 2) *reinterpret_cast<std::uint32_t*>(dst) = p[0] | std::uint32_t(p[1]) << 16;
@@ -386,7 +416,7 @@ __global__ void window_store_kernel(StreamView<Q> v, const T* __restrict__ x, in
   const index_t tok = v.length[seq] + map.rows_per_seq.mod(r, in_seq);
   for (index_t j = threadIdx.x; j < v.width; j += blockDim.x) {
     const std::uint16_t h = float_to_half(to_float(x[r * ld + j]));
-    if (!half_is_finite(h)) flag_value_error(status, kNonFinite, seq, tok);
+    if (!half_is_finite(h)) flag_value_error(status, kNonFinite, seq, tok, j);
     v.window_row(seq, tok)[j] = h;
   }
 }
@@ -402,31 +432,32 @@ __global__ void __launch_bounds__(128) quantize_channels_kernel(StreamView<Q> v,
   const S* base = src + gi * G * ld + j;
   float lo[8], hi[8];
   // Whole groups straight from x have not passed the window's check: a value that is NaN or Inf,
-  // or overflows fp16 on the way in, is flagged here (the min/max below would skip a NaN), at the
-  // first row that holds one.
+  // or overflows fp16 on the way in (via_half makes that an Inf), is flagged here (the min/max
+  // below would skip a NaN), at the first row and channel that hold one.
   index_t bad_row = G;
+  int bad_col = 0;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
+  for (int i = 7; i >= 0; --i) {
     lo[i] = hi[i] = via_half(base[i]);
-    if (!(fabsf(lo[i]) <= 65504.0f)) bad_row = 0;
+    if (!isfinite(lo[i])) bad_row = 0, bad_col = i;
   }
   for (index_t r = 1; r < G; ++r)
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const float x = via_half(base[r * ld + i]);
-      if (!(fabsf(x) <= 65504.0f) && r < bad_row) bad_row = r;
+      if (!isfinite(x) && r < bad_row) bad_row = r, bad_col = i;
       lo[i] = x < lo[i] ? x : lo[i];
       hi[i] = x > hi[i] ? x : hi[i];
     }
   const index_t tok0 = first_tok + gi * G;
-  if (bad_row < G) flag_value_error(status, kNonFinite, seq, tok0 + bad_row);
+  if (bad_row < G) flag_value_error(status, kNonFinite, seq, tok0 + bad_row, j + bad_col);
   typename Q::Params P[8];
   float inv[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     std::uint16_t* p = v.param(seq, tok0, j + i);
     std::uint16_t q[2] = {0, 0};
-    if (!Q::fit(lo[i], hi[i], q)) flag_value_error(status, kFp16Range, seq, tok0);
+    if (!Q::fit(lo[i], hi[i], q)) flag_value_error(status, kFp16Range, seq, tok0, j + i);
 #pragma unroll
     for (int k = 0; k < Q::params_per_group; ++k) p[k] = q[k];
     P[i] = Q::load(q);

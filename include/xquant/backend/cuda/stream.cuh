@@ -66,6 +66,8 @@ class DeviceStream {
     status_.resize(detail::kStatusWords);
     blocks_done_.resize(static_cast<std::size_t>(s.batch));
     XQ_CUDA_CHECK(cudaMemset(length_.data(), 0, length_.bytes()));
+    channel_bits_ = channel_bits(s.batch, s.width);
+    XQ_CUDA_CHECK(cudaMemcpy(status_.data() + 1, &channel_bits_, sizeof channel_bits_, cudaMemcpyHostToDevice));
     reset_status(nullptr);
     XQ_CUDA_CHECK(cudaStreamSynchronize(nullptr));
     XQ_CUDA_CHECK(cudaMemset(blocks_done_.data(), 0, blocks_done_.bytes()));
@@ -160,8 +162,10 @@ class DeviceStream {
   }
 
   /// Synchronizes `stream` and raises ValueError if an append met a non-finite value or a group
-  /// whose scale or zero does not fit fp16, naming the first token (sequence, position) where it
-  /// did. Unlike the CPU stream's append, the device's cannot leave the stream as it was: the
+  /// whose scale or zero does not fit fp16, naming where it first did: sequence, token and channel
+  /// of the first bad value, or the first token and channel of the first such group, in (sequence,
+  /// token, channel) order. (The channel is left out only where batch and width are too large for
+  /// the 64-bit key: more than 33 bits together.) Unlike the CPU stream's append, the device's cannot leave the stream as it was: the
   /// tokens went in with meaningless codes. So the error sticks: every later check() raises it
   /// again, until clear(). CapacityError (a replayed append that found a sequence full wrote
   /// nothing) is reported once.
@@ -181,13 +185,17 @@ class DeviceStream {
     require<CapacityError>(!(st[0] & detail::kCapacity),
                            "append: a sequence was full on the device, and the tokens of that append were not written "
                            "(a captured append replayed past the capacity?); sync_lengths() shows the lengths");
-    auto where = [](std::uint64_t key) {
-      return "sequence " + std::to_string(key >> 32) + ", token " + std::to_string(key & 0xFFFFFFFFu);
+    const unsigned c = channel_bits_;
+    auto where = [c](std::uint64_t key) {
+      const std::uint64_t at = key >> c;
+      return "sequence " + std::to_string(at >> 31) + ", token " + std::to_string(at & 0x7FFFFFFFu) +
+             (c ? ", channel " + std::to_string(key & ((std::uint64_t(1) << c) - 1)) : std::string());
     };
     require<ValueError>(!(bad_values_ & detail::kNonFinite), "X: a value is NaN or Inf (or overflows fp16), first at ",
                         where(first_non_finite_), "; the stream holds meaningless codes until clear()");
     require<ValueError>(!(bad_values_ & detail::kFp16Range),
-                        "X: a quantization group's scale or zero does not fit fp16 (|value| <= 65504), first at ",
+                        "X: a quantization group's scale or zero does not fit fp16 (|value| <= 65504), first in the "
+                        "group that starts at ",
                         where(first_fp16_range_),
                         "; rescale the activations (the stream holds meaningless codes until clear())");
   }
@@ -308,9 +316,10 @@ class DeviceStream {
       check_launch("quantize_channels_kernel");
     }
   }
-  // Clears the status word and sets the first-position keys to "none".
+  // Clears the status word and sets the first-position keys to "none" (word 1, the keys' layout,
+  // stays).
   void reset_status(cudaStream_t stream) {
-    XQ_CUDA_CHECK(cudaMemsetAsync(status_.data(), 0, 2 * sizeof(unsigned), stream));
+    XQ_CUDA_CHECK(cudaMemsetAsync(status_.data(), 0, sizeof(unsigned), stream));
     XQ_CUDA_CHECK(cudaMemsetAsync(status_.data() + 2, 0xFF, (detail::kStatusWords - 2) * sizeof(unsigned), stream));
   }
   void bump(int seq0, int count, int n, cudaStream_t stream) {
@@ -330,6 +339,17 @@ class DeviceStream {
   std::vector<index_t> host_len_;
   // Value errors check() has reported, and the first token of each (they stick until clear()).
   static constexpr std::uint64_t kNoPosition = ~std::uint64_t(0);
+  // Bits of a position key's channel field (status word 1, detail::flag_value_error): enough for
+  // width − 1 where the sequence, 31 token bits and the channel fit 64 bits; else 0, no channel.
+  static unsigned channel_bits(index_t batch, index_t width) {
+    auto bits = [](index_t n) {  // bits of n − 1 (n ≥ 1)
+      unsigned b = 0;
+      while ((index_t(1) << b) < n) ++b;
+      return b;
+    };
+    return bits(batch) + 31 + bits(width) <= 64 ? bits(width) : 0u;
+  }
+  unsigned channel_bits_ = 0;
   unsigned bad_values_ = 0;
   std::uint64_t first_non_finite_ = kNoPosition, first_fp16_range_ = kNoPosition;
 };
