@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "cuda_support.cuh"
 
@@ -15,6 +16,17 @@ using xq::index_t;
 namespace {
 
 std::vector<float> bf(std::vector<float> v) { return xqcuda::round_to<xc::bf16>(std::move(v)); }
+
+/// XQ_TEST_INITCHECK=1 (run_device.sh sets it under compute-sanitizer's initcheck): skip the parts
+/// where a kernel reads what a TMA store wrote — K from cuBLAS's GEMM (attend_absorbed_gemm) and
+/// K/V from remat_fused (attend_kv). initcheck does not see TMA stores and reports every such read
+/// as uninitialized (NOTES.md item 64: it does so for a plain kernel reading a cuBLAS result).
+bool tma_written_reads_skipped() {
+  const char* e = std::getenv("XQ_TEST_INITCHECK");
+  const bool skip = e != nullptr && e[0] == '1';
+  if (skip) MESSAGE("XQ_TEST_INITCHECK=1: the cuBLAS decode path and attention over remat_fused's K/V are skipped");
+  return skip;
+}
 
 /// Float64 decode attention of sequence rows: K = RoPE(X̂k·Wkᵀ), V = X̂v·Wvᵀ + bv; query at len−1,
 /// over the first `attend` tokens (-1: all len).
@@ -134,7 +146,8 @@ void check_decode(const xq::AttentionShape& a, bool latent, index_t d = 512, ind
       CHECK(xqtest::all_finite(got));
       CHECK(xqtest::rel_error(got, ref) < 1e-2);
     }
-  {  // the cuBLAS path (K and X̂ in scratch), twice: the second run reuses the grown workspace
+  const bool skip_tma_reads = tma_written_reads_skipped();
+  if (!skip_tma_reads) {  // the cuBLAS path (K and X̂ in scratch), twice: the second run reuses the grown workspace
     // Tolerance: this path rounds three more operands to bf16 than the reference does — X̂, K
     // (before RoPE) and the softmax weights P, each with a relative error up to 2^-9 — and the
     // latent values carry outlier channels, so errors of 1-2% occur on some seeds (1.8% seen).
@@ -151,7 +164,7 @@ void check_decode(const xq::AttentionShape& a, bool latent, index_t d = 512, ind
     }
   }
   // Materialize-then-attend over the same cache (equal lengths only): compare with the reference too.
-  if (!latent) {
+  if (!latent && !skip_tma_reads) {
     const index_t n = 77;
     xc::DeviceStream<QK> one({1, cap, d, 128});
     auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, n, d));
