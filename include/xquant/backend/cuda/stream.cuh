@@ -165,10 +165,10 @@ class DeviceStream {
   /// whose scale or zero does not fit fp16, naming where it first did: sequence, token and channel
   /// of the first bad value, or the first token and channel of the first such group, in (sequence,
   /// token, channel) order. (The channel is left out only where batch and width are too large for
-  /// the 64-bit key: more than 33 bits together.) Unlike the CPU stream's append, the device's cannot leave the stream as it was: the
-  /// tokens went in with meaningless codes. So the error sticks: every later check() raises it
-  /// again, until clear(). CapacityError (a replayed append that found a sequence full wrote
-  /// nothing) is reported once.
+  /// the 64-bit key: more than 33 bits together.) Unlike the CPU stream's append, the device's
+  /// cannot leave the stream as it was: the tokens went in with meaningless codes. So the error
+  /// sticks: every later check() raises it again, until clear(). CapacityError (a replayed append
+  /// that found a sequence full wrote nothing) is reported once.
   void check(cudaStream_t stream) {
     unsigned st[detail::kStatusWords] = {};
     XQ_CUDA_CHECK(cudaMemcpyAsync(st, status_.data(), sizeof st, cudaMemcpyDeviceToHost, stream));
