@@ -291,10 +291,11 @@ TEST_CASE("cuda append reports values that cannot be quantized") {
 // One bad value (NaN, ±Inf, or for per-channel streams a bf16 value past fp16's range, which the
 // CPU stream refuses too) at a random row and column of an append must make check() raise
 // ValueError naming its sequence, token and channel; with three (two in that row, one in a later
-// row at any column) it must name the first in (sequence, token, channel) order. On every path: per-token chunks at each kernel width, decode steps and
-// batches; per-channel whole groups straight from x (the bad value past a group's first row,
-// where a min/max alone would skip a NaN), the fp16 window, and a chunk that tops up the open
-// group, flushes whole ones and leaves a tail. The same appends without the bad value must pass,
+// row at any column) it must name the first in (sequence, token, channel) order. On every path:
+// per-token chunks at each kernel width, decode steps and batches; per-channel whole groups
+// straight from x (the bad value past a group's first row, where a min/max alone would skip a
+// NaN), the fp16 window, and a chunk that tops up the open group, flushes whole ones and leaves a
+// tail. The same appends without the bad value must pass,
 // so the check cannot pass by raising always.
 template <class Q>
 void check_bad_values() {
@@ -364,7 +365,7 @@ void check_bad_values() {
           } catch (const xq::ValueError& e) {
             what = e.what();
           }
-          // The message names the token: rows go to sequence 0 from token 0 (Mixed: from 10), a
+          // The message names the token and the first bad channel of its row: rows go to sequence 0 from token 0 (Mixed: from 10), a
           // decode step's row r to sequence r, a batch's row r to sequence r / n at token r % n.
           const index_t seq = path == Step ? r : path == Batch ? r / n : 0;
           const index_t tok = path == Step ? 0 : path == Batch ? r % n : path == Mixed ? 10 + r : r;

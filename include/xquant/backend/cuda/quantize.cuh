@@ -437,9 +437,9 @@ __global__ void __launch_bounds__(128) quantize_channels_kernel(StreamView<Q> v,
   index_t bad_row = G;
   int bad_col = 0;
 #pragma unroll
-  for (int i = 7; i >= 0; --i) {
+  for (int i = 0; i < 8; ++i) {
     lo[i] = hi[i] = via_half(base[i]);
-    if (!isfinite(lo[i])) bad_row = 0, bad_col = i;
+    if (!isfinite(lo[i]) && 0 < bad_row) bad_row = 0, bad_col = i;
   }
   for (index_t r = 1; r < G; ++r)
 #pragma unroll

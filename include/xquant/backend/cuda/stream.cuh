@@ -66,8 +66,8 @@ class DeviceStream {
     status_.resize(detail::kStatusWords);
     blocks_done_.resize(static_cast<std::size_t>(s.batch));
     XQ_CUDA_CHECK(cudaMemset(length_.data(), 0, length_.bytes()));
-    channel_bits_ = channel_bits(s.batch, s.width);
-    XQ_CUDA_CHECK(cudaMemcpy(status_.data() + 1, &channel_bits_, sizeof channel_bits_, cudaMemcpyHostToDevice));
+    const unsigned c = channel_bits();
+    XQ_CUDA_CHECK(cudaMemcpy(status_.data() + 1, &c, sizeof c, cudaMemcpyHostToDevice));
     reset_status(nullptr);
     XQ_CUDA_CHECK(cudaStreamSynchronize(nullptr));
     XQ_CUDA_CHECK(cudaMemset(blocks_done_.data(), 0, blocks_done_.bytes()));
@@ -185,7 +185,7 @@ class DeviceStream {
     require<CapacityError>(!(st[0] & detail::kCapacity),
                            "append: a sequence was full on the device, and the tokens of that append were not written "
                            "(a captured append replayed past the capacity?); sync_lengths() shows the lengths");
-    const unsigned c = channel_bits_;
+    const unsigned c = channel_bits();
     auto where = [c](std::uint64_t key) {
       const std::uint64_t at = key >> c;
       return "sequence " + std::to_string(at >> 31) + ", token " + std::to_string(at & 0x7FFFFFFFu) +
@@ -337,19 +337,18 @@ class DeviceStream {
   // word per first sequence of a launch, so appends to different sequences may run concurrently.
   DeviceBuffer<unsigned> blocks_done_;
   std::vector<index_t> host_len_;
-  // Value errors check() has reported, and the first token of each (they stick until clear()).
-  static constexpr std::uint64_t kNoPosition = ~std::uint64_t(0);
   // Bits of a position key's channel field (status word 1, detail::flag_value_error): enough for
   // width − 1 where the sequence, 31 token bits and the channel fit 64 bits; else 0, no channel.
-  static unsigned channel_bits(index_t batch, index_t width) {
+  unsigned channel_bits() const {
     auto bits = [](index_t n) {  // bits of n − 1 (n ≥ 1)
       unsigned b = 0;
       while ((index_t(1) << b) < n) ++b;
       return b;
     };
-    return bits(batch) + 31 + bits(width) <= 64 ? bits(width) : 0u;
+    return bits(s_.batch) + 31 + bits(s_.width) <= 64 ? bits(s_.width) : 0u;
   }
-  unsigned channel_bits_ = 0;
+  // Value errors check() has reported, and the first position of each (they stick until clear()).
+  static constexpr std::uint64_t kNoPosition = ~std::uint64_t(0);
   unsigned bad_values_ = 0;
   std::uint64_t first_non_finite_ = kNoPosition, first_fp16_range_ = kNoPosition;
 };
