@@ -225,7 +225,7 @@ TEST_CASE("cuda decode steps captured once in a CUDA graph and replayed as the s
     INFO("seed ", seed, " path ", std::string(path == 0 ? "default" : "portable"));
     const xq::AttentionShape a{8, 2, 128};
     const int B = 2;
-    const index_t d = 512, dkv = a.kv_width(), cap = 256, bound = 200;
+    const index_t d = 512, cap = 256, bound = 200;
     // 103 + 1 tokens at capture: sm_90a grids sized from the host's lengths (104: Lp 104) instead
     // of the bound would leave out up to 11 of the newest tokens of sequence 0, which the
     // reference sees.
@@ -241,19 +241,14 @@ TEST_CASE("cuda decode steps captured once in a CUDA graph and replayed as the s
       st.append(b, dx.data(), prefill[b], d, s);
     }
     st.check(s);
-    const auto wk = bf(xqtest::randn(rng, static_cast<std::size_t>(dkv * d), 0.05f));
-    const auto wv = bf(xqtest::randn(rng, static_cast<std::size_t>(dkv * d), 0.05f));
-    const auto bv = xqtest::randn(rng, static_cast<std::size_t>(dkv));
-    auto dwk = xqcuda::to_device<xc::bf16>(wk), dwv = xqcuda::to_device<xc::bf16>(wv);
-    xc::DeviceBuffer<float> dbv(bv.size()), dq(static_cast<std::size_t>(B * a.q_width())), out(dq.size());
-    dbv.upload(bv.data(), bv.size(), s);
-    const auto q_warm = xqtest::randn(rng, dq.size());  // the warm-up call's queries (it reads them)
-    dq.upload(q_warm.data(), q_warm.size(), s);
+    DecodeInputs in(rng, a, d, d, B);  // (its queries serve the warm-up call below, which reads them)
+    const auto &wk = in.wk, &wv = in.wv, &bv = in.bv;
+    auto &dq = in.dq, &out = in.out;
     xc::DeviceBuffer<xc::bf16> dstep(static_cast<std::size_t>(B * d));
     const xq::Rope rope(a.head_dim, 1024);
     const xc::DeviceRope drope(rope);
     xc::DecodeWorkspace ws;
-    const xc::DecodeWeights w{dwk.data(), 0, dwv.data(), 0, dbv.data()};
+    const xc::DecodeWeights w = in.weights();
     {
       const xqcuda::ScopedValue<bool> portable(xc::detail::decode_wgmma_disabled, path == 1);
       // Outside the capture first: grows the workspace, which must not allocate while capturing.
