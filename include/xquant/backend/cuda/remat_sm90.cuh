@@ -24,10 +24,11 @@
 //     epilogue rotates each row in place. As global loads they cost 3-15 % (NOTES.md item 51).
 //   - The next tile's first global loads (sequence length, first parameters) are issued before
 //     this tile's epilogue, so the next tile's first wgmma does not wait for them (item 52).
-// Measured (bench/cuda/NOTES.md, items 15-16 and 23): without the dequantization the same kernel
-// runs at 0.9 of cuBLAS; the dequantization (three instructions per value and half a pack, plus
-// the parameters' conversion) costs tensor-pipe throughput although issue slots are far from busy,
-// and taking instructions out of it measured faster.
+// Measured (bench/cuda/NOTES.md, item 66): with an A operand that costs next to nothing the same
+// kernel runs at 0.95-1.0 of cuBLAS (latent B1 32k: 0.97); the dequantization between two wgmma
+// issues (three instructions per value and half a pack, plus the per-channel parameters'
+// conversion) is what it loses, although issue slots are far from busy, and taking instructions
+// out of it measured faster.
 // Per-channel streams (the latent keys) take the same kernel: their parameters (per token group
 // and channel) arrive by TMA with each stage, a tile's few token groups × the k step's 64
 // channels, and each k step's A is dequantized with its four channels' scales; rows of the open
