@@ -95,7 +95,7 @@ class DeviceStream {
     v.capacity = s_.capacity;
     v.code_bytes = code_bytes_;
     v.batch = s_.batch;
-    while ((index_t(1) << v.group_shift) < s_.group) ++v.group_shift;
+    v.group_shift = static_cast<int>(bits_below(s_.group));
     return v;
   }
   const DeviceBuffer<std::uint8_t>& codes() const { return codes_; }
@@ -337,15 +337,16 @@ class DeviceStream {
   // word per first sequence of a launch, so appends to different sequences may run concurrently.
   DeviceBuffer<unsigned> blocks_done_;
   std::vector<index_t> host_len_;
+  // The bits of n − 1 (n ≥ 1): the smallest b with 2^b ≥ n, so log2(n) for a power of two.
+  static unsigned bits_below(index_t n) {
+    unsigned b = 0;
+    while ((index_t(1) << b) < n) ++b;
+    return b;
+  }
   // Bits of a position key's channel field (status word 1, detail::flag_value_error): enough for
   // width − 1 where the sequence, 31 token bits and the channel fit 64 bits; else 0, no channel.
   unsigned channel_bits() const {
-    auto bits = [](index_t n) {  // bits of n − 1 (n ≥ 1)
-      unsigned b = 0;
-      while ((index_t(1) << b) < n) ++b;
-      return b;
-    };
-    return bits(s_.batch) + 31 + bits(s_.width) <= 64 ? bits(s_.width) : 0u;
+    return bits_below(s_.batch) + 31 + bits_below(s_.width) <= 64 ? bits_below(s_.width) : 0u;
   }
   // Value errors check() has reported, and the first position of each (they stick until clear()).
   static constexpr std::uint64_t kNoPosition = ~std::uint64_t(0);
