@@ -295,8 +295,8 @@ TEST_CASE("cuda append reports values that cannot be quantized") {
 // per-token chunks at each kernel width, decode steps and batches; per-channel whole groups
 // straight from x (the bad value past a group's first row, where a min/max alone would skip a
 // NaN), the fp16 window, and a chunk that tops up the open group, flushes whole ones and leaves a
-// tail. The same appends without the bad value must pass,
-// so the check cannot pass by raising always.
+// tail. The same appends without the bad value must pass, so the check cannot pass by raising
+// always.
 template <class Q>
 void check_bad_values() {
   std::uint64_t seed;
@@ -365,8 +365,9 @@ void check_bad_values() {
           } catch (const xq::ValueError& e) {
             what = e.what();
           }
-          // The message names the token and the first bad channel of its row: rows go to sequence 0 from token 0 (Mixed: from 10), a
-          // decode step's row r to sequence r, a batch's row r to sequence r / n at token r % n.
+          // The message names the token and the first bad channel of its row: rows go to sequence 0
+          // from token 0 (Mixed: from 10), a decode step's row r to sequence r, a batch's row r to
+          // sequence r / n at token r % n.
           const index_t seq = path == Step ? r : path == Batch ? r / n : 0;
           const index_t tok = path == Step ? 0 : path == Batch ? r % n : path == Mixed ? 10 + r : r;
           const std::string at = "first at sequence " + std::to_string(seq) + ", token " + std::to_string(tok) +
