@@ -278,7 +278,9 @@ TEST_CASE("cuda append reports values that cannot be quantized") {
   x[3] = 1e30f;  // bf16 holds it, an fp16 zero/scale cannot
   auto d = xqcuda::to_device<xc::bf16>(x);
   st.append(0, d.data(), 1, 64, nullptr);
-  CHECK_THROWS_WITH_AS(st.check(nullptr), doctest::Contains("does not fit fp16 (|value| <= 65504), first in the group that starts at sequence 0, token 0, channel 0;"),
+  CHECK_THROWS_WITH_AS(st.check(nullptr),
+                       doctest::Contains("does not fit fp16 (|value| <= 65504), first in the group that starts at "
+                                         "sequence 0, token 0, channel 0;"),
                        xq::ValueError);
   CHECK_THROWS_AS(st.append(0, d.data(), 1, 60, nullptr), xq::ShapeError);  // ld < width
   CHECK_THROWS_AS(st.append(0, d.data(), 100, 64, nullptr), xq::CapacityError);
