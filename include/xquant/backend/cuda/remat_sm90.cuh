@@ -453,6 +453,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     // fp16 window (rows past the range need no care: an A row only reaches its own output row).
     int q0 = 0, q1 = 0;
     bool split = false, win0 = false, win1 = false, any_window = false;
+    bool general = false;  // the k loop's form (k_loop): the same for the warpgroup's four warps
     const std::uint16_t *wrow0 = nullptr, *wrow1 = nullptr;  // window columns 2c of the k tile build reads
     if constexpr (kChannel) {
       const int first = (begin + m0) >> v.group_shift;
@@ -461,6 +462,16 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
       const index_t quantized = StreamView<Q>::quantized(head.len, v.group);
       win0 = ok0 && begin + m0 + lr0 >= quantized, win1 = ok1 && begin + m0 + lr1 >= quantized;
       any_window = __any_sync(~0u, win0 || win1);
+      // The warpgroup takes the general form when any of its warps is split or holds window rows:
+      // wgmma is .aligned, all 128 threads must issue the same instruction (warps of one
+      // warpgroup in different forms produced wrong tiles). From the rows, not from a vote: the
+      // warps hold rows wg_row + [16w, 16w + 16), and group boundaries are multiples of 16, so a
+      // warp straddles one exactly when the rows are not 16-aligned and a boundary lies among them.
+      const int wg_row = begin + m0 + (warp >> 2) * 64;  // the warpgroup's first row
+      // (The vote changes no value: it lets ptxas see a warp-uniform branch. Without it, the k
+      // loop's two forms were a divergent region and the per-channel kernels spilled.)
+      general = __any_sync(~0u, ((wg_row & 15) != 0 && wg_row >> v.group_shift != (wg_row + 63) >> v.group_shift) ||
+                                    max(wg_row, static_cast<int>(quantized)) < min(wg_row + 64, begin + limit));
       wrow0 = v.window_row(seq, begin + m0 + lr0) + 2 * c, wrow1 = v.window_row(seq, begin + m0 + lr1) + 2 * c;
     }
     const int free_kt = tables && u > 0 ? free_at : -1;  // the k tile after which the staged tile is freed
@@ -525,16 +536,19 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     // two steps ahead, before the wait for the previous wgmma (ncu: read one step ahead, right
     // before the next wgmma issue, their conversion waited for shared memory).
     ChanWords pw0[2], pw1[2];
-    auto fetch_params = [&](int kt, int k) {  // step k of k tile kt, whose stage has arrived
+    // (G, a compile-time bool: the warp's rows straddle two token groups or hold window rows; see
+    // k_loop.)
+    auto fetch_params = [&](int kt, int k, auto G) {  // step k of k tile kt, whose stage has arrived
       if constexpr (kChannel) {
         const auto* prm = reinterpret_cast<const std::uint16_t*>(param_tiles + stage_of(kt) * kParamTileBytes<Q>);
         pw0[k & 1] = chan_words<Q>(prm + q0 * BK * PPG, k, c);
-        if (split) pw1[k & 1] = chan_words<Q>(prm + q1 * BK * PPG, k, c);
+        if constexpr (decltype(G)::value)
+          if (split) pw1[k & 1] = chan_words<Q>(prm + q1 * BK * PPG, k, c);
       }
     };
     // Step k of the k tile whose codes and scales are in set P (and, per-channel, parameter slot
     // k % 2 and window pointers wrow0/1).
-    auto build = [&](int k, auto P, std::uint32_t(&a)[4]) {
+    auto build = [&](int k, auto P, std::uint32_t(&a)[4], auto G) {
       const std::uint32_t u0 = C::gather(cw[P][0], k, c), u1 = C::gather(cw[P][1], k, c);
       if constexpr (!kChannel) {
         const RowScale &rs0 = rs[P][0], &rs1 = rs[P][1];
@@ -552,11 +566,15 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         // Two code paths (split is the same for the whole warp): with `s1 = split ? ... : s0`, the
         // common case paid a register copy of s0 per value.
         const ChanScale s0 = chan_scale<Q>(pw0[k & 1]);
-        if (split) dequant(s0, chan_scale<Q>(pw1[k & 1]));
-        else dequant(s0, s0);
-        if (any_window) {  // (wrow0/1 point at k tile kt: constant offsets here, no address math per step)
-          if (win0) a[0] = window_pair(wrow0 + 16 * k), a[2] = window_pair(wrow0 + 16 * k + 8);
-          if (win1) a[1] = window_pair(wrow1 + 16 * k), a[3] = window_pair(wrow1 + 16 * k + 8);
+        if constexpr (decltype(G)::value) {
+          if (split) dequant(s0, chan_scale<Q>(pw1[k & 1]));
+          else dequant(s0, s0);
+          if (any_window) {  // (wrow0/1 point at k tile kt: constant offsets here, no address math per step)
+            if (win0) a[0] = window_pair(wrow0 + 16 * k), a[2] = window_pair(wrow0 + 16 * k + 8);
+            if (win1) a[1] = window_pair(wrow1 + 16 * k), a[3] = window_pair(wrow1 + 16 * k + 8);
+          }
+        } else {
+          dequant(s0, s0);
         }
       }
     };
@@ -565,11 +583,8 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     std::uint32_t a[2][4];
     prefetch_scales(0, Even{});
     prefetch_codes(0, Even{});
-    fetch_params(0, 0);
-    build(0, Even{}, a[0]);
-    fetch_params(0, 1);
     // k tile kt, its codes and scales in set P (kt's parity).
-    auto k_tile = [&](int kt, auto P) {
+    auto k_tile = [&](int kt, auto P, auto G) {
       constexpr auto N = std::integral_constant<int, 1 - decltype(P)::value>{};  // the next tile's set
       const std::uint64_t desc0 = sm90::kmajor_sw128_desc(sm90::smem_addr(b_tiles + stage_of(kt) * kBTileBytes));
 #pragma unroll
@@ -584,8 +599,8 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         // Step k + 2's parameters, into the slot build(k) has used (k tile kt + 1's stage arrived
         // in step 1, before its codes were read). Before the codes: loads leave in order, and the
         // parameters are needed a step sooner (ncu: their conversion waited behind the code loads).
-        if (k < 2) fetch_params(kt, k + 2);
-        else if (kt + 1 < KT) fetch_params(kt + 1, k - 2);
+        if (k < 2) fetch_params(kt, k + 2, G);
+        else if (kt + 1 < KT) fetch_params(kt + 1, k - 2, G);
         // The next tile's codes, loaded while this step's wgmma runs: loaded after the wait, just
         // before the next issue, the build's first instruction waited for the loads to read their
         // address register, whose name it reused (ncu, NOTES item 46).
@@ -596,27 +611,38 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         // Step 0's wait retired the previous tile's last step: its stage goes back to the producer.
         if (k == 0 && kt > 0 && lane == 0) sm90::mbar_arrive(&empty[stage_of(kt - 1)]);
         // The work between two issues stays short: the next tile's scales come in during step 0.
-        if (k < 3) build(k + 1, P, nxt);
+        if (k < 3) build(k + 1, P, nxt, G);
         if (k == 0 && kt + 1 < KT) prefetch_scales(kt + 1, N);
         if (k == 3 && kt + 1 < KT) {
-          if constexpr (kChannel) wrow0 += BK, wrow1 += BK;  // build reads k tile kt + 1 from here on
-          build(0, N, nxt);
+          if constexpr (kChannel && decltype(G)::value) wrow0 += BK, wrow1 += BK;  // build reads k tile kt + 1 from here on
+          build(0, N, nxt, G);
         }
       }
     };
+    // The k loop. Per-channel, in two forms chosen once per tile and warpgroup: the general one
+    // for warpgroups with a warp whose rows straddle two token groups or hold window rows, and one
+    // without those branches for all others (a warp-uniform branch in every step's build cost the per-token
+    // kernel 2-10 %, NOTES.md items 66-67).
+    auto k_loop = [&](auto G) {
+      fetch_params(0, 0, G);
+      build(0, Even{}, a[0], G);
+      fetch_params(0, 1, G);
 #pragma unroll 1
-    for (int kt = 0; kt < KT; kt += 2) {
-      k_tile(kt, Even{});
-      // The previous tile's stores have read the staged tile by now: free it for this tile's
-      // tables (the producer waits for this before loading them).
-      if (kt == free_kt) {
-        if (t == 0) {
-          sm90::bulk_wait<0, true>();
-          sm90::mbar_arrive(out_free);
+      for (int kt = 0; kt < KT; kt += 2) {
+        k_tile(kt, Even{}, G);
+        // The previous tile's stores have read the staged tile by now: free it for this tile's
+        // tables (the producer waits for this before loading them).
+        if (kt == free_kt) {
+          if (t == 0) {
+            sm90::bulk_wait<0, true>();
+            sm90::mbar_arrive(out_free);
+          }
         }
+        if (kt + 1 < KT) k_tile(kt + 1, Odd{}, G);
       }
-      if (kt + 1 < KT) k_tile(kt + 1, Odd{});
-    }
+    };
+    if (general) k_loop(std::true_type{});
+    else k_loop(std::false_type{});
     if (tile + gridDim.x < tiles.total) next = head_of(tile + gridDim.x);
     sm90::wgmma_wait<0>();
 #pragma unroll
