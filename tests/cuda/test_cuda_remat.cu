@@ -150,28 +150,41 @@ TEST_CASE("cuda remat: 2-bit symmetric per-channel") {
 
 namespace {
 
-/// Runs dequant_one for every code position of `words` random code words under `params`, writing
-/// what each thread's four positions decode to (the wgmma kernel's A values before bf16 rounding).
+/// Runs the wgmma kernel's decode for every code position of `words` random code words under
+/// `params`, writing what each thread's four positions decode to (the A values before bf16
+/// rounding): per-token streams by row_scale and dequant_one, per-channel ones by chan_scale and
+/// dequant_chan (the four channels given the same parameters).
 template <class Q>
 __global__ void dequant_positions_kernel(const std::uint32_t* words, const std::uint32_t* params, int n, float* out) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const auto rs = xc::detail::row_scale<Q>(params[i]);
   const std::uint32_t u = words[i];
-  out[4 * i + 0] = xc::detail::dequant_one<Q, 0>(u, rs);
-  out[4 * i + 1] = xc::detail::dequant_one<Q, 1>(u, rs);
-  out[4 * i + 2] = xc::detail::dequant_one<Q, 2>(u, rs);
-  out[4 * i + 3] = xc::detail::dequant_one<Q, 3>(u, rs);
+  namespace d = xc::detail;
+  if constexpr (Q::axis == Axis::Token) {
+    const auto rs = d::row_scale<Q>(params[i]);
+    out[4 * i + 0] = d::dequant_one<Q, 0>(u, rs);
+    out[4 * i + 1] = d::dequant_one<Q, 1>(u, rs);
+    out[4 * i + 2] = d::dequant_one<Q, 2>(u, rs);
+    out[4 * i + 3] = d::dequant_one<Q, 3>(u, rs);
+  } else {
+    const std::uint32_t q = Q::params_per_group == 2 ? params[i] : params[i] & 0xFFFFu;  // as chan_words reads them
+    const auto cs = d::chan_scale<Q>(d::ChanWords{{q, q, q, q}});
+    out[4 * i + 0] = d::dequant_chan<Q, 0>(u, cs.s[0], cs.z[0]);
+    out[4 * i + 1] = d::dequant_chan<Q, 1>(u, cs.s[1], cs.z[1]);
+    out[4 * i + 2] = d::dequant_chan<Q, 2>(u, cs.s[2], cs.z[2]);
+    out[4 * i + 3] = d::dequant_chan<Q, 3>(u, cs.s[3], cs.z[3]);
+  }
 }
 
-/// dequant_one equals Q::decode bit for bit: every code at every position, random fp16 parameters
-/// (normal and subnormal scales, zeros of both signs and magnitudes).
+/// The wgmma kernel's decode equals Q::decode bit for bit: every code at every position, random
+/// fp16 parameters (normal and subnormal scales, zeros of both signs and magnitudes).
 template <class Q>
 void check_dequant_positions() {
   XQ_REQUIRE_DEVICE();
   std::uint64_t seed;
   auto rng = xqtest::make_rng(seed);
-  INFO("seed ", seed, " bits ", Q::bits, " symmetric ", Q::scheme == xq::Scheme::Symmetric);
+  INFO("seed ", seed, " bits ", Q::bits, " symmetric ", Q::scheme == xq::Scheme::Symmetric, " per-channel ",
+       Q::axis == Axis::Channel);
   const int n = 1 << 16;
   std::vector<std::uint32_t> words(n), params(n);
   std::uniform_int_distribution<std::uint32_t> any;
@@ -316,6 +329,10 @@ TEST_CASE("cuda remat wgmma: dequantization equals Q::decode bit for bit") {
   check_dequant_positions<xq::quant::Uniform<2>>();
   check_dequant_positions<xq::quant::Uniform<4, Axis::Token, xq::Scheme::Symmetric>>();
   check_dequant_positions<xq::quant::Uniform<2, Axis::Token, xq::Scheme::Symmetric>>();
+  check_dequant_positions<xq::quant::Uniform<4, Axis::Channel>>();
+  check_dequant_positions<xq::quant::Uniform<2, Axis::Channel>>();
+  check_dequant_positions<xq::quant::Uniform<4, Axis::Channel, xq::Scheme::Symmetric>>();
+  check_dequant_positions<xq::quant::Uniform<2, Axis::Channel, xq::Scheme::Symmetric>>();
 }
 TEST_CASE("cuda remat wgmma: 4-bit, groups of 128") { check_wgmma_remat<xq::quant::Uniform<4>>(128); }
 TEST_CASE("cuda remat wgmma: 2-bit, groups of 64") { check_wgmma_remat<xq::quant::Uniform<2>>(64); }

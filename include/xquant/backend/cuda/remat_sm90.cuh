@@ -150,27 +150,49 @@ __device__ __forceinline__ std::uint32_t or_exponent(std::uint32_t u, std::uint3
   return r;
 }
 /// Q::decode of the code at bit offset O of `u`, bit for bit, in three instructions. A code c at
-/// bit offset o is read as a float by or-ing it into the mantissa of 2^23 (F = 2^23 + c·2^o, exact
-/// for o + bits <= 23) and subtracting 2^23; (s·2^-o)·(c·2^o) is then exactly s·c. decode rounds
-/// s·c, then s·c + z; the first rounding is exact (an fp16 scale has 11 significant bits, a code at
-/// most 8, the product fits a float's 24), so one fused multiply-add gives the same float.
-/// `s` is the scale times 2^-O (offset_scale), `z` the zero.
-template <class Q, int O>
-__device__ __forceinline__ float dequant_bits(std::uint32_t u, float s, float z) {
-  static_assert(O + Q::bits <= 23, "dequant_bits: the code must fit the mantissa below bit 23");
-  const float f = __uint_as_float(or_exponent<(Q::max_code << O)>(u, 0x4B000000u));
+/// bit offset o is read as a float by or-ing it into the mantissa of 2^M (F = 2^M + c·2^(o+M−23),
+/// exact for o + bits <= 23) and subtracting 2^M. With M = 23 that is c·2^o, and the scale is
+/// taken times 2^-o: (s·2^-o)·(c·2^o) is exactly s·c. With M = 23 − o it is c itself, and the scale
+/// is taken as it is. decode rounds s·c, then s·c + z; the first rounding is exact (an fp16 scale
+/// has 11 significant bits, a code at most 8, the product fits a float's 24), so one fused
+/// multiply-add gives the same float.
+template <class Q, int O, int M>
+__device__ __forceinline__ float dequant_magic(std::uint32_t u, float s, float z) {
+  static_assert(O + Q::bits <= 23, "dequant_magic: the code must fit the mantissa below bit 23");
+  static_assert(M == 23 || M == 23 - O, "dequant_magic: the code reads as c·2^O or as c");
+  constexpr float kMagic = static_cast<float>(1u << M);
+  const float f = __uint_as_float(or_exponent<(Q::max_code << O)>(u, (127u + M) << 23));
   if constexpr (Q::scheme == Scheme::Asymmetric) {
-    return __fmaf_rn(s, __fsub_rn(f, 8388608.0f), z);
+    return __fmaf_rn(s, __fsub_rn(f, kMagic), z);
   } else {
-    // (c − levels)·2^o exactly: both terms are integers below 2^24.
-    constexpr float kBias = 8388608.0f + static_cast<float>(Q::sym_levels << O);
+    // (c − levels)·2^(o+M−23) exactly: both terms are integers below 2^24.
+    constexpr float kBias = kMagic + static_cast<float>(Q::sym_levels << (O + M - 23));
     return __fmul_rn(s, __fsub_rn(f, kBias));
   }
+}
+/// dequant_magic with one magic number for every position: `s` is the scale times 2^-O
+/// (offset_scale). For scales converted once per group (per-token), whose 2^-O factors are then
+/// free, and one exponent register serves all positions.
+template <class Q, int O>
+__device__ __forceinline__ float dequant_bits(std::uint32_t u, float s, float z) {
+  return dequant_magic<Q, O, 23>(u, s, z);
+}
+/// dequant_magic with a magic number per position: `s` is the scale as it is. For scales converted
+/// every k step (per-channel), where a 2^-O factor cost an FMUL for each of three positions;
+/// the four exponents take four registers.
+template <class Q, int O>
+__device__ __forceinline__ float dequant_code(std::uint32_t u, float s, float z) {
+  return dequant_magic<Q, O, 23 - O>(u, s, z);
 }
 /// dequant_bits at code position I of a StepCodes word; `s` is the scale times 2^-offset(I).
 template <class Q, int I>
 __device__ __forceinline__ float dequant_at(std::uint32_t u, float s, float z) {
   return dequant_bits<Q, StepCodes<Q::bits>::offset(I)>(u, s, z);
+}
+/// dequant_code at code position I of a StepCodes word; `s` is the scale.
+template <class Q, int I>
+__device__ __forceinline__ float dequant_chan(std::uint32_t u, float s, float z) {
+  return dequant_code<Q, StepCodes<Q::bits>::offset(I)>(u, s, z);
 }
 template <class Q, int I>
 __device__ __forceinline__ float dequant_one(std::uint32_t u, const RowScale& r) {
@@ -178,7 +200,7 @@ __device__ __forceinline__ float dequant_one(std::uint32_t u, const RowScale& r)
 }
 
 /// Per-channel streams: the parameters of a thread's four channels of one k step (2c, 2c+1,
-/// 2c+8, 2c+9 of the 16), each scale pre-multiplied by 2^-offset(i) as in RowScale. They are
+/// 2c+8, 2c+9 of the 16), for dequant_chan (the scales as they are). They are
 /// read in two parts: chan_words takes the raw fp16 words from `row`, one token group's row of
 /// the stage's parameter tile (the k step's 64 channels), and chan_scale converts them. The
 /// kernel reads a step ahead, so the shared-memory latency is not on the path between two wgmma
@@ -214,7 +236,7 @@ __device__ __forceinline__ ChanScale chan_scale(const ChanWords& w) {
   ChanScale r;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    r.s[i] = step_scale<Q::bits>(param_float(w.q[i]), i);
+    r.s[i] = param_float(w.q[i]);
     r.z[i] = Q::params_per_group == 2 ? param_float(w.q[i] >> 16) : 0.0f;
   }
   return r;
@@ -558,10 +580,10 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         a[3] = pack_bf16x2(dequant_one<Q, 2>(u1, rs1), dequant_one<Q, 3>(u1, rs1));
       } else {
         auto dequant = [&](const ChanScale& s0, const ChanScale& s1) {
-          a[0] = pack_bf16x2(dequant_at<Q, 0>(u0, s0.s[0], s0.z[0]), dequant_at<Q, 1>(u0, s0.s[1], s0.z[1]));
-          a[1] = pack_bf16x2(dequant_at<Q, 0>(u1, s1.s[0], s1.z[0]), dequant_at<Q, 1>(u1, s1.s[1], s1.z[1]));
-          a[2] = pack_bf16x2(dequant_at<Q, 2>(u0, s0.s[2], s0.z[2]), dequant_at<Q, 3>(u0, s0.s[3], s0.z[3]));
-          a[3] = pack_bf16x2(dequant_at<Q, 2>(u1, s1.s[2], s1.z[2]), dequant_at<Q, 3>(u1, s1.s[3], s1.z[3]));
+          a[0] = pack_bf16x2(dequant_chan<Q, 0>(u0, s0.s[0], s0.z[0]), dequant_chan<Q, 1>(u0, s0.s[1], s0.z[1]));
+          a[1] = pack_bf16x2(dequant_chan<Q, 0>(u1, s1.s[0], s1.z[0]), dequant_chan<Q, 1>(u1, s1.s[1], s1.z[1]));
+          a[2] = pack_bf16x2(dequant_chan<Q, 2>(u0, s0.s[2], s0.z[2]), dequant_chan<Q, 3>(u0, s0.s[3], s0.z[3]));
+          a[3] = pack_bf16x2(dequant_chan<Q, 2>(u1, s1.s[2], s1.z[2]), dequant_chan<Q, 3>(u1, s1.s[3], s1.z[3]));
         };
         // Two code paths (split is the same for the whole warp): with `s1 = split ? ... : s0`, the
         // common case paid a register copy of s0 per value.
