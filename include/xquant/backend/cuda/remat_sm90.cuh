@@ -13,8 +13,8 @@
 //     g+8 of its warp's 16, columns 2c, 2c+1, 2c+8, 2c+9 of each 16-wide k step; g = lane/4,
 //     c = lane%4). One wgmma per commit group, one kept in flight while the next k step's A is
 //     built in the other of two register slots.
-//   - The dequantized value is Q::decode's float, bit for bit (see dequant_one), rounded to bf16
-//     as the simple path's X̂ is: both paths multiply the same bf16 matrices.
+//   - The dequantized value is Q::decode's float, bit for bit (see dequant_magic), rounded to
+//     bf16 as the simple path's X̂ is: both paths multiply the same bf16 matrices.
 //   - Epilogue from the accumulators: bias, RoPE on the adjacent column pairs each thread holds,
 //     bf16 into a 128-byte swizzled tile in shared memory, stored by TMA (four 64-column boxes,
 //     clipped at the range's rows and N). The stores run on while the consumers start the next
@@ -32,7 +32,9 @@
 // Per-channel streams (the latent keys) take the same kernel: their parameters (per token group
 // and channel) arrive by TMA with each stage, a tile's few token groups × the k step's 64
 // channels, and each k step's A is dequantized with its four channels' scales; rows of the open
-// group are read from the fp16 window instead.
+// group are read from the fp16 window instead. The k loop comes in two forms, chosen per tile and
+// warpgroup: only warpgroups whose warps straddle two token groups or hold window rows take the
+// one with those branches (items 68-69).
 // The same kernel serves the decode attention (kScores): its epilogue rotates each K row in the
 // accumulators and dots it with the queries of the tile's two KV heads (score_tile), so only the
 // scores leave the block.
