@@ -488,9 +488,11 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
       any_window = __any_sync(~0u, win0 || win1);
       // The warpgroup takes the general form when any of its warps is split or holds window rows:
       // wgmma is .aligned, all 128 threads must issue the same instruction (warps of one
-      // warpgroup in different forms produced wrong tiles). From the rows, not from a vote: the
-      // warps hold rows wg_row + [16w, 16w + 16), and group boundaries are multiples of 16, so a
-      // warp straddles one exactly when the rows are not 16-aligned and a boundary lies among them.
+      // warpgroup in different forms produced wrong tiles). Worked out from the warpgroup's rows,
+      // as a warp's vote does not reach the other warps: its warps hold rows wg_row + [16w,
+      // 16w + 16), and group boundaries are multiples of 16, so a warp straddles one exactly when
+      // the rows are not 16-aligned and a boundary lies among them; window rows are those from
+      // `quantized` on, below the range's limit.
       const int wg_row = begin + m0 + (warp >> 2) * 64;  // the warpgroup's first row
       // (The vote changes no value: it lets ptxas see a warp-uniform branch. Without it, the k
       // loop's two forms were a divergent region and the per-channel kernels spilled.)
@@ -560,8 +562,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     // two steps ahead, before the wait for the previous wgmma (ncu: read one step ahead, right
     // before the next wgmma issue, their conversion waited for shared memory).
     ChanWords pw0[2], pw1[2];
-    // (G, a compile-time bool: the warp's rows straddle two token groups or hold window rows; see
-    // k_loop.)
+    // (G, a compile-time bool: the k loop's form, `general`; see k_loop.)
     auto fetch_params = [&](int kt, int k, auto G) {  // step k of k tile kt, whose stage has arrived
       if constexpr (kChannel) {
         const auto* prm = reinterpret_cast<const std::uint16_t*>(param_tiles + stage_of(kt) * kParamTileBytes<Q>);
@@ -645,8 +646,8 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     };
     // The k loop. Per-channel, in two forms chosen once per tile and warpgroup: the general one
     // for warpgroups with a warp whose rows straddle two token groups or hold window rows, and one
-    // without those branches for all others (a warp-uniform branch in every step's build cost the per-token
-    // kernel 2-10 %, NOTES.md items 66-67).
+    // without those branches for all others (a warp-uniform branch in every step's build cost
+    // the per-token kernel 2-10 %, NOTES.md items 66-68).
     auto k_loop = [&](auto G) {
       fetch_params(0, 0, G);
       build(0, Even{}, a[0], G);
