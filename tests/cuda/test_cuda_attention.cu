@@ -459,4 +459,39 @@ TEST_CASE("cuda decode attention rejects misaligned or short-strided weights, qu
   CHECK_NOTHROW(xc::attend_kv(K.data(), V.data(), a.kv_width(), 16, 1, 16, len.data(), a, rope, q.data(), out.data(),
                               ws, nullptr));
   XQ_CUDA_CHECK(cudaDeviceSynchronize());
+
+  // Pageable host memory the device cannot read (checked as on such a device, see the remat test):
+  // each argument is named, and nothing runs.
+  {
+    const xqcuda::ScopedValue<bool> strict(xc::detail::assume_no_pageable_access, true);
+    std::vector<xc::bf16> hw(w.size()), hK(K.size());
+    std::vector<float> hq(q.size()), hout(out.size()), hb(a.kv_width());
+    const int hlen = 16;
+    auto refused = [](const char* arg, auto&& call) {
+      CAPTURE(arg);
+      CHECK_THROWS_WITH_AS(call(), doctest::Contains((std::string(arg) + ": points to pageable host memory").c_str()),
+                           xq::ShapeError);
+    };
+    for (int gemm = 0; gemm < 2; ++gemm) {
+      const std::string fn = gemm ? "attend_absorbed_gemm" : "attend_absorbed";
+      auto attend = [&](const xc::DecodeWeights& dwx, const float* qx, float* ox) {
+        if (gemm) xc::attend_absorbed_gemm(st, st, a, dwx, rope, qx, ox, ws, blas, nullptr);
+        else xc::attend_absorbed(st, st, a, dwx, rope, qx, ox, ws, nullptr);
+      };
+      refused((fn + ": wk").c_str(), [&] { attend({hw.data(), 0, w.data(), 0, nullptr}, q.data(), out.data()); });
+      refused((fn + ": wv").c_str(), [&] { attend({w.data(), 0, hw.data(), 0, nullptr}, q.data(), out.data()); });
+      refused((fn + ": bv").c_str(), [&] { attend({w.data(), 0, w.data(), 0, hb.data()}, q.data(), out.data()); });
+      refused((fn + ": q").c_str(), [&] { attend(dw, hq.data(), out.data()); });
+      refused((fn + ": out").c_str(), [&] { attend(dw, q.data(), hout.data()); });
+    }
+    auto kv = [&](const xc::bf16* k, const xc::bf16* v, const int* l, const float* qx, float* ox) {
+      xc::attend_kv(k, v, a.kv_width(), 16, 1, 16, l, a, rope, qx, ox, ws, nullptr);
+    };
+    refused("attend_kv: K", [&] { kv(hK.data(), V.data(), len.data(), q.data(), out.data()); });
+    refused("attend_kv: V", [&] { kv(K.data(), hK.data(), len.data(), q.data(), out.data()); });
+    refused("attend_kv: q", [&] { kv(K.data(), V.data(), len.data(), hq.data(), out.data()); });
+    refused("attend_kv: out", [&] { kv(K.data(), V.data(), len.data(), q.data(), hout.data()); });
+    refused("attend_kv: length", [&] { kv(K.data(), V.data(), &hlen, q.data(), out.data()); });
+  }
+  XQ_CUDA_CHECK(cudaDeviceSynchronize());
 }

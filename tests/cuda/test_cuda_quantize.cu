@@ -270,6 +270,27 @@ TEST_CASE("cuda stream rejects bad geometry before touching the device") {
   CHECK_THROWS_AS(xc::DeviceStream<C>({1, 100, 512, 128}), xq::ConfigError);  // capacity % group
 }
 
+TEST_CASE("cuda append refuses rows in pageable host memory the device cannot read, before any work") {
+  XQ_REQUIRE_DEVICE();
+  const xqcuda::ScopedValue<bool> strict(xc::detail::assume_no_pageable_access, true);
+  using Q = xq::quant::Uniform<4>;
+  const int width = 64;
+  xc::DeviceStream<Q> st({2, 32, width, 32});
+  std::vector<xc::bf16> host(static_cast<std::size_t>(2 * 4 * width), __float2bfloat16_rn(0.5f));
+  const char* msg = "x: points to pageable host memory";
+  CHECK_THROWS_WITH_AS(st.append(0, host.data(), 4, width, nullptr), doctest::Contains(msg), xq::ShapeError);
+  CHECK_THROWS_WITH_AS(st.append_batch(host.data(), 4, width, nullptr), doctest::Contains(msg), xq::ShapeError);
+  CHECK_THROWS_WITH_AS(st.append_all(host.data(), width, nullptr), doctest::Contains(msg), xq::ShapeError);
+  CHECK(st.length(0) == 0);
+  CHECK(st.length(1) == 0);
+  // The same rows from device memory go in.
+  std::vector<float> x(host.size(), 0.5f);
+  const auto dx = xqcuda::to_device<xc::bf16>(x);
+  st.append_batch(dx.data(), 4, width, nullptr);
+  CHECK_NOTHROW(st.check(nullptr));
+  CHECK(st.length(1) == 4);
+}
+
 TEST_CASE("cuda append reports values that cannot be quantized") {
   XQ_REQUIRE_DEVICE();
   using Q = xq::quant::Uniform<4>;

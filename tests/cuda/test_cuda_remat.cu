@@ -1,7 +1,9 @@
 // Rematerialization of K (RoPE at cached positions) and V on the GPU, fused and simple paths,
 // against a float64 CPU reference built from the CPU quantizer's X̂.
 
+#include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "cuda_support.cuh"
 
@@ -366,4 +368,55 @@ TEST_CASE("cuda remat wgmma: one and two 64-wide k tiles (widths 64, 128)") {
   // tile right after issuing its first k tile (a deadlock would hang here, not fail).
   check_wgmma_remat<xq::quant::Uniform<4>>(64, 64);
   check_wgmma_remat<xq::quant::Uniform<4, Axis::Channel>>(32, 128);
+}
+
+TEST_CASE("cuda remat and dequantize refuse pageable host memory the device cannot read, and take pinned memory") {
+  // A kernel that faults on a host pointer leaves the CUDA context unusable for the whole process,
+  // so the entry points ask the driver what each pointer is. On a device that reads pageable
+  // memory (HMM, ATS) host pointers are fine; the test checks as if this one could not.
+  XQ_REQUIRE_DEVICE();
+  MESSAGE("this device reads pageable host memory: ", xc::detail::device_reads_pageable_memory());
+  const xqcuda::ScopedValue<bool> strict(xc::detail::assume_no_pageable_access, true);
+  using Q = xq::quant::Uniform<4>;
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  const int width = 64, n = 64, len = 16;
+  xc::DeviceStream<Q> st({1, 64, width, 32});
+  const auto x = xqcuda::to_device<xc::bf16>(xqtest::randn(rng, static_cast<std::size_t>(len * width)));
+  st.append(0, x.data(), len, width, nullptr);
+  const auto w = xqcuda::to_device<xc::bf16>(xqtest::randn(rng, static_cast<std::size_t>(n * width)));
+  const auto host_b = xqtest::randn(rng, n);
+  xc::DeviceBuffer<float> bias(host_b.size());
+  bias.upload(host_b.data(), host_b.size(), nullptr);
+  xc::DeviceBuffer<xc::bf16> out(static_cast<std::size_t>(len * n));
+  std::vector<xc::bf16> host_w(w.size()), host_out(out.size());
+  std::vector<float> host_bias(n), host_x(static_cast<std::size_t>(len * width));
+  xc::Cublas blas;
+  xc::DeviceBuffer<xc::bf16> scratch;
+  auto refused = [&](const xc::RematOperand& op, xc::bf16* o, const char* arg) {
+    CAPTURE(arg);
+    CHECK_THROWS_WITH_AS(xc::remat_fused(st, 0, len, op, o, n, nullptr), doctest::Contains(arg), xq::ShapeError);
+    CHECK_THROWS_WITH_AS(xc::remat_simple(st, 0, len, op, o, n, blas, scratch, nullptr), doctest::Contains(arg),
+                         xq::ShapeError);
+  };
+  refused(xc::RematOperand{host_w.data(), n}, out.data(), "remat: W: points to pageable host memory");
+  refused(xc::RematOperand{w.data(), n, 0, host_bias.data()}, out.data(), "remat: bias: points to pageable host memory");
+  refused(xc::RematOperand{w.data(), n}, host_out.data(), "remat: out: points to pageable host memory");
+  CHECK_THROWS_WITH_AS(xc::dequantize(st, 0, len, host_x.data(), width, nullptr),
+                       doctest::Contains("dequantize: out: points to pageable host memory"), xq::ShapeError);
+  // Pinned host memory is mapped into the device's address space: dequantize writes it directly.
+  float* pinned = nullptr;
+  XQ_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned), host_x.size() * sizeof(float)));
+  std::fill(pinned, pinned + host_x.size(), std::numeric_limits<float>::quiet_NaN());
+  xc::DeviceBuffer<float> dev_out(host_x.size());
+  dev_out.fill_bytes(0xff, nullptr);
+  CHECK_NOTHROW(xc::dequantize(st, 0, len, pinned, width, nullptr));
+  xc::dequantize(st, 0, len, dev_out.data(), width, nullptr);
+  const auto want = xqcuda::to_host(dev_out);  // (synchronizes)
+  CHECK(xqtest::all_finite(want));
+  CHECK(std::memcmp(pinned, want.data(), want.size() * sizeof(float)) == 0);
+  XQ_CUDA_CHECK(cudaFreeHost(pinned));
+  // Nothing above was launched on host memory: the context still works.
+  XQ_CUDA_CHECK(cudaDeviceSynchronize());
 }

@@ -955,6 +955,9 @@ inline void check_decode_weights(const DecodeWeights& w, index_t key_width, inde
                       key_width, " and a multiple of 8, got ", w.ldwk);
   require<ShapeError>(w.ldwv == 0 || (w.ldwv >= value_width && w.ldwv % 8 == 0), fn,
                       ": ldwv must be 0 or >= the value width ", value_width, " and a multiple of 8, got ", w.ldwv);
+  require_device_accessible(w.wk, fn, ": wk");
+  require_device_accessible(w.wv, fn, ": wv");
+  require_device_accessible(w.bv, fn, ": bv");
 }
 
 /// Whether attend_absorbed takes its sm_90a path for these streams (tokens: the longest sequence).
@@ -1070,6 +1073,8 @@ void attend_absorbed(const DeviceStream<QK>& keys, const DeviceStream<QV>& value
   require<ShapeError>(vs.batch == B, "attend_absorbed: key and value streams hold ", B, " and ", vs.batch, " sequences");
   require<ShapeError>(w.wk && w.wv && q && out, "attend_absorbed: wk, wv, q and out must not be null");
   detail::check_decode_weights(w, ks.width, vs.width, "attend_absorbed");
+  require_device_accessible(q, "attend_absorbed: q");
+  require_device_accessible(out, "attend_absorbed: out");
   require<ConfigError>(ks.width % detail::gemm::BK == 0, "attend_absorbed: key width must be a multiple of 64, got ", ks.width);
   require<ConfigError>(QK::axis == Axis::Channel || ks.group >= 32, "attend_absorbed: per-token key groups must be >= 32");
   index_t maxlen = max_tokens;
@@ -1140,6 +1145,8 @@ void attend_absorbed_gemm(const DeviceStream<QK>& keys, const DeviceStream<QV>& 
                       " sequences");
   require<ShapeError>(w.wk && w.wv && q && out, "attend_absorbed_gemm: wk, wv, q and out must not be null");
   detail::check_decode_weights(w, ks.width, vs.width, "attend_absorbed_gemm");
+  require_device_accessible(q, "attend_absorbed_gemm: q");
+  require_device_accessible(out, "attend_absorbed_gemm: out");
   index_t maxlen = 0;
   for (int b = 0; b < B; ++b) {
     require<ShapeError>(keys.length(b) >= 1 && keys.length(b) == values.length(b), "attend_absorbed_gemm: sequence ",
@@ -1193,6 +1200,11 @@ void attend_kv(const T* K, const T* V, index_t ld, index_t seq_rows, int batch, 
   static_assert(detail::is_input_type<T>, "attend_kv: K and V must be bf16 or fp16");
   detail::check_attention(a);
   require<ShapeError>(K && V && q && out && length, "attend_kv: K, V, q, out and length must not be null");
+  require_device_accessible(K, "attend_kv: K");
+  require_device_accessible(V, "attend_kv: V");
+  require_device_accessible(q, "attend_kv: q");
+  require_device_accessible(out, "attend_kv: out");
+  require_device_accessible(length, "attend_kv: length");
   require<ShapeError>(batch >= 1, "attend_kv: batch must be positive, got ", batch);
   require<ShapeError>(reinterpret_cast<std::uintptr_t>(K) % 8 == 0 && reinterpret_cast<std::uintptr_t>(V) % 8 == 0,
                       "attend_kv: K and V must be 8-byte aligned (4 elements are read at once)");

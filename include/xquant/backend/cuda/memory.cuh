@@ -1,7 +1,8 @@
 #pragma once
-// Device memory owned by RAII buffers (plain cudaMalloc, never managed memory) and a cuBLAS
-// handle bound to a stream.
+// Device memory owned by RAII buffers (plain cudaMalloc, never managed memory), the check that a
+// caller's pointer is memory the device can read, and a cuBLAS handle bound to a stream.
 
+#include <atomic>
 #include <cstddef>
 #include <utility>
 
@@ -71,6 +72,45 @@ class DeviceBuffer {
   T* p_ = nullptr;
   std::size_t n_ = 0;
 };
+
+namespace detail {
+/// Tests set it to check pointers as on a device that cannot read pageable host memory.
+inline bool assume_no_pageable_access = false;
+
+/// Whether the current device reads pageable host memory directly (HMM or ATS); asked once per
+/// device.
+inline bool device_reads_pageable_memory() {
+  int dev = 0;
+  XQ_CUDA_CHECK(cudaGetDevice(&dev));
+  constexpr int kCachedDevices = 64;
+  static std::atomic<signed char> known[kCachedDevices] = {};  // 0: not asked yet, 1: no, 2: yes
+  if (dev < kCachedDevices)
+    if (const signed char k = known[dev].load(std::memory_order_relaxed)) return k == 2;
+  int reads = 0;
+  XQ_CUDA_CHECK(cudaDeviceGetAttribute(&reads, cudaDevAttrPageableMemoryAccess, dev));
+  if (dev < kCachedDevices) known[dev].store(reads ? 2 : 1, std::memory_order_relaxed);
+  return reads != 0;
+}
+}  // namespace detail
+
+/// Throws ShapeError when `p` points to pageable host memory (malloc, new, the stack) and the
+/// current device cannot read it: a kernel would fault on it, and a fault leaves the process's CUDA
+/// context unusable. Device, managed and pinned host memory pass, as does every pointer on a device
+/// that reads pageable memory (HMM, ATS), and null (callers that need the argument check that).
+/// `name...` names the argument, e.g. "remat: W".
+template <class... Name>
+void require_device_accessible(const void* p, const Name&... name) {
+  if (p == nullptr || (!detail::assume_no_pageable_access && detail::device_reads_pageable_memory())) return;
+  cudaPointerAttributes a{};
+  const cudaError_t e = cudaPointerGetAttributes(&a, p);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();  // not left for the next check_launch to report
+    detail::check_cuda(e, "cudaPointerGetAttributes", __FILE__, __LINE__);
+  }
+  require<ShapeError>(a.type != cudaMemoryTypeUnregistered, name...,
+                      ": points to pageable host memory, which this device cannot read; pass device memory "
+                      "(cudaMalloc), pinned host memory (cudaMallocHost) or managed memory");
+}
 
 /// A cuBLAS handle. Calls that take it set the stream first, so it follows the stream-ordered API.
 class Cublas {

@@ -118,6 +118,9 @@ EpilogueArgs check_remat(const DeviceStream<Q>& x, index_t begin, index_t end, c
   require<ShapeError>(op.w != nullptr && out != nullptr, "remat: W and out must not be null");
   require<ShapeError>(reinterpret_cast<std::uintptr_t>(op.w) % 16 == 0, "remat: W must be 16-byte aligned");
   require<ShapeError>(reinterpret_cast<std::uintptr_t>(out) % 16 == 0, "remat: out must be 16-byte aligned");
+  require_device_accessible(op.w, "remat: W");
+  require_device_accessible(op.bias, "remat: bias");
+  require_device_accessible(out, "remat: out");
   require<ShapeError>(op.n > 0 && op.n % 8 == 0, "remat: N must be a positive multiple of 8, got ", op.n);
   require<ShapeError>(op.ldw == 0 || (op.ldw >= width && op.ldw % 8 == 0), "remat: ldw must be >= width ", width,
                       " and a multiple of 8, got ", op.ldw);
@@ -201,6 +204,7 @@ void dequantize(const DeviceStream<Q>& x, index_t begin, index_t end, O* out, in
   for (int b = 0; b < s.batch; ++b)
     require<ShapeError>(end <= x.length(b), "dequantize: token range end ", end, " exceeds sequence ", b, "'s length ",
                         x.length(b));
+  require_device_accessible(out, "dequantize: out");
   detail::launch_dequantize(x.view(), begin, end - begin, out, ldo, stream);
 }
 

@@ -209,6 +209,7 @@ class DeviceStream {
     require<ShapeError>(ld >= s_.width && ld % 8 == 0, "ld: must be at least the width ", s_.width,
                         " and a multiple of 8 (16-byte rows), got ", ld);
     require<ShapeError>(reinterpret_cast<std::uintptr_t>(x) % 16 == 0, "x: must be 16-byte aligned");
+    if (n > 0) require_device_accessible(x, "x");
   }
 
   // The host's check that sequence `seq` has room for n more tokens.
