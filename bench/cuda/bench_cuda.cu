@@ -620,6 +620,10 @@ int main(int argc, char** argv) {
   }
   // XQ_APPEND_VPT fixes the append kernel's values per thread (A/B runs; unset: chosen per launch).
   if (const char* v = std::getenv("XQ_APPEND_VPT")) xc::detail::append_values_per_thread = std::atoi(v);
+  // XQ_REMAT_PORTABLE=1 runs remat_fused and the decode's scores on the portable kernels where the
+  // wgmma kernels would apply (what a GPU before Hopper runs; A/B runs of those kernels).
+  if (const char* v = std::getenv("XQ_REMAT_PORTABLE"))
+    xc::detail::remat_wgmma_disabled = xc::detail::decode_wgmma_disabled = std::atoi(v) != 0;
   register_appends();
   register_token_append<U4>(4);
   register_token_append<U2>(2);
