@@ -7,6 +7,7 @@
 #include "support.hpp"
 
 using xquant::FastDivmod;
+using xquant::ceil_log2;
 
 namespace {
 // Checks d on the dividends around 0, around multiples of d near the top of the range, the top
@@ -53,4 +54,24 @@ TEST_CASE("FastDivmod equals / and % for small divisors, powers of two and rando
 
 TEST_CASE("FastDivmod rejects a zero divisor") {
   CHECK_THROWS_AS(FastDivmod(0), xquant::ConfigError);
+}
+
+TEST_CASE("ceil_log2 is the smallest b with 2^b >= n") {
+  static_assert(ceil_log2(0) == 0 && ceil_log2(1) == 0 && ceil_log2(2) == 1 && ceil_log2(3) == 2 && ceil_log2(4) == 2);
+  auto ok = [](std::uint64_t n) {
+    const unsigned b = ceil_log2(n);
+    if (n <= 1) return b == 0;
+    if (n > (std::uint64_t(1) << 63)) return b == 64;
+    return (std::uint64_t(1) << b) >= n && (std::uint64_t(1) << (b - 1)) < n;
+  };
+  int bad = 0;
+  for (std::uint64_t n = 0; n <= 70000; ++n) bad += !ok(n);
+  for (int s = 1; s < 64; ++s) {
+    const std::uint64_t p = std::uint64_t(1) << s;
+    for (std::uint64_t n : {p - 1, p, p + 1}) bad += !ok(n);
+  }
+  bad += !ok(~std::uint64_t(0));
+  std::mt19937_64 rng(20261201);
+  for (int i = 0; i < 100000; ++i) bad += !ok(rng() >> (rng() % 64));
+  CHECK(bad == 0);
 }

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../config.hpp"
+#include "bits.hpp"
 #include "error.hpp"
 
 namespace xquant {
@@ -18,9 +19,8 @@ struct FastDivmod {
   std::uint32_t divisor = 1, multiplier = 0, shift = 0;
 
   FastDivmod() = default;
-  explicit FastDivmod(std::uint32_t d) : divisor(d) {
+  explicit FastDivmod(std::uint32_t d) : divisor(d), shift(ceil_log2(d)) {
     if (d == 0) throw ConfigError("FastDivmod: divisor must be >= 1, got 0");
-    while ((std::uint64_t(1) << shift) < d) ++shift;
     multiplier = static_cast<std::uint32_t>(((std::uint64_t(1) << 32) * ((std::uint64_t(1) << shift) - d)) / d + 1);
   }
 

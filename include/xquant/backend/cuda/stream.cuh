@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../../core/bits.hpp"
 #include "memory.cuh"
 #include "quantize.cuh"
 #include "sm90.cuh"
@@ -339,11 +340,7 @@ class DeviceStream {
   DeviceBuffer<unsigned> blocks_done_;
   std::vector<index_t> host_len_;
   // The bits of n − 1 (n ≥ 1): the smallest b with 2^b ≥ n, so log2(n) for a power of two.
-  static unsigned bits_below(index_t n) {
-    unsigned b = 0;
-    while ((index_t(1) << b) < n) ++b;
-    return b;
-  }
+  static unsigned bits_below(index_t n) { return ceil_log2(static_cast<std::uint64_t>(n)); }
   // Bits of a position key's channel field (status word 1, detail::flag_value_error): enough for
   // width − 1 where the sequence, 31 token bits and the channel fit 64 bits; else 0, no channel.
   unsigned channel_bits() const {
