@@ -80,6 +80,19 @@ __device__ __forceinline__ std::uint32_t pack_bf16x2(float lo, float hi) {
   return *reinterpret_cast<const std::uint32_t*>(&h);
 }
 
+/// 8 values to 8 consecutive bf16 (rounded to nearest even) or float outputs, 16-byte aligned.
+template <class O>
+__device__ __forceinline__ void store8(O* dst, const float (&x)[8]) {
+  static_assert(std::is_same_v<O, float> || std::is_same_v<O, bf16>, "store8: bf16 or float outputs");
+  if constexpr (std::is_same_v<O, float>) {
+    *reinterpret_cast<float4*>(dst) = make_float4(x[0], x[1], x[2], x[3]);
+    *reinterpret_cast<float4*>(dst + 4) = make_float4(x[4], x[5], x[6], x[7]);
+  } else {
+    *reinterpret_cast<uint4*>(dst) = make_uint4(pack_bf16x2(x[0], x[1]), pack_bf16x2(x[2], x[3]),
+                                                pack_bf16x2(x[4], x[5]), pack_bf16x2(x[6], x[7]));
+  }
+}
+
 /// Butterfly min/max over `lanes` consecutive lanes (a power of two <= 32, aligned).
 __device__ __forceinline__ void segment_minmax(float& lo, float& hi, int lanes) {
   for (int o = lanes >> 1; o >= 1; o >>= 1) {

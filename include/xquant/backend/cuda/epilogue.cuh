@@ -14,11 +14,6 @@ struct EpilogueArgs {
   int positions = 0;  // rows of the cos/sin tables (positions × head_dim/2 floats each)
 };
 
-__device__ __forceinline__ void store8_bf16(bf16* p, const float (&x)[8]) {
-  *reinterpret_cast<uint4*>(p) = make_uint4(pack_bf16x2(x[0], x[1]), pack_bf16x2(x[2], x[3]), pack_bf16x2(x[4], x[5]),
-                                            pack_bf16x2(x[6], x[7]));
-}
-
 /// bias + RoPE on the adjacent pair of columns (c, c+1) of one row at position pos (c even).
 __device__ __forceinline__ void epilogue2(float& x0, float& x1, index_t c, index_t pos, const EpilogueArgs& e) {
   if (e.bias) {

@@ -528,16 +528,7 @@ __global__ void dequantize_kernel(StreamView<Q> v, index_t begin, index_t count,
 #pragma unroll
       for (int i = 0; i < 8; ++i) x[i] = 0.0f;
     }
-    O* dst = out + static_cast<index_t>(r) * ldo + c * 8;
-    if constexpr (std::is_same_v<O, float>) {
-      *reinterpret_cast<float4*>(dst) = make_float4(x[0], x[1], x[2], x[3]);
-      *reinterpret_cast<float4*>(dst + 4) = make_float4(x[4], x[5], x[6], x[7]);
-    } else {
-      alignas(16) O o[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16_rn(x[i]);
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<uint4*>(o);
-    }
+    store8(out + static_cast<index_t>(r) * ldo + c * 8, x);
   }
 }
 

@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(gemm::THREADS, 2)
 #pragma unroll
         for (int k = 0; k < 8; ++k) x[k] = scratch[rr * 20 + cc + k];
         epilogue8(x, gc, begin + gr % count, e);
-        store8_bf16(out + gr * ldo + gc, x);
+        store8(out + gr * ldo + gc, x);
       }
       __syncwarp();
     }
@@ -97,7 +97,7 @@ static __global__ void epilogue_kernel(bf16* y, index_t ldy, index_t N, index_t 
 #pragma unroll
     for (int k = 0; k < 8; ++k) x[k] = __bfloat162float(y[r * ldy + c + k]);
     epilogue8(x, c, begin + r % count, e);
-    store8_bf16(y + r * ldy + c, x);
+    store8(y + r * ldy + c, x);
   }
 }
 
