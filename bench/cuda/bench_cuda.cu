@@ -2,6 +2,7 @@
 //   append  — quantize + append a prefill chunk, as a fraction of a device-to-device copy of X;
 //   remat   — fused dequantize + GEMM + RoPE vs cuBLAS bf16 GEMM on an unquantized X (and the
 //             simple dequantize-then-cuBLAS path);
+//   dequant — X̂ to bf16 (remat_simple's first step), as a fraction of a device-to-device copy;
 //   decode  — attention with absorbed values vs materialize-then-attend, and vs FP16-KV attention.
 // Shapes: Llama-2-7B layer (d 4096, 32 × 128, MHA), Llama-3.1-8B (8 KV heads) with X cached, and
 // Llama-3.1-8B with the latent codec (X·Uk per channel, X·Uv per token, width 1024). Batch 1 and
@@ -357,6 +358,39 @@ void bench_remat_row(benchmark::State& st, Shape s, int B, index_t L) {
   if (t.ms[2] > 0) st.counters["frac2"] = t.ms[0] / t.ms[2];
 }
 
+// ---- dequantize -------------------------------------------------------------------------------
+// X̂ of every cached token to bf16 (remat_simple's first step, and the decode's cuBLAS path's), as
+// a fraction of a device-to-device copy of the bf16 output. Bytes counted: codes and fp16
+// parameters read, bf16 written; the copy moves 2 × the output. One row times the copy and the
+// 4- and 2-bit dequantize in turn.
+template <class Q>
+double dequant_bytes(int B, index_t L, index_t width) {
+  // Groups of 128: per-token streams hold width / 128 groups per row, per-channel ones width
+  // groups per 128 rows; each group has an fp16 scale and zero.
+  const double params = Q::axis == xq::Axis::Token ? (width / 128) * 4.0 : width * 4.0 / 128;
+  return static_cast<double>(B) * L * (width * 2 + Q::code_bytes(width) + params);
+}
+template <class Q4K, class Q4V, class Q2K, class Q2V>
+void bench_dequant_row(benchmark::State& st, Shape s, int B, index_t L) {
+  const index_t w = s.key_width();
+  const auto n = static_cast<std::size_t>(B * L * w);
+  auto src = random_buffer<xc::bf16>(n);
+  xc::DeviceBuffer<xc::bf16> out(n);
+  auto c4 = make_cache<Q4K, Q4V>(s, B, L);
+  auto c2 = make_cache<Q2K, Q2V>(s, B, L);
+  const Timed t = time_calls(
+      st, {{"copy", [&] { XQ_CUDA_CHECK(cudaMemcpyAsync(out.data(), src.data(), out.bytes(), cudaMemcpyDeviceToDevice, nullptr)); }},
+           {"deq4", [&] { xc::dequantize(*c4.k, 0, L, out.data(), w, nullptr); }},
+           {"deq2", [&] { xc::dequantize(*c2.k, 0, L, out.data(), w, nullptr); }}});
+  g_ms[key("dequant_copy", s, B, L, 16)] = t.ms[0];
+  g_ms[key("dequant", s, B, L, 4)] = t.ms[1];
+  g_ms[key("dequant", s, B, L, 2)] = t.ms[2];
+  const double copy_gbs = 2.0 * out.bytes() / t.ms[0] / 1e6;
+  st.counters["copy_GB/s"] = copy_gbs;
+  st.counters["frac4"] = dequant_bytes<Q4K>(B, L, w) / t.ms[1] / 1e6 / copy_gbs;
+  st.counters["frac2"] = dequant_bytes<Q2K>(B, L, w) / t.ms[2] / 1e6 / copy_gbs;
+}
+
 // ---- decode attention -------------------------------------------------------------------------
 // One row times in turn: attention over an FP16 K/V cache of the same context (FP16 KV), and at 4
 // and 2 bits the fused absorbed decode (attend_absorbed: K, V, X̂ never written), the absorbed
@@ -500,6 +534,8 @@ void register_rows(const Shape& s) {
           ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
       benchmark::RegisterBenchmark(("decode/" + os.str()).c_str(), bench_decode_row<Q4K, Q4V, Q2K, Q2V>, s, B, L)
           ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
+      benchmark::RegisterBenchmark(("dequant/" + os.str()).c_str(), bench_dequant_row<Q4K, Q4V, Q2K, Q2V>, s, B, L)
+          ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
     }
 }
 
@@ -575,6 +611,25 @@ std::string table() {
            << " | " << fmt(f4, 3) << " | " << fmt(cb / f4) << " | " << fmt(f2, 3) << " | " << fmt(cb / f2) << " | "
            << fmt(get(key("remat_simple", s, B, L, 4)), 3) << " | " << fmt(get(key("remat_simple", s, B, L, 2)), 3)
            << " |\n";
+      }
+  os << "\nDequantize X̂ of all cached tokens to bf16 (remat_simple's first step), bandwidth as a fraction of a "
+        "device-to-device copy of the bf16 output (codes and parameters read + bf16 written; the copy moves 2 × the "
+        "output):\n\n| shape | B | L | copy GB/s | 4-bit GB/s | 4-bit frac | 2-bit GB/s | 2-bit frac |\n"
+        "|---|---|---|---|---|---|---|---|\n";
+  for (const Shape& s : kShapes)
+    for (int B : {1, 8})
+      for (index_t L : {index_t(4096), index_t(32768)}) {
+        const index_t w = s.key_width();
+        const double copy_gbs = 2.0 * B * L * w * 2 / get(key("dequant_copy", s, B, L, 16)) / 1e6;
+        os << "| " << s.name << " | " << B << " | " << L / 1024 << "k | " << fmt(copy_gbs, 0);
+        for (int bits : {4, 2}) {
+          const bool channel = s.latent;  // the latent keys are per-channel streams, the others per-token
+          const double bytes = bits == 4 ? (channel ? dequant_bytes<C4>(B, L, w) : dequant_bytes<U4>(B, L, w))
+                                         : (channel ? dequant_bytes<C2>(B, L, w) : dequant_bytes<U2>(B, L, w));
+          const double gbs = bytes / get(key("dequant", s, B, L, bits)) / 1e6;
+          os << " | " << fmt(gbs, 0) << " | " << fmt(gbs / copy_gbs);
+        }
+        os << " |\n";
       }
   os << "\nDecode attention (one query token per sequence); times in ms. absorbed/materialize target <= 0.6; "
         "materialize = X̂ dequantized once per stream + cuBLAS GEMMs for K (then RoPE) and V + attention over them; "
