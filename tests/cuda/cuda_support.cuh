@@ -34,7 +34,8 @@ T from_float(float x) {
 }
 template <class T>
 float to_float(T x) {
-  if constexpr (std::is_same_v<T, xc::bf16>) return __bfloat162float(x);
+  if constexpr (std::is_same_v<T, float>) return x;  // (not through __half2float, which would round it to fp16)
+  else if constexpr (std::is_same_v<T, xc::bf16>) return __bfloat162float(x);
   else return __half2float(x);
 }
 /// Rounds to T and back (the values the GPU actually sees).
