@@ -2,6 +2,8 @@
 // bit, for every bit width, both groupings and both schemes, bf16 and fp16 inputs, prefill
 // chunks, single tokens and batched decode steps.
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "cuda_support.cuh"
@@ -188,6 +190,80 @@ TEST_CASE_TEMPLATE("cuda quantize/append matches the CPU reference bit for bit",
                    XQ_QUANTIZERS(Axis::Token, Scheme::Asymmetric), XQ_QUANTIZERS(Axis::Token, Scheme::Symmetric),
                    XQ_QUANTIZERS(Axis::Channel, Scheme::Asymmetric), XQ_QUANTIZERS(Axis::Channel, Scheme::Symmetric)) {
   check_all<Q>();
+}
+
+/// dequantize over a token range of per-channel streams (dequantize_channel_kernel, at 4, 8 and 16
+/// rows per block and the launcher's choice): rows from an offset that is neither a group's nor a
+/// block's, a width past 128 threads × 8 channels, padded output rows, bf16 and float; then the
+/// decode path's padded range, whose rows past each sequence's length must be zeros. Against the CPU reference bit for bit (bf16: its
+/// float rounded to nearest even), outputs poisoned, padding checked untouched.
+template <class Q>
+void check_dequantize_range(index_t group) {
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  INFO("seed ", seed, " bits ", Q::bits, " group ", group, Q::scheme == Scheme::Symmetric ? " symmetric" : " asymmetric");
+  constexpr int B = 3;
+  const index_t width = 1088, cap = 1024, ldo = width + 24;
+  const index_t lens[B] = {613, 5 * group + 7, 4 * group};  // window rows at the end of the first two
+  cudaStream_t s = nullptr;
+  xc::DeviceStream<Q> st({B, cap, width, group});
+  std::vector<std::vector<float>> ref(B);
+  for (int b = 0; b < B; ++b) {
+    const auto x = xqcuda::round_to<xc::bf16>(xqtest::activations(rng, static_cast<std::size_t>(lens[b]), width));
+    const auto d = xqcuda::to_device<xc::bf16>(x);
+    st.append(b, d.data(), lens[b], width, s);
+    ref[b] = xqcuda::reference_xhat<Q>(x, lens[b], width, group);
+  }
+  st.check(s);
+  // Output row r of sequence b holds token begin + r; columns past the width must stay poisoned.
+  auto check = [&](const std::vector<float>& got, index_t begin, index_t count, bool bf16, const std::string& what) {
+    index_t bad = 0, padding = 0, zeros = 0;
+    std::string first;  // the first value that differs
+    for (int b = 0; b < B; ++b)
+      for (index_t r = 0; r < count; ++r) {
+        const float* row = got.data() + (b * count + r) * ldo;
+        const index_t tok = begin + r;
+        for (index_t c = 0; c < width; ++c) {
+          if (tok >= lens[b]) {
+            zeros += !(row[c] == 0.0f && !std::signbit(row[c]));
+            continue;
+          }
+          const float want = bf16 ? xqcuda::round_to<xc::bf16>({ref[b][tok * width + c]})[0] : ref[b][tok * width + c];
+          if (!(row[c] == want) && bad++ == 0)  // NaN (unwritten) counts
+            first = "sequence " + std::to_string(b) + " token " + std::to_string(tok) + " channel " + std::to_string(c) +
+                    ": " + std::to_string(row[c]) + " instead of " + std::to_string(want);
+        }
+        for (index_t c = width; c < ldo; ++c) padding += !std::isnan(row[c]);
+      }
+    CHECK_MESSAGE(bad == 0, what, ": ", bad, " values differ from the CPU's, first ", first);
+    CHECK_MESSAGE(zeros == 0, what, ": ", zeros, " values past a sequence's length are not +0");
+    CHECK_MESSAGE(padding == 0, what, ": ", padding, " padding values were written");
+  };
+  const index_t begin = 37, end = lens[2];  // every sequence holds [begin, end)
+  xc::DeviceBuffer<xc::bf16> ob(static_cast<std::size_t>(B * (end - begin) * ldo));
+  xc::DeviceBuffer<float> of(ob.size());
+  ob.fill_bytes(0xff, s);
+  of.fill_bytes(0xff, s);
+  xc::dequantize(st, begin, end, ob.data(), ldo, s);
+  xc::dequantize(st, begin, end, of.data(), ldo, s);
+  check(xqcuda::to_host_float(ob), begin, end - begin, true, "bf16");
+  check(xqcuda::to_host(of), begin, end - begin, false, "float");
+  // The decode path dequantizes [0, Lp) of every sequence, Lp past the shorter ones' lengths.
+  const index_t Lp = (std::max({lens[0], lens[1], lens[2]}) + 7) / 8 * 8;
+  xc::DeviceBuffer<float> op(static_cast<std::size_t>(B * Lp * ldo));
+  op.fill_bytes(0xff, s);
+  xc::detail::launch_dequantize(st.view(), 0, Lp, op.data(), ldo, s);
+  check(xqcuda::to_host(op), 0, Lp, false, "padded range");
+}
+
+TEST_CASE_TEMPLATE("cuda dequantize: token ranges of per-channel streams match the CPU bit for bit", Q,
+                   XQ_QUANTIZERS(Axis::Channel, Scheme::Asymmetric), XQ_QUANTIZERS(Axis::Channel, Scheme::Symmetric)) {
+  XQ_REQUIRE_DEVICE();
+  for (int tile_rows : {0, 4, 8, 16}) {
+    CAPTURE(tile_rows);
+    const xqcuda::ScopedValue<int> rows(xc::detail::dequantize_tile_rows, tile_rows);
+    for (index_t group : {32, 128}) check_dequantize_range<Q>(group);
+  }
 }
 
 /// v moved by `u` units in the last place of T (bf16: 8 significant bits, fp16: 11), as T.

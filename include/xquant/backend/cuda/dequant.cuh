@@ -2,7 +2,8 @@
 // The exact dequantization of packed codes in three float instructions per value (no integer to
 // float conversion): the code is or-ed into the mantissa of a power of two, which is subtracted,
 // then one fused multiply-add applies the group's scale and zero. Bit for bit Q::decode's float.
-// Used by the wgmma remat kernel (in its A fragments) and the absorbed decode.
+// Used by the wgmma remat kernel (in its A fragments), the absorbed decode and the per-channel
+// dequantize kernel.
 
 #include "common.cuh"
 

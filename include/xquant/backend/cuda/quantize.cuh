@@ -14,6 +14,7 @@
 
 #include "../../core/fast_divmod.hpp"
 #include "common.cuh"
+#include "dequant.cuh"
 
 namespace xquant::cuda {
 
@@ -510,8 +511,9 @@ __device__ __forceinline__ void dequant8(const StreamView<Q>& v, index_t seq, in
 }
 
 /// Rows [begin, begin+count) of every sequence -> bf16 or float rows, sequence-major (the simple
-/// remat path's A): output row r = seq·count + (tok − begin), one block per row. Rows at or past a
-/// sequence's length are written as zeros (the padded decode path relies on it).
+/// remat path's A): output row r = seq·count + (tok − begin), one block per row (per-token streams;
+/// per-channel ones take dequantize_channel_kernel). Rows at or past a sequence's length are
+/// written as zeros (the padded decode path relies on it).
 template <class Q, class O>
 __global__ void dequantize_kernel(StreamView<Q> v, index_t begin, index_t count, unsigned rows, O* __restrict__ out,
                                   index_t ldo) {
@@ -529,6 +531,80 @@ __global__ void dequantize_kernel(StreamView<Q> v, index_t begin, index_t count,
       for (int i = 0; i < 8; ++i) x[i] = 0.0f;
     }
     store8(out + static_cast<index_t>(r) * ldo + c * 8, x);
+  }
+}
+
+/// Per-channel streams: the same rows as dequantize_kernel, `tile_rows` consecutive rows of one
+/// sequence per block (a multiple of kBatch, at most kMaxRows). Each thread decodes the same
+/// 8-channel chunks of all of its block's rows, so a token group's parameters are read and
+/// converted once per block instead of once per row (one block per row read 32 bytes of
+/// parameters from L2 for every 8 values, 2-4 bytes of codes); codes of kBatch rows are loaded
+/// before any is decoded, and decoded by dequant_code (no integer to float conversion).
+namespace dq {
+inline constexpr int kMaxRows = 16, kBatch = 4, kThreads = 128;
+/// Rows per block: kMaxRows, or fewer where that would leave fewer than 4 blocks per
+/// multiprocessor (a short range: then more blocks, each with fewer rows).
+inline int tile_rows(index_t rows, int multiprocessors) {
+  int r = kMaxRows;
+  while (r > kBatch && (rows + r - 1) / r < 4 * static_cast<index_t>(multiprocessors)) r /= 2;
+  return r;
+}
+}  // namespace dq
+/// Rows per block of the per-channel dequantize kernel, fixed for tests (4, 8 or 16); 0, the
+/// default: dq::tile_rows.
+inline int dequantize_tile_rows = 0;
+template <class Q, class O>
+__global__ void __launch_bounds__(dq::kThreads)
+    dequantize_channel_kernel(StreamView<Q> v, index_t begin, index_t count, int tile_rows, unsigned tiles,
+                              O* __restrict__ out, index_t ldo) {
+  static_assert(Q::axis == Axis::Channel, "dequantize_channel_kernel: per-channel streams");
+  constexpr int PPG = Q::params_per_group;
+  const index_t seq = blockIdx.x / tiles, r0 = static_cast<index_t>(blockIdx.x % tiles) * tile_rows;
+  const int rows = static_cast<int>(count - r0 < tile_rows ? count - r0 : tile_rows);
+  const index_t len = v.length[seq], quantized = StreamView<Q>::quantized(len, v.group);
+  O* const out0 = out + (seq * count + r0) * ldo;
+  for (index_t j = threadIdx.x * 8; j < v.width; j += dq::kThreads * 8) {
+    float s[8], z[8];
+    index_t group = -1;  // the token group whose parameters s, z hold
+    for (int i0 = 0; i0 < rows; i0 += dq::kBatch) {
+      std::uint64_t w[dq::kBatch];
+#pragma unroll
+      for (int i = 0; i < dq::kBatch; ++i) {
+        const index_t tok = begin + r0 + i0 + i;
+        w[i] = i0 + i < rows && tok < quantized ? load_chunk<Q::bits>(v.row(seq, tok) + (j / 8) * Q::bits) : 0;
+      }
+#pragma unroll
+      for (int i = 0; i < dq::kBatch; ++i) {
+        if (i0 + i >= rows) break;
+        const index_t tok = begin + r0 + i0 + i;
+        float x[8];
+        if (tok >= len) {  // past the sequence: zeros (the padded decode path relies on it)
+#pragma unroll
+          for (int k = 0; k < 8; ++k) x[k] = 0.0f;
+        } else if (tok >= quantized) {  // the open group: the fp16 window
+          const std::uint16_t* h = v.window_row(seq, tok) + j;
+#pragma unroll
+          for (int k = 0; k < 8; ++k) x[k] = half_to_float(h[k]);
+        } else {
+          if ((tok >> v.group_shift) != group) {
+            group = tok >> v.group_shift;
+            // The 8 channels' parameters are 8·ppg consecutive fp16 values, 16-byte aligned (j % 8 == 0).
+            uint4 pv[PPG];
+#pragma unroll
+            for (int k = 0; k < PPG; ++k) pv[k] = __ldg(reinterpret_cast<const uint4*>(v.param(seq, tok, j)) + k);
+            const std::uint16_t* p = reinterpret_cast<const std::uint16_t*>(pv);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+              const auto P = Q::load(p + k * PPG);
+              s[k] = P.scale, z[k] = P.zero;
+            }
+          }
+#pragma unroll
+          for (int k = 0; k < 8; ++k) x[k] = dequant_code<Q, 0>(static_cast<std::uint32_t>(w[i] >> (k * Q::bits)), s[k], z[k]);
+        }
+        store8(out0 + (i0 + i) * ldo + j, x);
+      }
+    }
   }
 }
 

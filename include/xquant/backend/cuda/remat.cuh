@@ -106,9 +106,17 @@ template <class Q, class O>
 void launch_dequantize(const StreamView<Q>& v, index_t begin, index_t count, O* out, index_t ldo, cudaStream_t stream) {
   const index_t rows = count * v.batch;
   require<ShapeError>(rows < (index_t(1) << 31), "dequantize: ", rows, " rows exceed one launch (2^31)");
-  dequantize_kernel<Q, O><<<static_cast<unsigned>(rows), 128, 0, stream>>>(v, begin, count, static_cast<unsigned>(rows),
-                                                                            out, ldo);
-  check_launch("dequantize_kernel");
+  if constexpr (Q::axis == Axis::Channel) {
+    const int tile_rows = dequantize_tile_rows ? dequantize_tile_rows : dq::tile_rows(rows, multiprocessor_count());
+    const index_t tiles = (count + tile_rows - 1) / tile_rows;
+    dequantize_channel_kernel<Q, O><<<static_cast<unsigned>(tiles * v.batch), dq::kThreads, 0, stream>>>(
+        v, begin, count, tile_rows, static_cast<unsigned>(tiles), out, ldo);
+    check_launch("dequantize_channel_kernel");
+  } else {
+    dequantize_kernel<Q, O><<<static_cast<unsigned>(rows), 128, 0, stream>>>(v, begin, count, static_cast<unsigned>(rows),
+                                                                              out, ldo);
+    check_launch("dequantize_kernel");
+  }
 }
 
 template <class Q>
