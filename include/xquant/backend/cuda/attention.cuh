@@ -1200,11 +1200,6 @@ void attend_kv(const T* K, const T* V, index_t ld, index_t seq_rows, int batch, 
   static_assert(detail::is_input_type<T>, "attend_kv: K and V must be bf16 or fp16");
   detail::check_attention(a);
   require<ShapeError>(K && V && q && out && length, "attend_kv: K, V, q, out and length must not be null");
-  require_device_accessible(K, "attend_kv: K");
-  require_device_accessible(V, "attend_kv: V");
-  require_device_accessible(q, "attend_kv: q");
-  require_device_accessible(out, "attend_kv: out");
-  require_device_accessible(length, "attend_kv: length");
   require<ShapeError>(batch >= 1, "attend_kv: batch must be positive, got ", batch);
   require<ShapeError>(reinterpret_cast<std::uintptr_t>(K) % 8 == 0 && reinterpret_cast<std::uintptr_t>(V) % 8 == 0,
                       "attend_kv: K and V must be 8-byte aligned (4 elements are read at once)");
@@ -1212,6 +1207,12 @@ void attend_kv(const T* K, const T* V, index_t ld, index_t seq_rows, int batch, 
                       "head_dim = ", a.kv_width(), ", got ", ld);
   require<ShapeError>(len >= 1 && seq_rows >= len, "attend_kv: need 1 <= len <= seq_rows, got len ", len,
                       " and seq_rows ", seq_rows);
+  // Last: each asks the driver about the pointer (the other entry points check cheap arguments first too).
+  require_device_accessible(K, "attend_kv: K");
+  require_device_accessible(V, "attend_kv: V");
+  require_device_accessible(q, "attend_kv: q");
+  require_device_accessible(out, "attend_kv: out");
+  require_device_accessible(length, "attend_kv: length");
   detail::resolve_strides(a, ldq, ldo, "attend_kv");
   const int hpg = static_cast<int>(a.heads / a.kv_heads);
   if (splits <= 0) splits = detail::pick_splits(batch * a.kv_heads, (len + 127) / 128);
