@@ -534,12 +534,7 @@ __global__ void dequantize_kernel(StreamView<Q> v, index_t begin, index_t count,
   }
 }
 
-/// Per-channel streams: the same rows as dequantize_kernel, `tile_rows` consecutive rows of one
-/// sequence per block (a multiple of kBatch, at most kMaxRows). Each thread decodes the same
-/// 8-channel chunks of all of its block's rows, so a token group's parameters are read and
-/// converted once per block instead of once per row (one block per row read 32 bytes of
-/// parameters from L2 for every 8 values, 2-4 bytes of codes); codes of kBatch rows are loaded
-/// before any is decoded, and decoded by dequant_code (no integer to float conversion).
+/// The shape of dequantize_channel_kernel's work.
 namespace dq {
 inline constexpr int kMaxRows = 16, kBatch = 4, kThreads = 128;
 /// Rows per block: kMaxRows, or fewer where that would leave fewer than 4 blocks per
@@ -553,6 +548,12 @@ inline int tile_rows(index_t rows, int multiprocessors) {
 /// Rows per block of the per-channel dequantize kernel, fixed for tests (4, 8 or 16); 0, the
 /// default: dq::tile_rows.
 inline int dequantize_tile_rows = 0;
+/// Per-channel streams: the same rows as dequantize_kernel, `tile_rows` consecutive rows of one
+/// sequence per block (a multiple of kBatch, at most kMaxRows). Each thread decodes the same
+/// 8-channel chunks of all of its block's rows, so a token group's parameters are read and
+/// converted once per block instead of once per row (one block per row read 32 bytes of
+/// parameters from L2 for every 8 values, 2-4 bytes of codes); codes of kBatch rows are loaded
+/// before any is decoded, and decoded by dequant_code (no integer to float conversion).
 template <class Q, class O>
 __global__ void __launch_bounds__(dq::kThreads)
     dequantize_channel_kernel(StreamView<Q> v, index_t begin, index_t count, int tile_rows, unsigned tiles,
