@@ -16,6 +16,16 @@ using quant::Uniform;
 #define XQ_CHANNEL_QUANTIZERS                                                                                 \
   Uniform<2, Axis::Channel>, Uniform<3, Axis::Channel>, Uniform<4, Axis::Channel>, Uniform<8, Axis::Channel>, \
       Uniform<3, Axis::Channel, Scheme::Symmetric>, Uniform<4, Axis::Channel, Scheme::Symmetric>
+// Parameters of 8 significant bits (ParamBits::Bf16).
+#define XQ_BF16_PARAM_QUANTIZERS                                                                              \
+  Uniform<2, Axis::Token, Scheme::Asymmetric, ParamBits::Bf16>,                                               \
+      Uniform<4, Axis::Token, Scheme::Asymmetric, ParamBits::Bf16>,                                           \
+      Uniform<2, Axis::Token, Scheme::Symmetric, ParamBits::Bf16>,                                            \
+      Uniform<4, Axis::Token, Scheme::Symmetric, ParamBits::Bf16>,                                            \
+      Uniform<2, Axis::Channel, Scheme::Asymmetric, ParamBits::Bf16>,                                         \
+      Uniform<3, Axis::Channel, Scheme::Asymmetric, ParamBits::Bf16>,                                         \
+      Uniform<4, Axis::Channel, Scheme::Asymmetric, ParamBits::Bf16>,                                         \
+      Uniform<4, Axis::Channel, Scheme::Symmetric, ParamBits::Bf16>
 
 namespace {
 
@@ -83,7 +93,7 @@ std::vector<std::size_t> members(index_t r, index_t c, index_t rows, index_t wid
 }  // namespace
 
 TEST_CASE_TEMPLATE("Eigen quantization matches the scalar reference bit for bit", Q, XQ_TOKEN_QUANTIZERS,
-                   XQ_CHANNEL_QUANTIZERS) {
+                   XQ_CHANNEL_QUANTIZERS, XQ_BF16_PARAM_QUANTIZERS) {
   std::uint64_t seed;
   auto g = xqtest::make_rng(seed);
   INFO("seed ", seed);
@@ -300,6 +310,67 @@ TEST_CASE_TEMPLATE("reference quantization agrees with float64 math and meets th
       }
     }
   }
+}
+
+namespace {
+/// x rounded once to bf16 (8 significant bits, nearest even), from float64.
+double round_once_bf16(double x) {
+  if (x == 0.0) return x;
+  int e;
+  const double m = std::frexp(x, &e);  // |m| in [0.5, 1)
+  return std::ldexp(std::nearbyint(std::ldexp(m, 8)), e - 8);
+}
+/// A float's value after rounding to bf16 (nearest even): the CPU decode as the GEMM takes it.
+double float_to_bf16(float x) {
+  std::uint32_t b = float_bits(x);
+  b += 0x7FFFu + ((b >> 16) & 1u);
+  return bits_float(b & 0xFFFF0000u);
+}
+bool has_8_bits(float x) { return (float_bits(x) & 0xFFFFu) == 0; }
+}  // namespace
+
+TEST_CASE_TEMPLATE("ParamBits::Bf16: parameters of 8 significant bits span the group, and one bf16 rounding of the "
+                   "exact decode equals the float decode rounded to bf16",
+                   Q, XQ_BF16_PARAM_QUANTIZERS) {
+  std::uint64_t seed;
+  auto g = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> ex(-12, 10);
+  const float levels = Q::scheme == Scheme::Asymmetric ? float(Q::max_code) : float(Q::sym_levels);
+  int zeros = 0;
+  for (int it = 0; it < 200000; ++it) {
+    // Ranges of every magnitude, centred on zero, offset from it, or tiny next to their offset.
+    const float mag = std::ldexp(1.0f, ex(g)), centre = it % 3 == 0 ? 0.0f : u(g) * std::ldexp(1.0f, ex(g));
+    float lo = centre + mag * u(g), hi = centre + mag * u(g);
+    if (it % 7 == 0) lo = std::ldexp(u(g), -30) * std::fabs(hi);  // a minimum next to zero: the flushed zero
+    if (lo > hi) std::swap(lo, hi);
+    CAPTURE(lo);
+    CAPTURE(hi);
+    std::uint16_t p[2] = {0, 0};
+    REQUIRE(Q::fit(lo, hi, p));
+    const auto P = Q::load(p);
+    REQUIRE(has_8_bits(P.scale));
+    REQUIRE(has_8_bits(P.zero));
+    if (Q::scheme == Scheme::Asymmetric) {
+      // The levels span the group (the scale rounded up, the zero down), and a zero is 0 or at
+      // least 2^-20 of the scale.
+      REQUIRE((P.zero <= lo || P.zero == 0.0f));
+      REQUIRE(double(P.zero) + double(levels) * P.scale >= double(hi) - std::fabs(double(lo)) * 0x1p-20);
+      REQUIRE((P.zero == 0.0f || std::fabs(P.zero) >= P.scale * 0x1p-20f));
+      zeros += P.zero == 0.0f && lo != 0.0f;
+    } else {
+      REQUIRE(double(levels) * P.scale >= std::max(-double(lo), double(hi)));
+    }
+    for (std::uint32_t c = 0; c <= Q::max_code; ++c) {
+      CAPTURE(c);
+      const double exact = Q::scheme == Scheme::Asymmetric
+                               ? double(P.scale) * c + double(P.zero)
+                               : double(P.scale) * (static_cast<int>(c) - Q::sym_levels);
+      REQUIRE(float_to_bf16(Q::decode(c, P)) == round_once_bf16(exact));
+    }
+  }
+  if (Q::scheme == Scheme::Asymmetric) CHECK(zeros > 0);  // the flush was reached
 }
 
 TEST_CASE("constant groups quantize exactly and symmetric 2-bit has levels -s, 0, s") {

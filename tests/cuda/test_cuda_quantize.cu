@@ -188,7 +188,10 @@ TEST_CASE("the quotient from the reciprocal and one correction equals the divisi
 
 TEST_CASE_TEMPLATE("cuda quantize/append matches the CPU reference bit for bit", Q,
                    XQ_QUANTIZERS(Axis::Token, Scheme::Asymmetric), XQ_QUANTIZERS(Axis::Token, Scheme::Symmetric),
-                   XQ_QUANTIZERS(Axis::Channel, Scheme::Asymmetric), XQ_QUANTIZERS(Axis::Channel, Scheme::Symmetric)) {
+                   XQ_QUANTIZERS(Axis::Channel, Scheme::Asymmetric), XQ_QUANTIZERS(Axis::Channel, Scheme::Symmetric),
+                   xq::quant::Uniform<4, Axis::Token, Scheme::Asymmetric, xq::ParamBits::Bf16>,
+                   xq::quant::Uniform<2, Axis::Token, Scheme::Symmetric, xq::ParamBits::Bf16>,
+                   xq::quant::Uniform<4, Axis::Channel, Scheme::Asymmetric, xq::ParamBits::Bf16>) {
   check_all<Q>();
 }
 

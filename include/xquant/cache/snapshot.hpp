@@ -199,7 +199,8 @@ std::string describe_quantizer() {
     return Q::bits == 32 ? "Fp32" : "Fp16";
   } else {
     return xquant::detail::concat("Uniform<", Q::bits, ",", Q::axis == Axis::Token ? "Token" : "Channel", ",",
-                                  Q::scheme == Scheme::Asymmetric ? "Asymmetric" : "Symmetric", ">");
+                                  Q::scheme == Scheme::Asymmetric ? "Asymmetric" : "Symmetric",
+                                  Q::param_bits == ParamBits::Bf16 ? ",Bf16" : "", ">");
   }
 }
 

@@ -16,6 +16,14 @@ enum class Axis {
 /// Asymmetric (scale + zero) or symmetric (scale only) uniform quantization.
 enum class Scheme { Asymmetric, Symmetric };
 
+/// Significant bits of the stored group parameters (fp16 bit patterns either way).
+/// Fp16: as fp16 rounds them (11). Bf16: 8, as bf16 would hold them, the scale rounded up and the
+/// zero down (so the levels still span the group), and a zero below 2^-20 of the scale stored as
+/// 0. Then a packed bf16 fma of scale, code and zero (one rounding, to bf16) equals the float
+/// decode rounded to bf16 for codes of up to 4 bits: a GPU decode with half the instructions
+/// stays bit for bit the CPU's (bench/cuda/NOTES.md items 77-78).
+enum class ParamBits { Fp16, Bf16 };
+
 namespace quant {
 
 /// Unquantized storage in fp32 (`Fp32`) or fp16 (`Fp16`): the reference and FP16-KV modes.

@@ -19,16 +19,19 @@ namespace xquant::quant {
 /// \tparam S         Scheme::Asymmetric: scale s = (max-min)/(2^e-1) and zero z = min, both fp16.
 ///                   Scheme::Symmetric: s = max|x|/(2^(e-1)-1), fp16, no zero; codes are
 ///                   offset by 2^(e-1)-1 so they stay unsigned (2 bits gives levels -s, 0, s).
+/// \tparam PB        significant bits of the stored scale and zero (ParamBits): Fp16 (11) or
+///                   Bf16 (8, see ParamBits).
 ///
 /// Codes are computed against the *stored* fp16 scale and zero, so that dequantization is the
 /// exact inverse the encoder assumed: c = clamp(rint((x - z) / s), 0, 2^e-1), x̂ = z + s*c.
-template <int Bits, Axis GroupAxis = Axis::Token, Scheme S = Scheme::Asymmetric>
+template <int Bits, Axis GroupAxis = Axis::Token, Scheme S = Scheme::Asymmetric, ParamBits PB = ParamBits::Fp16>
 struct Uniform {
   static_assert(Bits == 2 || Bits == 3 || Bits == 4 || Bits == 8,
                 "xquant::quant::Uniform: Bits must be 2, 3, 4 or 8");
   static constexpr int bits = Bits;
   static constexpr Axis axis = GroupAxis;
   static constexpr Scheme scheme = S;
+  static constexpr ParamBits param_bits = PB;
   static constexpr bool is_float = false;
   /// fp16 values stored per group: scale and zero, or scale alone.
   static constexpr int params_per_group = S == Scheme::Asymmetric ? 2 : 1;
@@ -59,7 +62,9 @@ struct Uniform {
     // the scalar loop returns −0), and the stored parameters must be the same bits everywhere.
     lo += 0.0f;
     hi += 0.0f;
-    if constexpr (S == Scheme::Asymmetric) {
+    if constexpr (PB == ParamBits::Bf16) {
+      return fit_8_bits(lo, hi, out);
+    } else if constexpr (S == Scheme::Asymmetric) {
       out[0] = float_to_half((hi - lo) / static_cast<float>(max_code));
       out[1] = float_to_half(lo);
       return half_is_finite(out[0]) && half_is_finite(out[1]);
@@ -69,6 +74,53 @@ struct Uniform {
       return half_is_finite(out[0]);
     }
   }
+
+  /// fit() for ParamBits::Bf16: the zero rounded down to 8 significant bits, then the scale from
+  /// it, rounded up, so that the levels still span [lo, hi]; a zero below 2^-20 of the scale
+  /// stored as 0. Below 2^-16, where fp16 holds fewer than 8 bits, the fp16 value keeps the
+  /// rounding's direction.
+  XQ_HOST_DEVICE static bool fit_8_bits(float lo, float hi, std::uint16_t* out) {
+    if constexpr (S == Scheme::Asymmetric) {
+      out[1] = half_toward(to_8_bits(lo, false), false);
+      float zero = half_to_float(out[1]);
+      const float levels = static_cast<float>(max_code);
+      float scale = to_8_bits((hi - zero) / levels, true);
+      if (fmaf(levels, scale, zero) < hi) scale = to_8_bits(scale + scale * 0x1p-8f, true);  // (the division rounded down)
+      out[0] = half_toward(scale, true);
+      scale = half_to_float(out[0]);
+      if (zero != 0.0f && std::fabs(zero) < scale * 0x1p-20f) out[1] = 0, zero = 0.0f;
+      return half_is_finite(out[0]) && half_is_finite(out[1]);
+    } else {
+      const float amax = (-lo > hi) ? -lo : hi, levels = static_cast<float>(sym_levels);
+      float scale = to_8_bits(amax / levels, true);
+      if (levels * scale < amax) scale = to_8_bits(scale + scale * 0x1p-8f, true);
+      out[0] = half_toward(scale, true);
+      return half_is_finite(out[0]);
+    }
+  }
+  /// float_to_half(x), moved one fp16 step up (or down) where it rounded the other way.
+  XQ_HOST_DEVICE static std::uint16_t half_toward(float x, bool up) {
+    std::uint16_t h = float_to_half(x);
+    if (!std::isfinite(x)) return h;
+    const float back = half_to_float(h);
+    const bool negative = (h & 0x8000u) != 0;
+    if (up && back < x) h = negative ? ((h & 0x7FFFu) == 0 ? 0x0001u : static_cast<std::uint16_t>(h - 1)) : static_cast<std::uint16_t>(h + 1);
+    if (!up && back > x) h = negative ? static_cast<std::uint16_t>(h + 1) : (h == 0 ? 0x8001u : static_cast<std::uint16_t>(h - 1));
+    return h;
+  }
+
+  /// x rounded to 8 significant bits, up (toward +inf) or down (toward -inf); 0, Inf and NaN
+  /// stay. Values in fp16's normal range stay exact through float_to_half. (Written with
+  /// frexp/ldexp: a bit-mask version gave wrong parameters with GCC 12 at -O2, right ones at -O1
+  /// and with clang; the mask was missing from one branch of the generated code.)
+  XQ_HOST_DEVICE static float to_8_bits(float x, bool up) {
+    if (!(x != 0.0f) || !std::isfinite(x)) return x;
+    int e = 0;
+    const float m = std::ldexp(std::frexp(x, &e), 8);  // |m| in [128, 256): the 8 bits
+    return std::ldexp(up ? std::ceil(m) : std::floor(m), e - 8);
+  }
+  XQ_HOST_DEVICE static float to_8_bits_up(float x) { return to_8_bits(x, true); }
+  XQ_HOST_DEVICE static float to_8_bits_down(float x) { return to_8_bits(x, false); }
 
   XQ_HOST_DEVICE static Params load(const std::uint16_t* p) {
     if constexpr (S == Scheme::Asymmetric) return {half_to_float(p[0]), half_to_float(p[1])};
