@@ -336,7 +336,7 @@ TEST_CASE_TEMPLATE("ParamBits::Bf16: parameters of 8 significant bits span the g
   auto g = xqtest::make_rng(seed);
   INFO("seed ", seed);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  std::uniform_int_distribution<int> ex(-12, 10);
+  std::uniform_int_distribution<int> ex(-40, 14);  // past both ends of fp16's range: scales from 2^-24 on
   const float levels = Q::scheme == Scheme::Asymmetric ? float(Q::max_code) : float(Q::sym_levels);
   int zeros = 0;
   for (int it = 0; it < 200000; ++it) {
@@ -352,6 +352,7 @@ TEST_CASE_TEMPLATE("ParamBits::Bf16: parameters of 8 significant bits span the g
     const auto P = Q::load(p);
     REQUIRE(has_8_bits(P.scale));
     REQUIRE(has_8_bits(P.zero));
+    REQUIRE((P.scale == 0.0f || P.scale >= 0x1p-24f));  // the floor that keeps encode_scaled exact
     if (Q::scheme == Scheme::Asymmetric) {
       // The levels span the group (the scale rounded up, the zero down), and a zero is 0 or at
       // least 2^-20 of the scale.
@@ -371,6 +372,12 @@ TEST_CASE_TEMPLATE("ParamBits::Bf16: parameters of 8 significant bits span the g
     }
   }
   if (Q::scheme == Scheme::Asymmetric) CHECK(zeros > 0);  // the flush was reached
+  // Activations past fp16's range, or not finite, are refused as with fp16 parameters.
+  std::uint16_t p[2];
+  CHECK_FALSE(Q::fit(-1.0f, 70000.0f, p));
+  CHECK_FALSE(Q::fit(-70000.0f, 1.0f, p));
+  CHECK_FALSE(Q::fit(std::nanf(""), 1.0f, p));
+  CHECK_FALSE(Q::fit(0.0f, std::numeric_limits<float>::infinity(), p));
 }
 
 TEST_CASE("constant groups quantize exactly and symmetric 2-bit has levels -s, 0, s") {

@@ -70,6 +70,19 @@ XQ_HOST_DEVICE float half_to_float_bitwise(std::uint16_t h) {
 }
 }  // namespace detail
 
+/// bf16 bits -> float (exact).
+XQ_HOST_DEVICE float bf16_to_float(std::uint16_t b) { return bits_float(static_cast<std::uint32_t>(b) << 16); }
+/// float -> bf16 bits, rounded toward +Inf (`up`) or toward -Inf: exact for a float of at most 8
+/// significant bits (NaN stays NaN).
+XQ_HOST_DEVICE std::uint16_t float_to_bf16_toward(float f, bool up) {
+  const std::uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
+  std::uint16_t b = static_cast<std::uint16_t>(u >> 16);  // toward zero
+  const bool negative = (u >> 31) != 0;
+  if ((u & 0xffffu) != 0 && up != negative) ++b;  // one step away from zero
+  return b;
+}
+
 /// float -> fp16 bits, round to nearest even (subnormals kept, NaN stays NaN).
 XQ_HOST_DEVICE std::uint16_t float_to_half(float f) {
 #if defined(__CUDA_ARCH__)

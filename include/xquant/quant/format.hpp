@@ -16,12 +16,13 @@ enum class Axis {
 /// Asymmetric (scale + zero) or symmetric (scale only) uniform quantization.
 enum class Scheme { Asymmetric, Symmetric };
 
-/// Significant bits of the stored group parameters (fp16 bit patterns either way).
-/// Fp16: as fp16 rounds them (11). Bf16: 8, as bf16 would hold them, the scale rounded up and the
-/// zero down (so the levels still span the group), and a zero below 2^-20 of the scale stored as
-/// 0. Then a packed bf16 fma of scale, code and zero (one rounding, to bf16) equals the float
-/// decode rounded to bf16 for codes of up to 4 bits: a GPU decode with half the instructions
-/// stays bit for bit the CPU's (bench/cuda/NOTES.md items 77-78).
+/// How a uniform quantizer stores its group parameters (2 bytes each either way).
+/// Fp16: scale and zero rounded to nearest fp16. Bf16: stored as bf16, the scale rounded up and
+/// the zero down (so that the levels still span the group), the scale at least 2^-24, and a zero
+/// below 2^-20 of the scale stored as 0. Then a packed bf16 fma of scale, code and zero (one
+/// rounding, to bf16) equals the float decode rounded to bf16 for codes of up to 4 bits, and the
+/// GPU's remat kernel decodes two codes in three instructions, bit for bit the CPU's X̂
+/// (bench/cuda/NOTES.md items 77-80). Perplexity moves by under ±0.4 % either way (item 79).
 enum class ParamBits { Fp16, Bf16 };
 
 namespace quant {

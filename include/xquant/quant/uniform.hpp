@@ -19,8 +19,8 @@ namespace xquant::quant {
 /// \tparam S         Scheme::Asymmetric: scale s = (max-min)/(2^e-1) and zero z = min, both fp16.
 ///                   Scheme::Symmetric: s = max|x|/(2^(e-1)-1), fp16, no zero; codes are
 ///                   offset by 2^(e-1)-1 so they stay unsigned (2 bits gives levels -s, 0, s).
-/// \tparam PB        significant bits of the stored scale and zero (ParamBits): Fp16 (11) or
-///                   Bf16 (8, see ParamBits).
+/// \tparam PB        how the scale and zero are stored (ParamBits): Fp16, or Bf16 (8 significant
+///                   bits, chosen so that the GPU's packed bf16 decode is exact; see ParamBits).
 ///
 /// Codes are computed against the *stored* fp16 scale and zero, so that dequantization is the
 /// exact inverse the encoder assumed: c = clamp(rint((x - z) / s), 0, 2^e-1), x̂ = z + s*c.
@@ -55,8 +55,9 @@ struct Uniform {
     float scale, zero;
   };
 
-  /// Chooses the group's parameters from its range and stores them as fp16 bits in `out`.
-  /// Returns false when a parameter does not fit fp16 (|value| > 65504): the caller raises.
+  /// Chooses the group's parameters from its range and stores them in `out` (fp16 bits, or bf16
+  /// bits for ParamBits::Bf16). Returns false when a parameter does not fit fp16 (|value| > 65504;
+  /// ParamBits::Bf16: when the range does not): the caller raises.
   XQ_HOST_DEVICE static bool fit(float lo, float hi, std::uint16_t* out) {
     // −0 → +0: backends find the range in different orders (a vectorized min may return +0 where
     // the scalar loop returns −0), and the stored parameters must be the same bits everywhere.
@@ -75,56 +76,41 @@ struct Uniform {
     }
   }
 
-  /// fit() for ParamBits::Bf16: the zero rounded down to 8 significant bits, then the scale from
-  /// it, rounded up, so that the levels still span [lo, hi]; a zero below 2^-20 of the scale
-  /// stored as 0. Below 2^-16, where fp16 holds fewer than 8 bits, the fp16 value keeps the
-  /// rounding's direction.
+  /// fit() for ParamBits::Bf16, parameters stored as bf16: the zero rounded down, then the scale
+  /// from it rounded up (so that the levels still span [lo, hi]) and at least 2^-24, as fp16's
+  /// smallest (the reciprocal-based encode is exact from there on, see quotient()); a zero below
+  /// 2^-20 of the scale stored as 0 (what makes one bf16 rounding of the decode equal the float
+  /// decode rounded to bf16, see ParamBits). Activations past fp16's range (|x| > 65504) are
+  /// refused as with fp16 parameters, so that every stream takes the same activations.
   XQ_HOST_DEVICE static bool fit_8_bits(float lo, float hi, std::uint16_t* out) {
+    constexpr float kMinScale = 0x1p-24f, kMaxParam = 65504.0f;
+    if (!(std::fabs(lo) <= kMaxParam && std::fabs(hi) <= kMaxParam)) return false;  // (NaN included)
+    float zero = 0.0f, scale = 0.0f, top = hi;  // top: the magnitude the levels must reach
+    float levels = static_cast<float>(sym_levels);
     if constexpr (S == Scheme::Asymmetric) {
-      out[1] = half_toward(to_8_bits(lo, false), false);
-      float zero = half_to_float(out[1]);
-      const float levels = static_cast<float>(max_code);
-      float scale = to_8_bits((hi - zero) / levels, true);
-      if (fmaf(levels, scale, zero) < hi) scale = to_8_bits(scale + scale * 0x1p-8f, true);  // (the division rounded down)
-      out[0] = half_toward(scale, true);
-      scale = half_to_float(out[0]);
-      if (zero != 0.0f && std::fabs(zero) < scale * 0x1p-20f) out[1] = 0, zero = 0.0f;
-      return half_is_finite(out[0]) && half_is_finite(out[1]);
+      zero = bf16_to_float(float_to_bf16_toward(lo, false));
+      levels = static_cast<float>(max_code);
     } else {
-      const float amax = (-lo > hi) ? -lo : hi, levels = static_cast<float>(sym_levels);
-      float scale = to_8_bits(amax / levels, true);
-      if (levels * scale < amax) scale = to_8_bits(scale + scale * 0x1p-8f, true);
-      out[0] = half_toward(scale, true);
-      return half_is_finite(out[0]);
+      top = (-lo > hi) ? -lo : hi;
     }
+    if (top > zero) {
+      scale = bf16_to_float(float_to_bf16_toward((top - zero) / levels, true));
+      if (scale < kMinScale) scale = kMinScale;
+      if (fmaf(levels, scale, zero) < top) scale = bf16_to_float(float_to_bf16_toward(scale * (1.0f + 0x1p-7f), true));
+    }
+    if (std::fabs(zero) < scale * 0x1p-20f) zero = 0.0f;
+    out[0] = float_to_bf16_toward(scale, true);  // (exact: both have 8 significant bits by now)
+    if constexpr (S == Scheme::Asymmetric) out[1] = float_to_bf16_toward(zero, false);
+    return true;
   }
-  /// float_to_half(x), moved one fp16 step up (or down) where it rounded the other way.
-  XQ_HOST_DEVICE static std::uint16_t half_toward(float x, bool up) {
-    std::uint16_t h = float_to_half(x);
-    if (!std::isfinite(x)) return h;
-    const float back = half_to_float(h);
-    const bool negative = (h & 0x8000u) != 0;
-    if (up && back < x) h = negative ? ((h & 0x7FFFu) == 0 ? 0x0001u : static_cast<std::uint16_t>(h - 1)) : static_cast<std::uint16_t>(h + 1);
-    if (!up && back > x) h = negative ? static_cast<std::uint16_t>(h + 1) : (h == 0 ? 0x8001u : static_cast<std::uint16_t>(h - 1));
-    return h;
-  }
-
-  /// x rounded to 8 significant bits, up (toward +inf) or down (toward -inf); 0, Inf and NaN
-  /// stay. Values in fp16's normal range stay exact through float_to_half. (Written with
-  /// frexp/ldexp: a bit-mask version gave wrong parameters with GCC 12 at -O2, right ones at -O1
-  /// and with clang; the mask was missing from one branch of the generated code.)
-  XQ_HOST_DEVICE static float to_8_bits(float x, bool up) {
-    if (!(x != 0.0f) || !std::isfinite(x)) return x;
-    int e = 0;
-    const float m = std::ldexp(std::frexp(x, &e), 8);  // |m| in [128, 256): the 8 bits
-    return std::ldexp(up ? std::ceil(m) : std::floor(m), e - 8);
-  }
-  XQ_HOST_DEVICE static float to_8_bits_up(float x) { return to_8_bits(x, true); }
-  XQ_HOST_DEVICE static float to_8_bits_down(float x) { return to_8_bits(x, false); }
 
   XQ_HOST_DEVICE static Params load(const std::uint16_t* p) {
-    if constexpr (S == Scheme::Asymmetric) return {half_to_float(p[0]), half_to_float(p[1])};
-    else return {half_to_float(p[0]), 0.0f};
+    if constexpr (PB == ParamBits::Bf16) {
+      return {bf16_to_float(p[0]), S == Scheme::Asymmetric ? bf16_to_float(p[1]) : 0.0f};
+    } else {
+      if constexpr (S == Scheme::Asymmetric) return {half_to_float(p[0]), half_to_float(p[1])};
+      else return {half_to_float(p[0]), 0.0f};
+    }
   }
 
   /// Code of x under p. A zero scale (constant group) gives code 0 (asym.) or the middle level.
