@@ -222,6 +222,81 @@ void check_dequant_positions() {
   CHECK(mismatches == 0);
 }
 
+/// ParamBits::Bf16 quantizers: the wgmma kernel's packed decode (dequant_step_pair) of the four
+/// code positions of `words[i]` under `params[i]`, as two bf16 pairs (columns 2c, 2c+1 and 2c+8,
+/// 2c+9): per-token by row_pairs, per-channel by chan_pairs (the four channels given the same
+/// parameters).
+template <class Q>
+__global__ void dequant_pairs_kernel(const std::uint32_t* words, const std::uint32_t* params, int n, std::uint32_t* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  namespace d = xc::detail;
+  const std::uint32_t u = words[i];
+  if constexpr (Q::axis == Axis::Token) {
+    const auto p = d::row_pairs(params[i]);
+    out[2 * i] = d::dequant_step_pair<Q, 0>(u, p), out[2 * i + 1] = d::dequant_step_pair<Q, 1>(u, p);
+  } else {
+    const auto p = d::chan_pairs(d::ChanWords{{params[i], params[i], params[i], params[i]}});
+    out[2 * i] = d::dequant_step_pair<Q, 0>(u, p.lo), out[2 * i + 1] = d::dequant_step_pair<Q, 1>(u, p.hi);
+  }
+}
+
+/// A float rounded to bf16 (nearest even) as the simple path rounds X̂: its bits.
+std::uint16_t bf16_bits(float x) {
+  std::uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return static_cast<std::uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+/// The packed decode of ParamBits::Bf16 quantizers equals Q::decode rounded to bf16, bit for bit:
+/// every code at every position, under the parameters Q::fit gives for random ranges of every
+/// magnitude (centred on zero, offset from it, or with a minimum next to zero, whose zero is
+/// flushed).
+template <class Q>
+void check_dequant_pairs() {
+  XQ_REQUIRE_DEVICE();
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  INFO("seed ", seed, " bits ", Q::bits, " symmetric ", Q::scheme == xq::Scheme::Symmetric, " per-channel ",
+       Q::axis == Axis::Channel);
+  const int n = 1 << 16;
+  std::vector<std::uint32_t> words(n), params(n);
+  std::uniform_int_distribution<std::uint32_t> any;
+  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> ex(-14, 14);
+  for (int i = 0; i < n; ++i) {
+    words[i] = any(rng);
+    const float mag = std::ldexp(1.0f, ex(rng)), centre = i % 3 == 0 ? 0.0f : unit(rng) * std::ldexp(1.0f, ex(rng));
+    float lo = centre + mag * unit(rng), hi = centre + mag * unit(rng);
+    if (i % 7 == 0) lo = std::ldexp(unit(rng), -30) * std::fabs(hi);
+    if (lo > hi) std::swap(lo, hi);
+    std::uint16_t p[2] = {0, 0};
+    REQUIRE(Q::fit(lo, hi, p));
+    params[i] = p[0] | (Q::params_per_group == 2 ? static_cast<std::uint32_t>(p[1]) << 16 : 0u);
+  }
+  xc::DeviceBuffer<std::uint32_t> dw(n), dp(n), out(2 * n);
+  dw.upload(words.data(), n, nullptr);
+  dp.upload(params.data(), n, nullptr);
+  out.fill_bytes(0xff, nullptr);
+  dequant_pairs_kernel<Q><<<n / 256, 256>>>(dw.data(), dp.data(), n, out.data());
+  xc::check_launch("dequant_pairs_kernel");
+  const auto got = xqcuda::to_host(out);
+  using C = xc::detail::StepCodes<Q::bits>;
+  int mismatches = 0;
+  for (int i = 0; i < n; ++i) {
+    const std::uint16_t p[2] = {static_cast<std::uint16_t>(params[i]), static_cast<std::uint16_t>(params[i] >> 16)};
+    const auto P = Q::load(p);
+    for (int k = 0; k < 4; ++k) {
+      const std::uint32_t code = (words[i] >> C::offset(k)) & Q::max_code;
+      const std::uint16_t want = bf16_bits(Q::decode(code, P));
+      const std::uint16_t have = static_cast<std::uint16_t>(got[2 * i + k / 2] >> (16 * (k % 2)));
+      if (want != have && ++mismatches <= 5)
+        MESSAGE("word ", words[i], " position ", k, " params ", params[i], ": bf16 bits ", have, " != ", want);
+    }
+  }
+  CHECK(mismatches == 0);
+}
+
 /// The wgmma kernel against the float64 reference and against the simple path (cuBLAS on the
 /// same bf16 X̂): several ring wraps (width 1024 = 16 k steps, 4 stages), partial row and column
 /// tiles, two sequences, bias and RoPE; a long range and a one-token range. Storage is poisoned
@@ -335,6 +410,26 @@ TEST_CASE("cuda remat wgmma: dequantization equals Q::decode bit for bit") {
   check_dequant_positions<xq::quant::Uniform<2, Axis::Channel>>();
   check_dequant_positions<xq::quant::Uniform<4, Axis::Channel, xq::Scheme::Symmetric>>();
   check_dequant_positions<xq::quant::Uniform<2, Axis::Channel, xq::Scheme::Symmetric>>();
+}
+TEST_CASE("cuda remat wgmma: the packed decode of ParamBits::Bf16 quantizers equals bf16(Q::decode) bit for bit") {
+  using xq::ParamBits;
+  using xq::Scheme;
+  check_dequant_pairs<xq::quant::Uniform<4, Axis::Token, Scheme::Asymmetric, ParamBits::Bf16>>();
+  check_dequant_pairs<xq::quant::Uniform<2, Axis::Token, Scheme::Asymmetric, ParamBits::Bf16>>();
+  check_dequant_pairs<xq::quant::Uniform<4, Axis::Token, Scheme::Symmetric, ParamBits::Bf16>>();
+  check_dequant_pairs<xq::quant::Uniform<2, Axis::Token, Scheme::Symmetric, ParamBits::Bf16>>();
+  check_dequant_pairs<xq::quant::Uniform<4, Axis::Channel, Scheme::Asymmetric, ParamBits::Bf16>>();
+  check_dequant_pairs<xq::quant::Uniform<2, Axis::Channel, Scheme::Asymmetric, ParamBits::Bf16>>();
+  check_dequant_pairs<xq::quant::Uniform<4, Axis::Channel, Scheme::Symmetric, ParamBits::Bf16>>();
+  check_dequant_pairs<xq::quant::Uniform<2, Axis::Channel, Scheme::Symmetric, ParamBits::Bf16>>();
+}
+TEST_CASE("cuda remat wgmma: ParamBits::Bf16 quantizers (the packed decode)") {
+  using xq::ParamBits;
+  using xq::Scheme;
+  check_wgmma_remat<xq::quant::Uniform<4, Axis::Token, Scheme::Asymmetric, ParamBits::Bf16>>(128);
+  check_wgmma_remat<xq::quant::Uniform<2, Axis::Token, Scheme::Symmetric, ParamBits::Bf16>>(64);
+  check_wgmma_remat<xq::quant::Uniform<4, Axis::Channel, Scheme::Symmetric, ParamBits::Bf16>>(64);
+  check_wgmma_remat<xq::quant::Uniform<2, Axis::Channel, Scheme::Asymmetric, ParamBits::Bf16>>(32);
 }
 TEST_CASE("cuda remat wgmma: 4-bit, groups of 128") { check_wgmma_remat<xq::quant::Uniform<4>>(128); }
 TEST_CASE("cuda remat wgmma: 2-bit, groups of 64") { check_wgmma_remat<xq::quant::Uniform<2>>(64); }

@@ -649,7 +649,7 @@ inline constexpr bool kAbsorbFastDecode = QV::axis == Axis::Token && (QV::bits =
 template <class Q>
 __device__ __forceinline__ uint4 decode8_bf16(std::uint32_t w, std::uint32_t prm) {
   constexpr int b = Q::bits;
-  const float scale = param_float(prm), z = Q::scheme == Scheme::Asymmetric ? param_float(prm >> 16) : 0.0f;
+  const float scale = param_float<Q>(prm), z = Q::scheme == Scheme::Asymmetric ? param_float<Q>(prm >> 16) : 0.0f;
   const float s0 = scale, s1 = offset_scale(scale, b), s2 = offset_scale(scale, 2 * b), s3 = offset_scale(scale, 3 * b);
   const std::uint32_t hi = w >> (4 * b);
   return make_uint4(pack_bf16x2(dequant_bits<Q, 0>(w, s0, z), dequant_bits<Q, b>(w, s1, z)),

@@ -3,17 +3,27 @@
 // float conversion): the code is or-ed into the mantissa of a power of two, which is subtracted,
 // then one fused multiply-add applies the group's scale and zero. Bit for bit Q::decode's float.
 // Used by the wgmma remat kernel (in its A fragments), the absorbed decode and the per-channel
-// dequantize kernel.
+// dequantize kernel. For quantizers with 8-bit parameters, a packed variant decodes two codes per
+// three bf16x2 instructions (dequant_pair, the wgmma kernel).
 
 #include "common.cuh"
 
 namespace xquant::cuda::detail {
 
-/// The fp16 parameter in the low 16 bits of `h` as a float, converted in hardware without
+/// Quantizers whose parameters have 8 significant bits (ParamBits::Bf16), stored as bf16: the
+/// wgmma kernel decodes their codes two at a time with dequant_pair.
+template <class Q, class = void>
+inline constexpr bool bf16_params = false;
+template <class Q>
+inline constexpr bool bf16_params<Q, std::void_t<decltype(Q::param_bits)>> = Q::param_bits == ParamBits::Bf16;
+
+/// Q's parameter in the low 16 bits of `h` as a float. fp16 is converted in hardware without
 /// Q::load's NaN test: the conversion is exact for every other value, and a NaN parameter gives NaN
-/// products either way (only its payload could differ).
+/// products either way (only its payload could differ). bf16 is the float's upper half.
+template <class Q>
 __device__ __forceinline__ float param_float(std::uint32_t h) {
-  return __half2float(__ushort_as_half(static_cast<unsigned short>(h)));
+  if constexpr (bf16_params<Q>) return __uint_as_float(h << 16);
+  else return __half2float(__ushort_as_half(static_cast<unsigned short>(h)));
 }
 /// `scale` times 2^-o: what dequant_bits<Q, o> takes (exact: a power-of-two scaling of an fp16
 /// value stays a normal float).
@@ -65,6 +75,29 @@ __device__ __forceinline__ float dequant_bits(std::uint32_t u, float s, float z)
 template <class Q, int O>
 __device__ __forceinline__ float dequant_code(std::uint32_t u, float s, float z) {
   return dequant_magic<Q, O, 23 - O>(u, s, z);
+}
+
+/// Two codes of a ParamBits::Bf16 quantizer as a bf16 pair, bit for bit bf16(Q::decode), in three
+/// instructions for both (dequant_magic takes three per value and half a pack): the first code at
+/// bit 0 of `x`, the second at bit 16 + O1. Each code is or-ed into the mantissa of a bf16 power of
+/// two whose last place at the code's offset is worth 1 (128, and 2^(7 − O1)), which is subtracted
+/// exactly; then one bf16 fma with the pair's scales `s2` and zeros `z2` (a multiplication,
+/// symmetric) rounds the exact s·c + z once to bf16. The quantizer's parameters make that equal the
+/// float decode rounded to bf16 (ParamBits; tests/test_core_quantizer.cpp checks it on the CPU).
+template <class Q, int O1>
+__device__ __forceinline__ std::uint32_t dequant_pair(std::uint32_t x, std::uint32_t s2, std::uint32_t z2) {
+  static_assert(bf16_params<Q>, "dequant_pair: exact only for ParamBits::Bf16 parameters");
+  static_assert(Q::bits + O1 <= 7, "dequant_pair: the code must fit a bf16 mantissa");
+  constexpr std::uint32_t kMagic = 0x4300u | (0x4300u - (O1 << 7)) << 16;  // bf16 128 | 2^(7 − O1)
+  // Symmetric codes are offset by the levels: subtract magic + levels.
+  constexpr std::uint32_t kBias =
+      kMagic | (Q::scheme == Scheme::Symmetric ? Q::sym_levels | Q::sym_levels << (16 + O1) : 0u);
+  const std::uint32_t v = or_exponent<Q::max_code | Q::max_code << (16 + O1)>(x, kMagic);
+  std::uint32_t r;
+  asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(v), "r"(kBias));
+  if constexpr (Q::scheme == Scheme::Asymmetric) asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(r), "r"(s2), "r"(z2));
+  else asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(r), "r"(s2));
+  return r;
 }
 
 }  // namespace xquant::cuda::detail

@@ -161,7 +161,7 @@ enum class FusedRematKernel {
           ///< 3-5x faster (docs/BENCHMARKS.md): prefer remat_simple wherever this kernel is chosen
 };
 /// The kernel remat_fused(x, begin, end, ...) runs on this build and device.
-/// \tparam Q the stream's quantizer, quant::Uniform<Bits, Axis, Scheme> (deduced)
+/// \tparam Q the stream's quantizer, quant::Uniform<Bits, Axis, Scheme, ParamBits> (deduced)
 template <class Q>
 FusedRematKernel fused_remat_kernel(const DeviceStream<Q>& x, index_t begin, index_t end) {
   return detail::remat_wgmma_applies<Q>(x.shape(), end - begin) ? FusedRematKernel::Wgmma : FusedRematKernel::Mma;
@@ -172,7 +172,7 @@ FusedRematKernel fused_remat_kernel(const DeviceStream<Q>& x, index_t begin, ind
 /// On Hopper (sm_90a build) 2/4-bit streams take the wgmma kernel (remat_sm90.cuh). Elsewhere
 /// (fused_remat_kernel() == FusedRematKernel::Mma) the portable kernel is 3-5x slower than
 /// remat_simple on an H200: call remat_simple there.
-/// \tparam Q the stream's quantizer, quant::Uniform<Bits, Axis, Scheme> (deduced)
+/// \tparam Q the stream's quantizer, quant::Uniform<Bits, Axis, Scheme, ParamBits> (deduced)
 template <class Q>
 void remat_fused(const DeviceStream<Q>& x, index_t begin, index_t end, const RematOperand& op, bf16* out, index_t ldo,
                  cudaStream_t stream) {

@@ -14,7 +14,9 @@
 //     c = lane%4). One wgmma per commit group, one kept in flight while the next k step's A is
 //     built in the other of two register slots.
 //   - The dequantized value is Q::decode's float, bit for bit (see dequant_magic), rounded to
-//     bf16 as the simple path's X̂ is: both paths multiply the same bf16 matrices.
+//     bf16 as the simple path's X̂ is: both paths multiply the same bf16 matrices. Quantizers with
+//     bf16 parameters (ParamBits::Bf16) take a packed decode instead, two codes per three bf16x2
+//     instructions (dequant_pair), whose one rounding gives the same bf16 values (items 77-80).
 //   - Epilogue from the accumulators: bias, RoPE on the adjacent column pairs each thread holds,
 //     bf16 into a 128-byte swizzled tile in shared memory, stored by TMA (four 64-column boxes,
 //     clipped at the range's rows and N). The stores run on while the consumers start the next
@@ -93,12 +95,20 @@ inline constexpr bool supports = Q::bits == 4 || Q::bits == 2;
 /// step's two code words; 2-bit: the step's word shifted right by 4c.
 template <int Bits>
 struct StepCodes;
+/// For dequant_pair, pair<I> places the codes of columns 2c, 2c+1 (I = 0) or 2c+8, 2c+9 (I = 1)
+/// at bits 0 and 16 + kPairHigh of a word.
 template <>
 struct StepCodes<4> {
   static constexpr int offset(int i) { return 4 * i; }
   static constexpr std::uint32_t kMask = 0xF;
   __device__ __forceinline__ static std::uint32_t gather(const std::uint32_t* w, int step, int c) {
     return __byte_perm(w[2 * step], w[2 * step + 1], static_cast<unsigned>(c | ((c + 4) << 4)));
+  }
+  // Byte I of u (the pair's codes at bits 8I and 8I + 4) and byte I of u >> 4.
+  static constexpr int kPairHigh = 0;
+  template <int I>
+  __device__ __forceinline__ static std::uint32_t pair(std::uint32_t u) {
+    return __byte_perm(u, u >> 4, I == 0 ? 0x0400u : 0x0501u);
   }
 };
 template <>
@@ -107,6 +117,12 @@ struct StepCodes<2> {
   static constexpr std::uint32_t kMask = 0x3;
   __device__ __forceinline__ static std::uint32_t gather(const std::uint32_t* w, int step, int c) {
     return w[step] >> (4 * c);
+  }
+  // Byte 2I of u (the pair's codes at bits 16I and 16I + 2) in bytes 0 and 2.
+  static constexpr int kPairHigh = 2;
+  template <int I>
+  __device__ __forceinline__ static std::uint32_t pair(std::uint32_t u) {
+    return __byte_perm(u, 0u, I == 0 ? 0x0000u : 0x0202u);
   }
 };
 
@@ -123,11 +139,11 @@ __device__ __forceinline__ float step_scale(float scale, int i) {
 }
 template <class Q>
 __device__ __forceinline__ RowScale row_scale(std::uint32_t prm) {
-  const float scale = param_float(prm);
+  const float scale = param_float<Q>(prm);
   RowScale r;
 #pragma unroll
   for (int i = 0; i < 4; ++i) r.s[i] = step_scale<Q::bits>(scale, i);
-  r.z = Q::scheme == Scheme::Asymmetric ? param_float(prm >> 16) : 0.0f;
+  r.z = Q::scheme == Scheme::Asymmetric ? param_float<Q>(prm >> 16) : 0.0f;
   return r;
 }
 
@@ -183,10 +199,34 @@ __device__ __forceinline__ ChanScale chan_scale(const ChanWords& w) {
   ChanScale r;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    r.s[i] = param_float(w.q[i]);
-    r.z[i] = Q::params_per_group == 2 ? param_float(w.q[i] >> 16) : 0.0f;
+    r.s[i] = param_float<Q>(w.q[i]);
+    r.z[i] = Q::params_per_group == 2 ? param_float<Q>(w.q[i] >> 16) : 0.0f;
   }
   return r;
+}
+
+/// ParamBits::Bf16 quantizers (dequant_pair): a row's scale and zero, or a channel pair's, as bf16
+/// pairs, taken from the stored bf16 parameters by byte permutes. Per-token they are made once per
+/// group; per-channel, each k step (ChanPairs: the columns 2c, 2c+1, then 2c+8, 2c+9).
+struct PairScale {
+  std::uint32_t s, z;
+};
+/// From a row's (scale | zero << 16).
+__device__ __forceinline__ PairScale row_pairs(std::uint32_t prm) {
+  return {__byte_perm(prm, 0u, 0x1010u), __byte_perm(prm, 0u, 0x3232u)};
+}
+struct ChanPairs {
+  PairScale lo, hi;
+};
+__device__ __forceinline__ ChanPairs chan_pairs(const ChanWords& w) {
+  return {{__byte_perm(w.q[0], w.q[1], 0x5410u), __byte_perm(w.q[0], w.q[1], 0x7632u)},
+          {__byte_perm(w.q[2], w.q[3], 0x5410u), __byte_perm(w.q[2], w.q[3], 0x7632u)}};
+}
+/// The bf16 pair of columns 2c, 2c+1 (I = 0) or 2c+8, 2c+9 (I = 1) of a StepCodes word.
+template <class Q, int I>
+__device__ __forceinline__ std::uint32_t dequant_step_pair(std::uint32_t u, const PairScale& p) {
+  using C = StepCodes<Q::bits>;
+  return dequant_pair<Q, C::kPairHigh>(C::template pair<I>(u), p.s, p.z);
 }
 
 /// Two adjacent fp16 window values as a bf16 pair (the open group of a per-channel stream).
@@ -303,6 +343,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
   using C = StepCodes<Q::bits>;
   constexpr int RB = kCodeRowBytes<Q>;
   constexpr bool kChannel = Q::axis == Axis::Channel;
+  constexpr bool kPairs = bf16_params<Q>;  // ParamBits::Bf16: two codes per dequant_pair
   constexpr int PPG = Q::params_per_group;
   extern __shared__ unsigned char smem_raw[];
   // The swizzled W tiles need 1024-byte alignment; dynamic shared memory guarantees only 16.
@@ -468,14 +509,16 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     const std::uint32_t codes_smem = sm90::smem_addr(code_tiles);
     std::uint32_t code_row = static_cast<std::uint32_t>(lr0 * RB);
     if constexpr (kChannel) asm volatile("mov.b32 %0, %0;" : "+r"(code_row));
-    RowScale rs[2][2];
+    // (ParamBits::Bf16 quantizers: the scales as bf16 pairs, for dequant_pair.)
+    std::conditional_t<kPairs, PairScale, RowScale> rs[2][2];
     // Tile kt's scales into set P. Only a tile that opens a group converts (the others copy the
     // group's from the other set), and it starts loading the next group's parameters, a whole
     // group of k tiles ahead. (Per-channel scales come from the stage's parameter tile in build.)
     auto prefetch_scales = [&](int kt, auto P) {
       if constexpr (!kChannel) {
         if ((kt & ((1 << tile_shift) - 1)) == 0) {
-          rs[P][0] = row_scale<Q>(pr0), rs[P][1] = row_scale<Q>(pr1);
+          if constexpr (kPairs) rs[P][0] = row_pairs(pr0), rs[P][1] = row_pairs(pr1);
+          else rs[P][0] = row_scale<Q>(pr0), rs[P][1] = row_scale<Q>(pr1);
           const int next = (kt >> tile_shift) + 1;
           pr0 = param(prow0, ok0, next), pr1 = param(prow1, ok1, next);
         } else {
@@ -520,24 +563,37 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     // k % 2 and window pointers wrow0/1).
     auto build = [&](int k, auto P, std::uint32_t(&a)[4], auto G) {
       const std::uint32_t u0 = C::gather(cw[P][0], k, c), u1 = C::gather(cw[P][1], k, c);
-      if constexpr (!kChannel) {
+      if constexpr (!kChannel && kPairs) {
+        const PairScale &rs0 = rs[P][0], &rs1 = rs[P][1];
+        a[0] = dequant_step_pair<Q, 0>(u0, rs0), a[1] = dequant_step_pair<Q, 0>(u1, rs1);
+        a[2] = dequant_step_pair<Q, 1>(u0, rs0), a[3] = dequant_step_pair<Q, 1>(u1, rs1);
+      } else if constexpr (!kChannel) {
         const RowScale &rs0 = rs[P][0], &rs1 = rs[P][1];
         a[0] = pack_bf16x2(dequant_one<Q, 0>(u0, rs0), dequant_one<Q, 1>(u0, rs0));
         a[1] = pack_bf16x2(dequant_one<Q, 0>(u1, rs1), dequant_one<Q, 1>(u1, rs1));
         a[2] = pack_bf16x2(dequant_one<Q, 2>(u0, rs0), dequant_one<Q, 3>(u0, rs0));
         a[3] = pack_bf16x2(dequant_one<Q, 2>(u1, rs1), dequant_one<Q, 3>(u1, rs1));
       } else {
-        auto dequant = [&](const ChanScale& s0, const ChanScale& s1) {
-          a[0] = pack_bf16x2(dequant_chan<Q, 0>(u0, s0.s[0], s0.z[0]), dequant_chan<Q, 1>(u0, s0.s[1], s0.z[1]));
-          a[1] = pack_bf16x2(dequant_chan<Q, 0>(u1, s1.s[0], s1.z[0]), dequant_chan<Q, 1>(u1, s1.s[1], s1.z[1]));
-          a[2] = pack_bf16x2(dequant_chan<Q, 2>(u0, s0.s[2], s0.z[2]), dequant_chan<Q, 3>(u0, s0.s[3], s0.z[3]));
-          a[3] = pack_bf16x2(dequant_chan<Q, 2>(u1, s1.s[2], s1.z[2]), dequant_chan<Q, 3>(u1, s1.s[3], s1.z[3]));
+        auto scales = [](const ChanWords& w) {
+          if constexpr (kPairs) return chan_pairs(w);
+          else return chan_scale<Q>(w);
+        };
+        auto dequant = [&](const auto& s0, const auto& s1) {
+          if constexpr (kPairs) {
+            a[0] = dequant_step_pair<Q, 0>(u0, s0.lo), a[1] = dequant_step_pair<Q, 0>(u1, s1.lo);
+            a[2] = dequant_step_pair<Q, 1>(u0, s0.hi), a[3] = dequant_step_pair<Q, 1>(u1, s1.hi);
+          } else {
+            a[0] = pack_bf16x2(dequant_chan<Q, 0>(u0, s0.s[0], s0.z[0]), dequant_chan<Q, 1>(u0, s0.s[1], s0.z[1]));
+            a[1] = pack_bf16x2(dequant_chan<Q, 0>(u1, s1.s[0], s1.z[0]), dequant_chan<Q, 1>(u1, s1.s[1], s1.z[1]));
+            a[2] = pack_bf16x2(dequant_chan<Q, 2>(u0, s0.s[2], s0.z[2]), dequant_chan<Q, 3>(u0, s0.s[3], s0.z[3]));
+            a[3] = pack_bf16x2(dequant_chan<Q, 2>(u1, s1.s[2], s1.z[2]), dequant_chan<Q, 3>(u1, s1.s[3], s1.z[3]));
+          }
         };
         // Two code paths (split is the same for the whole warp): with `s1 = split ? ... : s0`, the
         // common case paid a register copy of s0 per value.
-        const ChanScale s0 = chan_scale<Q>(pw0[k & 1]);
+        const auto s0 = scales(pw0[k & 1]);
         if constexpr (decltype(G)::value) {
-          if (split) dequant(s0, chan_scale<Q>(pw1[k & 1]));
+          if (split) dequant(s0, scales(pw1[k & 1]));
           else dequant(s0, s0);
           if (any_window) {  // (wrow0/1 point at k tile kt: constant offsets here, no address math per step)
             if (win0) a[0] = window_pair(wrow0 + 16 * k), a[2] = window_pair(wrow0 + 16 * k + 8);

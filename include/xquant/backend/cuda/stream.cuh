@@ -24,7 +24,7 @@ struct DeviceStreamShape {
   index_t group = 128;     ///< group size; 8, 16, 32, 64, 128 or 256
 };
 
-/// \tparam Q quant::Uniform<Bits, Axis, Scheme>: the CPU quantizer whose codes this stream holds.
+/// \tparam Q quant::Uniform<Bits, Axis, Scheme, ParamBits>: the CPU quantizer whose codes this stream holds.
 /// The sequences' lengths live on the device (the kernels read and advance them) and are mirrored on
 /// the host, which checks capacity and sizes later launches from them. A CUDA graph that captures an
 /// append advances only the device's lengths when replayed: the host's copy (length(), capacity
