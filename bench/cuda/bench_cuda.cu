@@ -33,6 +33,9 @@ using U4 = xq::quant::Uniform<4>;
 using U2 = xq::quant::Uniform<2>;
 using C4 = xq::quant::Uniform<4, xq::Axis::Channel>;
 using C2 = xq::quant::Uniform<2, xq::Axis::Channel>;
+/// Q with group parameters of 8 significant bits (ParamBits::Bf16): the wgmma kernel's packed decode.
+template <class Q>
+using Bf16Params = xq::quant::Uniform<Q::bits, Q::axis, Q::scheme, xq::ParamBits::Bf16>;
 
 namespace {
 
@@ -331,8 +334,8 @@ const xc::DeviceRope& rope() {
 
 // ---- remat GEMM -----------------------------------------------------------------------------
 // One row (shape, B, L) times in turn: cuBLAS bf16 on an unquantized X of the same shape (the
-// baseline), the fused kernel at 4 and 2 bits, and the simple path (X̂ dequantized to bf16 in
-// device memory, then cuBLAS) at 4 and 2 bits.
+// baseline), the fused kernel at 4 and 2 bits (fp16 parameters, then 8-bit ones: ParamBits::Bf16),
+// and the simple path (X̂ dequantized to bf16 in device memory, then cuBLAS) at 4 and 2 bits.
 template <class Q4K, class Q4V, class Q2K, class Q2V>
 void bench_remat_row(benchmark::State& st, Shape s, int B, index_t L) {
   const index_t w = s.key_width(), N = s.Hkv * 128, M = B * L;
@@ -342,21 +345,29 @@ void bench_remat_row(benchmark::State& st, Shape s, int B, index_t L) {
   const xc::RematOperand op{W.data(), N, 0, nullptr, &rope()};
   auto c4 = make_cache<Q4K, Q4V>(s, B, L);
   auto c2 = make_cache<Q2K, Q2V>(s, B, L);
+  auto c4b = make_cache<Bf16Params<Q4K>, Q4V>(s, B, L);
+  auto c2b = make_cache<Bf16Params<Q2K>, Q2V>(s, B, L);
   xc::DeviceBuffer<xc::bf16> scratch;
   const Timed t = time_calls(
       st, {{"cublas", [&] { xc::gemm_bf16_nt(blas(), M, N, w, X.data(), w, W.data(), w, out.data(), N, nullptr); }},
            {"fused4", [&] { xc::remat_fused(*c4.k, 0, L, op, out.data(), N, nullptr); }},
            {"fused2", [&] { xc::remat_fused(*c2.k, 0, L, op, out.data(), N, nullptr); }},
            {"simple4", [&] { xc::remat_simple(*c4.k, 0, L, op, out.data(), N, blas(), scratch, nullptr); }},
-           {"simple2", [&] { xc::remat_simple(*c2.k, 0, L, op, out.data(), N, blas(), scratch, nullptr); }}});
+           {"simple2", [&] { xc::remat_simple(*c2.k, 0, L, op, out.data(), N, blas(), scratch, nullptr); }},
+           {"fused4b", [&] { xc::remat_fused(*c4b.k, 0, L, op, out.data(), N, nullptr); }},
+           {"fused2b", [&] { xc::remat_fused(*c2b.k, 0, L, op, out.data(), N, nullptr); }}});
   g_ms[key("remat_cublas", s, B, L, 16)] = t.ms[0];
   g_ms[key("remat_fused", s, B, L, 4)] = t.ms[1];
   g_ms[key("remat_fused", s, B, L, 2)] = t.ms[2];
   g_ms[key("remat_simple", s, B, L, 4)] = t.ms[3];
   g_ms[key("remat_simple", s, B, L, 2)] = t.ms[4];
+  g_ms[key("remat_fused_bf16p", s, B, L, 4)] = t.ms[5];
+  g_ms[key("remat_fused_bf16p", s, B, L, 2)] = t.ms[6];
   st.counters["cublas_TFLOP/s"] = 2.0 * M * N * w / t.ms[0] / 1e9;
   if (t.ms[1] > 0) st.counters["frac4"] = t.ms[0] / t.ms[1];
   if (t.ms[2] > 0) st.counters["frac2"] = t.ms[0] / t.ms[2];
+  if (t.ms[5] > 0) st.counters["frac4b"] = t.ms[0] / t.ms[5];
+  if (t.ms[6] > 0) st.counters["frac2b"] = t.ms[0] / t.ms[6];
 }
 
 // ---- dequantize -------------------------------------------------------------------------------
@@ -602,8 +613,9 @@ std::string table() {
       os << "B" << B << "/" << bits << "b " << fmt(get("append_token/w4096/B" + std::to_string(B) + "/" + std::to_string(bits) + "b") * 1e3, 1) << " us; ";
   os << "\n\nRemat GEMM K = RoPE(X̂·Wkᵀ) over all cached tokens (M = B·L, K = width, N = dkv); times in ms; "
         "fraction = cuBLAS bf16 time on unquantized X / fused time (target >= 0.9):\n\n"
-        "| shape | B | L | cuBLAS bf16 | TFLOP/s | fused 4b | frac | fused 2b | frac | simple 4b | simple 2b |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n";
+        "| shape | B | L | cuBLAS bf16 | TFLOP/s | fused 4b | frac | fused 2b | frac | simple 4b | simple 2b | "
+        "fused 4b, 8-bit params | frac | fused 2b, 8-bit params | frac |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   for (const Shape& s : kShapes)
     for (int B : {1, 8})
       for (index_t L : {index_t(4096), index_t(32768)}) {
@@ -612,8 +624,12 @@ std::string table() {
         const double f4 = get(key("remat_fused", s, B, L, 4)), f2 = get(key("remat_fused", s, B, L, 2));
         os << "| " << s.name << " | " << B << " | " << L / 1024 << "k | " << fmt(cb, 3) << " | " << fmt(fl / cb / 1e9, 0)
            << " | " << fmt(f4, 3) << " | " << fmt(cb / f4) << " | " << fmt(f2, 3) << " | " << fmt(cb / f2) << " | "
-           << fmt(get(key("remat_simple", s, B, L, 4)), 3) << " | " << fmt(get(key("remat_simple", s, B, L, 2)), 3)
-           << " |\n";
+           << fmt(get(key("remat_simple", s, B, L, 4)), 3) << " | " << fmt(get(key("remat_simple", s, B, L, 2)), 3);
+        for (int bits : {4, 2}) {
+          const double fb = get(key("remat_fused_bf16p", s, B, L, bits));
+          os << " | " << fmt(fb, 3) << " | " << fmt(cb / fb);
+        }
+        os << " |\n";
       }
   os << "\nDequantize X̂ of all cached tokens to bf16 (remat_simple's first step), bandwidth as a fraction of a "
         "device-to-device copy of the bf16 output (codes and parameters read + bf16 written; the copy moves 2 × the "
