@@ -83,8 +83,8 @@ struct Uniform {
   /// decode rounded to bf16, see ParamBits). Activations past fp16's range (|x| > 65504) are
   /// refused as with fp16 parameters, so that every stream takes the same activations.
   XQ_HOST_DEVICE static bool fit_8_bits(float lo, float hi, std::uint16_t* out) {
-    constexpr float kMinScale = 0x1p-24f, kMaxParam = 65504.0f;
-    if (!(std::fabs(lo) <= kMaxParam && std::fabs(hi) <= kMaxParam)) return false;  // (NaN included)
+    constexpr float kMinScale = 0x1p-24f, kMaxInput = 65504.0f;
+    if (!(std::fabs(lo) <= kMaxInput && std::fabs(hi) <= kMaxInput)) return false;  // (NaN included)
     float zero = 0.0f, scale = 0.0f, top = hi;  // top: the magnitude the levels must reach
     float levels = static_cast<float>(sym_levels);
     if constexpr (S == Scheme::Asymmetric) {
@@ -96,7 +96,9 @@ struct Uniform {
     if (top > zero) {
       scale = bf16_to_float(float_to_bf16_toward((top - zero) / levels, true));
       if (scale < kMinScale) scale = kMinScale;
-      if (fmaf(levels, scale, zero) < top) scale = bf16_to_float(float_to_bf16_toward(scale * (1.0f + 0x1p-7f), true));
+      // The division rounded down onto a bf16 value: one step up.
+      if (fmaf(levels, scale, zero) < top)
+        scale = bf16_to_float(static_cast<std::uint16_t>(float_to_bf16_toward(scale, true) + 1u));
     }
     if (std::fabs(zero) < scale * 0x1p-20f) zero = 0.0f;
     out[0] = float_to_bf16_toward(scale, true);  // (exact: both have 8 significant bits by now)
