@@ -203,6 +203,15 @@ TEST_CASE("cuda decode attention, absorbed values: 8 and 3 query heads per KV he
 TEST_CASE("cuda decode attention, absorbed values: latent codec (X·Uk per channel, X·Uv per token)") {
   check_decode<xq::quant::Uniform<4, Axis::Channel>, xq::quant::Uniform<4>>({8, 2, 128}, true);
 }
+TEST_CASE("cuda decode attention, absorbed values: bf16 parameters (ParamBits::Bf16: the packed key decode)") {
+  using xq::ParamBits;
+  using xq::Scheme;
+  using K4 = xq::quant::Uniform<4, Axis::Token, Scheme::Asymmetric, ParamBits::Bf16>;
+  using C2 = xq::quant::Uniform<2, Axis::Channel, Scheme::Asymmetric, ParamBits::Bf16>;
+  using V4 = xq::quant::Uniform<4, Axis::Token, Scheme::Symmetric, ParamBits::Bf16>;
+  check_decode<K4, K4>({8, 2, 128}, false);
+  check_decode<C2, V4>({8, 2, 128}, true);
+}
 TEST_CASE("cuda decode attention, absorbed values: per-channel and 3-bit values (the general value decode)") {
   // absorb_values_kernel decodes per-token 2- and 4-bit values inline and every other quantizer
   // through dequant8 (per-channel: the newest tokens from the fp16 window).
