@@ -153,23 +153,34 @@ TEST_CASE("cuda remat: 2-bit symmetric per-channel") {
 namespace {
 
 /// Runs the wgmma kernel's decode for every code position of `words` random code words under
-/// `params`, writing what each thread's four positions decode to (the A values before bf16
-/// rounding): per-token streams by row_scale and dequant_one, per-channel ones by chan_scale and
-/// dequant_chan (the four channels given the same parameters).
+/// `params`, writing what each thread's four positions decode to (the A values; before bf16
+/// rounding, except for the packed decode): per-token streams by row_scale and dequant_one,
+/// per-channel ones by chan_scale and dequant_chan (the four channels given the same parameters);
+/// ParamBits::Bf16 quantizers by dequant_step_pair under row_pairs or chan_pairs.
 template <class Q>
 __global__ void dequant_positions_kernel(const std::uint32_t* words, const std::uint32_t* params, int n, float* out) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const std::uint32_t u = words[i];
   namespace d = xc::detail;
-  if constexpr (Q::axis == Axis::Token) {
+  const std::uint32_t q = Q::params_per_group == 2 ? params[i] : params[i] & 0xFFFFu;  // as chan_words reads them
+  if constexpr (d::bf16_params<Q>) {
+    std::uint32_t pair[2];  // columns (2c, 2c+1) and (2c+8, 2c+9)
+    if constexpr (Q::axis == Axis::Token) {
+      const auto p = d::row_pairs(params[i]);
+      pair[0] = d::dequant_step_pair<Q, 0>(u, p), pair[1] = d::dequant_step_pair<Q, 1>(u, p);
+    } else {
+      const auto p = d::chan_pairs(d::ChanWords{{q, q, q, q}});
+      pair[0] = d::dequant_step_pair<Q, 0>(u, p.lo), pair[1] = d::dequant_step_pair<Q, 1>(u, p.hi);
+    }
+    for (int k = 0; k < 4; ++k) out[4 * i + k] = __uint_as_float(pair[k / 2] >> (16 * (k % 2)) << 16);
+  } else if constexpr (Q::axis == Axis::Token) {
     const auto rs = d::row_scale<Q>(params[i]);
     out[4 * i + 0] = d::dequant_one<Q, 0>(u, rs);
     out[4 * i + 1] = d::dequant_one<Q, 1>(u, rs);
     out[4 * i + 2] = d::dequant_one<Q, 2>(u, rs);
     out[4 * i + 3] = d::dequant_one<Q, 3>(u, rs);
   } else {
-    const std::uint32_t q = Q::params_per_group == 2 ? params[i] : params[i] & 0xFFFFu;  // as chan_words reads them
     const auto cs = d::chan_scale<Q>(d::ChanWords{{q, q, q, q}});
     out[4 * i + 0] = d::dequant_chan<Q, 0>(u, cs.s[0], cs.z[0]);
     out[4 * i + 1] = d::dequant_chan<Q, 1>(u, cs.s[1], cs.z[1]);
@@ -178,8 +189,17 @@ __global__ void dequant_positions_kernel(const std::uint32_t* words, const std::
   }
 }
 
+/// A float rounded to bf16 (nearest even), as the simple path rounds X̂.
+float round_bf16(float x) {
+  const std::uint32_t b = xq::float_bits(x);
+  return xq::bits_float((b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u);
+}
+
 /// The wgmma kernel's decode equals Q::decode bit for bit: every code at every position, random
-/// fp16 parameters (normal and subnormal scales, zeros of both signs and magnitudes).
+/// fp16 parameters (normal and subnormal scales, zeros of both signs and magnitudes). The packed
+/// decode of ParamBits::Bf16 quantizers equals Q::decode rounded to bf16, under the parameters
+/// Q::fit gives for random ranges of every magnitude (centred on zero, offset from it, or with a
+/// minimum next to zero, whose zero is flushed).
 template <class Q>
 void check_dequant_positions() {
   XQ_REQUIRE_DEVICE();
@@ -190,9 +210,20 @@ void check_dequant_positions() {
   const int n = 1 << 16;
   std::vector<std::uint32_t> words(n), params(n);
   std::uniform_int_distribution<std::uint32_t> any;
-  std::uniform_real_distribution<float> mag(-30.0f, 16.0f);
+  std::uniform_real_distribution<float> mag(-30.0f, 16.0f), unit(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> ex(-14, 14);
   for (int i = 0; i < n; ++i) {
     words[i] = any(rng);
+    if constexpr (xc::detail::bf16_params<Q>) {
+      const float m = std::ldexp(1.0f, ex(rng)), centre = i % 3 == 0 ? 0.0f : unit(rng) * std::ldexp(1.0f, ex(rng));
+      float lo = centre + m * unit(rng), hi = centre + m * unit(rng);
+      if (i % 7 == 0) lo = std::ldexp(unit(rng), -30) * std::fabs(hi);
+      if (lo > hi) std::swap(lo, hi);
+      std::uint16_t p[2] = {0, 0};
+      REQUIRE(Q::fit(lo, hi, p));
+      params[i] = p[0] | static_cast<std::uint32_t>(p[1]) << 16;
+      continue;
+    }
     const float s = std::ldexp(1.0f, static_cast<int>(mag(rng))) * (1.0f + static_cast<float>(any(rng) % 1024) / 1024.0f);
     const float z = (any(rng) & 1 ? -1.0f : 1.0f) * std::ldexp(1.0f, static_cast<int>(mag(rng))) *
                     (1.0f + static_cast<float>(any(rng) % 1024) / 1024.0f);
@@ -214,84 +245,9 @@ void check_dequant_positions() {
     const auto P = Q::load(p);
     for (int k = 0; k < 4; ++k) {
       const std::uint32_t code = (words[i] >> C::offset(k)) & Q::max_code;
-      const float want = Q::decode(code, P);
+      const float want = xc::detail::bf16_params<Q> ? round_bf16(Q::decode(code, P)) : Q::decode(code, P);
       if (std::memcmp(&want, &got[4 * i + k], 4) != 0 && ++mismatches <= 5)
         MESSAGE("word ", words[i], " position ", k, ": ", got[4 * i + k], " != decode ", want);
-    }
-  }
-  CHECK(mismatches == 0);
-}
-
-/// ParamBits::Bf16 quantizers: the wgmma kernel's packed decode (dequant_step_pair) of the four
-/// code positions of `words[i]` under `params[i]`, as two bf16 pairs (columns 2c, 2c+1 and 2c+8,
-/// 2c+9): per-token by row_pairs, per-channel by chan_pairs (the four channels given the same
-/// parameters).
-template <class Q>
-__global__ void dequant_pairs_kernel(const std::uint32_t* words, const std::uint32_t* params, int n, std::uint32_t* out) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  namespace d = xc::detail;
-  const std::uint32_t u = words[i];
-  if constexpr (Q::axis == Axis::Token) {
-    const auto p = d::row_pairs(params[i]);
-    out[2 * i] = d::dequant_step_pair<Q, 0>(u, p), out[2 * i + 1] = d::dequant_step_pair<Q, 1>(u, p);
-  } else {
-    const auto p = d::chan_pairs(d::ChanWords{{params[i], params[i], params[i], params[i]}});
-    out[2 * i] = d::dequant_step_pair<Q, 0>(u, p.lo), out[2 * i + 1] = d::dequant_step_pair<Q, 1>(u, p.hi);
-  }
-}
-
-/// A float rounded to bf16 (nearest even) as the simple path rounds X̂: its bits.
-std::uint16_t bf16_bits(float x) {
-  std::uint32_t b;
-  std::memcpy(&b, &x, 4);
-  return static_cast<std::uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-}
-
-/// The packed decode of ParamBits::Bf16 quantizers equals Q::decode rounded to bf16, bit for bit:
-/// every code at every position, under the parameters Q::fit gives for random ranges of every
-/// magnitude (centred on zero, offset from it, or with a minimum next to zero, whose zero is
-/// flushed).
-template <class Q>
-void check_dequant_pairs() {
-  XQ_REQUIRE_DEVICE();
-  std::uint64_t seed;
-  auto rng = xqtest::make_rng(seed);
-  INFO("seed ", seed, " bits ", Q::bits, " symmetric ", Q::scheme == xq::Scheme::Symmetric, " per-channel ",
-       Q::axis == Axis::Channel);
-  const int n = 1 << 16;
-  std::vector<std::uint32_t> words(n), params(n);
-  std::uniform_int_distribution<std::uint32_t> any;
-  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
-  std::uniform_int_distribution<int> ex(-14, 14);
-  for (int i = 0; i < n; ++i) {
-    words[i] = any(rng);
-    const float mag = std::ldexp(1.0f, ex(rng)), centre = i % 3 == 0 ? 0.0f : unit(rng) * std::ldexp(1.0f, ex(rng));
-    float lo = centre + mag * unit(rng), hi = centre + mag * unit(rng);
-    if (i % 7 == 0) lo = std::ldexp(unit(rng), -30) * std::fabs(hi);
-    if (lo > hi) std::swap(lo, hi);
-    std::uint16_t p[2] = {0, 0};
-    REQUIRE(Q::fit(lo, hi, p));
-    params[i] = p[0] | (Q::params_per_group == 2 ? static_cast<std::uint32_t>(p[1]) << 16 : 0u);
-  }
-  xc::DeviceBuffer<std::uint32_t> dw(n), dp(n), out(2 * n);
-  dw.upload(words.data(), n, nullptr);
-  dp.upload(params.data(), n, nullptr);
-  out.fill_bytes(0xff, nullptr);
-  dequant_pairs_kernel<Q><<<n / 256, 256>>>(dw.data(), dp.data(), n, out.data());
-  xc::check_launch("dequant_pairs_kernel");
-  const auto got = xqcuda::to_host(out);
-  using C = xc::detail::StepCodes<Q::bits>;
-  int mismatches = 0;
-  for (int i = 0; i < n; ++i) {
-    const std::uint16_t p[2] = {static_cast<std::uint16_t>(params[i]), static_cast<std::uint16_t>(params[i] >> 16)};
-    const auto P = Q::load(p);
-    for (int k = 0; k < 4; ++k) {
-      const std::uint32_t code = (words[i] >> C::offset(k)) & Q::max_code;
-      const std::uint16_t want = bf16_bits(Q::decode(code, P));
-      const std::uint16_t have = static_cast<std::uint16_t>(got[2 * i + k / 2] >> (16 * (k % 2)));
-      if (want != have && ++mismatches <= 5)
-        MESSAGE("word ", words[i], " position ", k, " params ", params[i], ": bf16 bits ", have, " != ", want);
     }
   }
   CHECK(mismatches == 0);
@@ -414,14 +370,14 @@ TEST_CASE("cuda remat wgmma: dequantization equals Q::decode bit for bit") {
 TEST_CASE("cuda remat wgmma: the packed decode of ParamBits::Bf16 quantizers equals bf16(Q::decode) bit for bit") {
   using xq::ParamBits;
   using xq::Scheme;
-  check_dequant_pairs<xq::quant::Uniform<4, Axis::Token, Scheme::Asymmetric, ParamBits::Bf16>>();
-  check_dequant_pairs<xq::quant::Uniform<2, Axis::Token, Scheme::Asymmetric, ParamBits::Bf16>>();
-  check_dequant_pairs<xq::quant::Uniform<4, Axis::Token, Scheme::Symmetric, ParamBits::Bf16>>();
-  check_dequant_pairs<xq::quant::Uniform<2, Axis::Token, Scheme::Symmetric, ParamBits::Bf16>>();
-  check_dequant_pairs<xq::quant::Uniform<4, Axis::Channel, Scheme::Asymmetric, ParamBits::Bf16>>();
-  check_dequant_pairs<xq::quant::Uniform<2, Axis::Channel, Scheme::Asymmetric, ParamBits::Bf16>>();
-  check_dequant_pairs<xq::quant::Uniform<4, Axis::Channel, Scheme::Symmetric, ParamBits::Bf16>>();
-  check_dequant_pairs<xq::quant::Uniform<2, Axis::Channel, Scheme::Symmetric, ParamBits::Bf16>>();
+  check_dequant_positions<xq::quant::Uniform<4, Axis::Token, Scheme::Asymmetric, ParamBits::Bf16>>();
+  check_dequant_positions<xq::quant::Uniform<2, Axis::Token, Scheme::Asymmetric, ParamBits::Bf16>>();
+  check_dequant_positions<xq::quant::Uniform<4, Axis::Token, Scheme::Symmetric, ParamBits::Bf16>>();
+  check_dequant_positions<xq::quant::Uniform<2, Axis::Token, Scheme::Symmetric, ParamBits::Bf16>>();
+  check_dequant_positions<xq::quant::Uniform<4, Axis::Channel, Scheme::Asymmetric, ParamBits::Bf16>>();
+  check_dequant_positions<xq::quant::Uniform<2, Axis::Channel, Scheme::Asymmetric, ParamBits::Bf16>>();
+  check_dequant_positions<xq::quant::Uniform<4, Axis::Channel, Scheme::Symmetric, ParamBits::Bf16>>();
+  check_dequant_positions<xq::quant::Uniform<2, Axis::Channel, Scheme::Symmetric, ParamBits::Bf16>>();
 }
 TEST_CASE("cuda remat wgmma: ParamBits::Bf16 quantizers (the packed decode)") {
   using xq::ParamBits;
