@@ -16,13 +16,13 @@ namespace xquant::quant {
 /// \tparam GroupAxis Axis::Token groups `group` consecutive channels of one token (per-token
 ///                   quantization); Axis::Channel groups `group` consecutive tokens of one
 ///                   channel (per-channel; newest tokens wait in the fp16 window until a group fills).
-/// \tparam S         Scheme::Asymmetric: scale s = (max-min)/(2^e-1) and zero z = min, both fp16.
-///                   Scheme::Symmetric: s = max|x|/(2^(e-1)-1), fp16, no zero; codes are
+/// \tparam S         Scheme::Asymmetric: scale s = (max-min)/(2^e-1) and zero z = min (rounded as PB says).
+///                   Scheme::Symmetric: s = max|x|/(2^(e-1)-1), no zero; codes are
 ///                   offset by 2^(e-1)-1 so they stay unsigned (2 bits gives levels -s, 0, s).
 /// \tparam PB        how the scale and zero are stored (ParamBits): Fp16, or Bf16 (8 significant
 ///                   bits, chosen so that the GPU's packed bf16 decode is exact; see ParamBits).
 ///
-/// Codes are computed against the *stored* fp16 scale and zero, so that dequantization is the
+/// Codes are computed against the *stored* scale and zero, so that dequantization is the
 /// exact inverse the encoder assumed: c = clamp(rint((x - z) / s), 0, 2^e-1), x̂ = z + s*c.
 template <int Bits, Axis GroupAxis = Axis::Token, Scheme S = Scheme::Asymmetric, ParamBits PB = ParamBits::Fp16>
 struct Uniform {
@@ -33,7 +33,7 @@ struct Uniform {
   static constexpr Scheme scheme = S;
   static constexpr ParamBits param_bits = PB;
   static constexpr bool is_float = false;
-  /// fp16 values stored per group: scale and zero, or scale alone.
+  /// Parameters stored per group (2 bytes each, fp16 or bf16): scale and zero, or scale alone.
   static constexpr int params_per_group = S == Scheme::Asymmetric ? 2 : 1;
   static constexpr std::uint32_t max_code = (1u << Bits) - 1u;
   /// Symmetric: largest magnitude level; also the offset that makes codes unsigned.
@@ -43,14 +43,14 @@ struct Uniform {
   static constexpr index_t code_bytes(index_t width) { return packed_bytes<Bits>(width); }
 
   /// Exact storage of `tokens` tokens of `width` values in groups of `group`: packed codes plus
-  /// fp16 parameters (per token: width/group groups per token; per channel: one row of `width`
+  /// 2-byte parameters (per token: width/group groups per token; per channel: one row of `width`
   /// per started group of tokens).
   static constexpr index_t storage_bytes(index_t tokens, index_t width, index_t group) {
     const index_t groups = GroupAxis == Axis::Token ? tokens * (width / group) : (tokens + group - 1) / group * width;
     return tokens * code_bytes(width) + groups * params_per_group * 2;
   }
 
-  /// Scale and zero as floats (already fp16-rounded).
+  /// Scale and zero as floats (as stored: fp16- or bf16-rounded).
   struct Params {
     float scale, zero;
   };
