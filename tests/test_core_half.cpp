@@ -150,3 +150,44 @@ TEST_CASE("find_half_misfit names the first value outside the fp16 range") {
   x[first] = 65519.996f;  // the largest that rounds to 65504
   CHECK(xquant::find_half_misfit(x.data(), x.size()) == later);
 }
+
+namespace {
+// Independent float64 value of bf16 bits (finite ones).
+double bf16_value(std::uint16_t b) {
+  const int e = (b >> 7) & 255, m = b & 127;
+  const double v = e == 0 ? std::ldexp(m, -133) : std::ldexp(128 + m, e - 134);
+  return (b & 0x8000) ? -v : v;
+}
+}  // namespace
+
+TEST_CASE("bf16_to_float is exact, and float_to_bf16_toward rounds toward +Inf or -Inf") {
+  // Every finite bf16 value, sorted: the reference brackets each float between two of them.
+  std::vector<double> values;
+  for (std::uint32_t b = 0; b < 65536; ++b) {
+    const auto h = static_cast<std::uint16_t>(b);
+    if (((h >> 7) & 255) == 255) continue;  // Inf, NaN
+    REQUIRE(static_cast<double>(xquant::bf16_to_float(h)) == bf16_value(h));
+    CHECK(xquant::float_to_bf16_toward(xquant::bf16_to_float(h), true) == h);  // exact: unchanged,
+    CHECK(xquant::float_to_bf16_toward(xquant::bf16_to_float(h), false) == h);  // −0 included
+    values.push_back(bf16_value(h));
+  }
+  std::sort(values.begin(), values.end());
+  std::uint64_t seed;
+  auto g = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  std::uniform_int_distribution<std::uint32_t> any;
+  for (int i = 0; i < 200000; ++i) {
+    const float x = xquant::bits_float(any(g));
+    if (!std::isfinite(x)) continue;
+    CAPTURE(x);
+    const double up = xquant::bf16_to_float(xquant::float_to_bf16_toward(x, true));
+    const double down = xquant::bf16_to_float(xquant::float_to_bf16_toward(x, false));
+    const auto above = std::lower_bound(values.begin(), values.end(), static_cast<double>(x));
+    const auto below = std::upper_bound(values.begin(), values.end(), static_cast<double>(x));
+    CHECK(up == (above == values.end() ? INFINITY : *above));      // the least bf16 >= x
+    CHECK(down == (below == values.begin() ? -INFINITY : below[-1]));  // the greatest bf16 <= x
+  }
+  CHECK(std::isnan(xquant::bf16_to_float(xquant::float_to_bf16_toward(std::nanf(""), true))));
+  CHECK(xquant::float_to_bf16_toward(INFINITY, false) == 0x7f80u);
+  CHECK(xquant::float_to_bf16_toward(-INFINITY, true) == 0xff80u);
+}
