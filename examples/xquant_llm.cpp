@@ -10,7 +10,7 @@
 //   xquant-llm layer-stats --model M --tokenizer T --text F [--max-tokens N] [--group G] [--json]
 //   xquant-llm tokenize --tokenizer T --text F [--model M] [--split S] [--out F.u16]
 //                       [--check-tokens F.u16] [--json]
-//   cache options: --cache MODE --bits B --group G --base-layers N --base-bits B --window N
+//   cache options: --cache MODE --bits B --group G --base-layers N --base-bits B --params P --window N
 //
 // The library owns the cache and the attention (llm/xquant_attention.hpp: xquant::Cache<Codec> +
 // xquant::attend), the driver owns the model (llm/model.hpp). ppl follows the stream convention
@@ -134,6 +134,13 @@ const std::vector<OptSpec>& options_table() {
        [](Options& o, const std::string& v) { o.cache.base_layers = static_cast<int>(parse_int("--base-layers", v, 0, 1 << 20)); }},
       {"--base-bits", "B", kGenerate | kPpl | kLayerStats, "bits of the base layers (default 4)",
        [](Options& o, const std::string& v) { o.cache.base_bits = static_cast<int>(parse_int("--base-bits", v, 1, 64)); }},
+      {"--params", "P", kGenerate | kPpl,
+       "group parameters of the quantized modes: fp16 (default) or bf16 (8 significant bits, what the Hopper remat "
+       "kernel decodes fastest; xquant::ParamBits)",
+       [](Options& o, const std::string& v) {
+         if (v != "fp16" && v != "bf16") throw UsageError("--params must be fp16 or bf16, got '" + v + "'");
+         o.cache.params = v == "bf16" ? xquant::ParamBits::Bf16 : xquant::ParamBits::Fp16;
+       }},
       {"--window", "N", kGenerate,
        "generate: newest tokens kept in fp16 by per-token streams, 0..128 (default 128; per-channel "
        "streams always keep their unfilled group)",
@@ -323,7 +330,7 @@ std::unique_ptr<llm::Model> load_model(const Options& o) {
 std::string describe_cache(const llm::CacheInfo& i, llm::Fill fill) {
   std::string s = i.mode + " (" + i.codec;
   if (i.quantized) {
-    s += ", " + std::to_string(i.bits) + " bits, group " + std::to_string(i.group);
+    s += ", " + std::to_string(i.bits) + " bits, group " + std::to_string(i.group) + ", " + i.params + " parameters";
     if (i.base_layers > 0)
       s += ", first " + std::to_string(i.base_layers) + " layer" + (i.base_layers > 1 ? "s" : "") + " at " +
            std::to_string(i.base_bits) + " bits";
@@ -410,7 +417,7 @@ int run_generate(const Options& o) {
     JsonObject j;
     j.add("command", "generate").add("mode", o.cache.mode).add("model", o.model).add("prompt", o.prompt)
         .add("bits", g.info.bits).add("group", g.info.group).add("base_layers", g.info.base_layers)
-        .add("base_bits", g.info.base_bits).add("window", g.info.window)
+        .add("base_bits", g.info.base_bits).add("params", g.info.params).add("window", g.info.window)
         .add("prompt_tokens", g.prompt_tokens).add("tokens", g.generated).add("text", g.text)
         .add("stopped_at_bos", g.stopped_at_bos).add("temperature", o.temperature)
         .add("top_p", o.top_p).add("seed", static_cast<std::int64_t>(o.seed))
@@ -503,7 +510,8 @@ JsonObject ppl_json(const Options& o, const llm::Config& c, const EvalText& t, c
   const double fp16 = static_cast<double>(fp16_kv_bytes_per_token(c));
   JsonObject j;
   j.add("command", "ppl").add("mode", r.info.mode).add("bits", r.info.bits).add("group", r.info.group)
-      .add("base_layers", r.info.base_layers).add("base_bits", r.info.base_bits).add("codec", r.info.codec)
+      .add("base_layers", r.info.base_layers).add("base_bits", r.info.base_bits).add("params", r.info.params)
+      .add("codec", r.info.codec)
       .add("model", o.model).add("text", o.text).add("split", o.split).add("seq_len", c.seq_len)
       .add("layers", c.n_layers).add("dim", c.dim).add("kv_dim", c.kv_dim())
       .add("documents", static_cast<std::int64_t>(t.documents))

@@ -9,6 +9,8 @@
 //           quantized mode alike (the paper keeps its first 3 of 32 layers at 4 bits for every
 //           method; default here 1 layer at 4 bits, about the same share of an 8-layer model).
 //           XQuant-CL's base layer also seeds its cross-layer accumulator.
+//   params  the group parameters' storage, fp16 (default) or bf16 (xquant::ParamBits; bf16 is what
+//           the Hopper remat kernel decodes fastest, exactly): every quantizer of the mode alike.
 //   window  generation (Fill::Stream): the newest tokens wait in fp16. Per-channel streams keep
 //           their unfilled token group (up to 128 tokens) by construction; per-token streams keep
 //           the newest `window` tokens, default 128, so every method keeps the same recent tokens
@@ -35,6 +37,7 @@ struct CacheSettings {
   int group = 128;       // before clamping
   int base_layers = 1;   // quantized modes only
   int base_bits = 4;
+  xquant::ParamBits params = xquant::ParamBits::Fp16;  // the quantizers' group parameters
   int window = -1;       // per-token generation window; -1: default (128)
   Fill fill = Fill::TeacherForce;
 };
@@ -48,6 +51,7 @@ struct CacheInfo {
   int base_layers = 0;  // layers at base_bits
   int base_bits = 0;
   int window = 0;       // fp16 window of per-token streams (0 in teacher forcing)
+  std::string params;   // group parameters of the quantized modes: "fp16" or "bf16"
   std::string codec;    // the library type, described
 };
 
@@ -58,6 +62,17 @@ struct CacheModeError : std::runtime_error {
 namespace modes {
 
 inline int clamp_group(int group, int width) { return std::min(group, width); }
+
+// Calls f(PB) with the settings' parameter storage as a compile-time constant (like dispatch_bits).
+template <class F>
+auto dispatch_params(xquant::ParamBits p, F&& f) {
+  using xquant::ParamBits;
+  if (p == ParamBits::Bf16) return f(std::integral_constant<ParamBits, ParamBits::Bf16>{});
+  return f(std::integral_constant<ParamBits, ParamBits::Fp16>{});
+}
+// Uniform<B, axis> with parameters stored as PB.
+template <int B, xquant::Axis A, xquant::ParamBits PB>
+using UniformQ = xquant::quant::Uniform<B, A, xquant::Scheme::Asymmetric, PB>;
 
 // A quantized mode's layout: layers [0, base) at base bits, the rest at bits.
 struct Layout {
@@ -76,10 +91,10 @@ inline Layout layout(const Model& m, const CacheSettings& s) {
 }
 
 // Per-layer XQuant (per-token groups along d) for layers [first, first + count) at B bits.
-template <int B>
+template <int B, xquant::ParamBits PB>
 std::unique_ptr<AttentionCache> per_layer(const Model& m, int group, const Layout& lo, Fill fill, int first,
                                           int count) {
-  using Q = xquant::quant::Uniform<B, xquant::Axis::Token>;
+  using Q = UniformQ<B, xquant::Axis::Token, PB>;
   xquant::codec::PerLayer<Q> codec;
   codec.group = group;
   codec.window = lo.window;
@@ -105,11 +120,10 @@ std::unique_ptr<AttentionCache> kivi(const Model& m, int value_group, const Layo
 }
 
 // Latent (SVD) XQuant: X·Uk per channel (groups of 128 tokens), X·Uv per token; B bits.
-template <int B>
+template <int B, xquant::ParamBits PB>
 std::unique_ptr<AttentionCache> latent(const Model& m, int value_group, const Layout& lo, Fill fill, int first,
                                        int count) {
-  using C = xquant::codec::Latent<xquant::quant::Uniform<B, xquant::Axis::Channel>,
-                                  xquant::quant::Uniform<B, xquant::Axis::Token>>;
+  using C = xquant::codec::Latent<UniformQ<B, xquant::Axis::Channel, PB>, UniformQ<B, xquant::Axis::Token, PB>>;
   C codec;
   codec.weights = weights_of(m, first, count);
   codec.key_group = 128;
@@ -120,10 +134,10 @@ std::unique_ptr<AttentionCache> latent(const Model& m, int value_group, const La
 
 // XQuant-CL (Latent: in the SVD basis of each layer's [Wk|Wv]): deltas at B bits, the first
 // base_layers (at least 1: layer 0 has no predecessor) plainly at BB bits.
-template <bool Latent, int B, int BB>
+template <bool Latent, int B, int BB, xquant::ParamBits PB>
 std::unique_ptr<AttentionCache> cross_layer(const Model& m, int group, int base_layers, const Layout& lo, Fill fill) {
-  using C = xquant::codec::CrossLayerCodec<xquant::quant::Uniform<B, xquant::Axis::Token>,
-                                           xquant::quant::Uniform<BB, xquant::Axis::Token>, Latent>;
+  using C = xquant::codec::CrossLayerCodec<UniformQ<B, xquant::Axis::Token, PB>, UniformQ<BB, xquant::Axis::Token, PB>,
+                                           Latent>;
   C codec;
   codec.base_layers = base_layers;
   codec.group = group;
@@ -152,8 +166,10 @@ struct CacheMode {
 };
 
 // Fills the quantized-mode fields of `info`.
-inline void describe_layout(CacheInfo& info, const modes::Layout& lo, int group, const std::string& codec) {
+inline void describe_layout(CacheInfo& info, const modes::Layout& lo, int group, const std::string& codec,
+                            xquant::ParamBits params) {
   info.quantized = true;
+  info.params = params == xquant::ParamBits::Bf16 ? "bf16" : "fp16";
   info.bits = lo.bits;
   info.group = group;
   info.base_layers = lo.base_layers;
@@ -176,10 +192,13 @@ std::unique_ptr<AttentionCache> make_cross_layer(const Model& m, const CacheSett
   const int group = clamp_group(s.group, width);
   describe_layout(info, lo, group,
                   std::string(Latent ? "LatentCrossLayer" : "CrossLayer") + "<Uniform<bits,Token>,Uniform<base_bits,Token>>{group=" +
-                      std::to_string(group) + ",base_layers=" + std::to_string(lo.base_layers) + "}");
-  return xquant::dispatch_bits(lo.bits, [&](auto B) {
-    return xquant::dispatch_bits(lo.base_bits, [&](auto BB) {
-      return cross_layer<Latent, B(), BB()>(m, group, lo.base_layers, lo, s.fill);
+                      std::to_string(group) + ",base_layers=" + std::to_string(lo.base_layers) + "}",
+                  s.params);
+  return dispatch_params(s.params, [&](auto PB) {
+    return xquant::dispatch_bits(lo.bits, [&](auto B) {
+      return xquant::dispatch_bits(lo.base_bits, [&](auto BB) {
+        return cross_layer<Latent, B(), BB(), PB()>(m, group, lo.base_layers, lo, s.fill);
+      });
     });
   });
 }
@@ -187,7 +206,6 @@ std::unique_ptr<AttentionCache> make_cross_layer(const Model& m, const CacheSett
 inline const std::vector<CacheMode>& cache_modes() {
   using namespace modes;
   using xquant::Axis;
-  using xquant::quant::Uniform;
   static const std::vector<CacheMode> t = {
       {"fp32", "library cache of X in fp32, K and V rematerialized (unquantized reference)",
        [](const Model& m, const CacheSettings& s, CacheInfo& info) -> std::unique_ptr<AttentionCache> {
@@ -204,9 +222,13 @@ inline const std::vector<CacheMode>& cache_modes() {
        [](const Model& m, const CacheSettings& s, CacheInfo& info) -> std::unique_ptr<AttentionCache> {
          const Layout lo = layout(m, s);
          const int group = clamp_group(s.group, m.config().dim);
-         describe_layout(info, lo, group, "PerLayer<Uniform<bits,Token>>{group=" + std::to_string(group) + "}");
+         describe_layout(info, lo, group, "PerLayer<Uniform<bits,Token>>{group=" + std::to_string(group) + "}",
+                         s.params);
          return with_base_layers(m, lo, [&](int bits, int first, int count) {
-           return xquant::dispatch_bits(bits, [&](auto B) { return per_layer<B()>(m, group, lo, s.fill, first, count); });
+           return dispatch_params(s.params, [&](auto PB) {
+             return xquant::dispatch_bits(bits,
+                                          [&](auto B) { return per_layer<B(), PB()>(m, group, lo, s.fill, first, count); });
+           });
          });
        }},
       {"fp16", "K and V stored in fp16, as an inference engine does (the FP16 K/V baseline)",
@@ -222,10 +244,16 @@ inline const std::vector<CacheMode>& cache_modes() {
          const Layout lo = layout(m, s);
          const int group = clamp_group(s.group, m.config().kv_dim());
          describe_layout(info, lo, group,
-                         "Kivi<Uniform<bits,Channel>,Uniform<bits,Token>>{key_group=128,value_group=" + std::to_string(group) + "}");
+                         "Kivi<Uniform<bits,Channel>,Uniform<bits,Token>>{key_group=128,value_group=" +
+                             std::to_string(group) + "}",
+                         s.params);
          return with_base_layers(m, lo, [&](int bits, int first, int count) {
-           return xquant::dispatch_bits(bits, [&](auto B) {
-             return kivi<Uniform<B(), Axis::Channel>, Uniform<B(), Axis::Token>>(m, group, lo, s.fill, first, count);
+           return dispatch_params(s.params, [&](auto PB) {
+             return xquant::dispatch_bits(bits, [&](auto B) {
+               using K = UniformQ<B(), Axis::Channel, PB()>;
+               using V = UniformQ<B(), Axis::Token, PB()>;
+               return kivi<K, V>(m, group, lo, s.fill, first, count);
+             });
            });
          });
        }},
@@ -237,9 +265,14 @@ inline const std::vector<CacheMode>& cache_modes() {
          const int rank_v = std::min(m.config().dim, m.config().kv_dim());
          const int group = clamp_group(s.group, rank_v);
          describe_layout(info, lo, group,
-                         "Latent<Uniform<bits,Channel>,Uniform<bits,Token>>{key_group=128,value_group=" + std::to_string(group) + "}");
+                         "Latent<Uniform<bits,Channel>,Uniform<bits,Token>>{key_group=128,value_group=" +
+                             std::to_string(group) + "}",
+                         s.params);
          return with_base_layers(m, lo, [&](int bits, int first, int count) {
-           return xquant::dispatch_bits(bits, [&](auto B) { return latent<B()>(m, group, lo, s.fill, first, count); });
+           return dispatch_params(s.params, [&](auto PB) {
+             return xquant::dispatch_bits(bits,
+                                          [&](auto B) { return latent<B(), PB()>(m, group, lo, s.fill, first, count); });
+           });
          });
        }},
       {"xquant-svd-cl", "XQuant-CL in the SVD basis of each layer's [Wk|Wv] (GQA-CL)",
