@@ -189,12 +189,6 @@ __global__ void dequant_positions_kernel(const std::uint32_t* words, const std::
   }
 }
 
-/// A float rounded to bf16 (nearest even), as the simple path rounds X̂.
-float round_bf16(float x) {
-  const std::uint32_t b = xq::float_bits(x);
-  return xq::bits_float((b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u);
-}
-
 /// The wgmma kernel's decode equals Q::decode bit for bit: every code at every position, random
 /// fp16 parameters (normal and subnormal scales, zeros of both signs and magnitudes). The packed
 /// decode of ParamBits::Bf16 quantizers equals Q::decode rounded to bf16, under the parameters
@@ -245,7 +239,8 @@ void check_dequant_positions() {
     const auto P = Q::load(p);
     for (int k = 0; k < 4; ++k) {
       const std::uint32_t code = (words[i] >> C::offset(k)) & Q::max_code;
-      const float want = xc::detail::bf16_params<Q> ? round_bf16(Q::decode(code, P)) : Q::decode(code, P);
+      const float decoded = Q::decode(code, P);  // rounded to bf16 (nearest even) for the packed decode
+      const float want = xc::detail::bf16_params<Q> ? xqcuda::to_float(xqcuda::from_float<xc::bf16>(decoded)) : decoded;
       if (std::memcmp(&want, &got[4 * i + k], 4) != 0 && ++mismatches <= 5)
         MESSAGE("word ", words[i], " position ", k, ": ", got[4 * i + k], " != decode ", want);
     }
