@@ -360,7 +360,9 @@ TEST_CASE_TEMPLATE("ParamBits::Bf16: parameters of 8 significant bits span the g
       // The levels span the group (the scale rounded up, the zero down), and a zero is 0 or at
       // least 2^-20 of the scale.
       REQUIRE((P.zero <= lo || P.zero == 0.0f));
-      REQUIRE(double(P.zero) + double(levels) * P.scale >= double(hi) - std::fabs(double(lo)) * 0x1p-20);
+      // (Exactly, unless a positive zero below 2^-20 of the scale was flushed to 0.)
+      const double flushed = P.zero == 0.0f && lo > 0.0f ? double(lo) * 0x1p-20 : 0.0;
+      REQUIRE(double(P.zero) + double(levels) * P.scale >= double(hi) - flushed);
       REQUIRE((P.zero == 0.0f || std::fabs(P.zero) >= P.scale * 0x1p-20f));
       zeros += P.zero == 0.0f && lo != 0.0f;
     } else {
@@ -375,6 +377,21 @@ TEST_CASE_TEMPLATE("ParamBits::Bf16: parameters of 8 significant bits span the g
     }
   }
   if (Q::scheme == Scheme::Asymmetric) CHECK(zeros > 0);  // the flush was reached
+  // Ranges whose (hi − zero) / levels rounds down onto a bf16 value (about one draw in a million
+  // above): fit must move the scale one bf16 step up, or the levels fall short of hi.
+  struct Range {
+    std::uint32_t max_code;
+    float lo, hi;
+  };
+  for (const Range r : {Range{3, -0x1.ae746ep-18f, 0x1.c80004p-19f}, Range{7, -0x1.4a0174p+11f, 0x1.9a0002p+11f},
+                        Range{7, -0x1.07455ep+4f, 0x1.380002p+3f}}) {
+    if (Q::scheme != Scheme::Asymmetric || Q::max_code != r.max_code) continue;
+    CAPTURE(r.lo);
+    std::uint16_t p[2] = {0, 0};
+    REQUIRE(Q::fit(r.lo, r.hi, p));
+    const auto P = Q::load(p);
+    CHECK(double(P.zero) + double(Q::max_code) * P.scale >= double(r.hi));
+  }
   // Activations past fp16's range, or not finite, are refused as with fp16 parameters.
   std::uint16_t p[2];
   CHECK_FALSE(Q::fit(-1.0f, 70000.0f, p));
