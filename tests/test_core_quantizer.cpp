@@ -377,14 +377,37 @@ TEST_CASE_TEMPLATE("ParamBits::Bf16: parameters of 8 significant bits span the g
     }
   }
   if (Q::scheme == Scheme::Asymmetric) CHECK(zeros > 0);  // the flush was reached
+  // Ranges whose top level zero + levels·scale, rounded to float, lands on hi from below (the
+  // draws above almost never make one): hi is that float sum rounded up, for a bf16 zero and
+  // scale. fit must see the shortfall, below half an ulp of hi, and step the scale up.
+  if (Q::scheme == Scheme::Asymmetric) {
+    std::uniform_int_distribution<int> bits8(128, 255), e(-20, 12);
+    for (int it = 0, tried = 0; tried < 2000; ++it) {
+      REQUIRE(it < 1000000);
+      const float z = std::ldexp(float(bits8(g)), e(g)) * (g() & 1 ? 1.0f : -1.0f);
+      const float s = std::ldexp(float(bits8(g)), e(g) - 12);
+      const double top = double(z) + double(levels) * s;
+      const float hi = static_cast<float>(top);
+      if (!(double(hi) > top) || std::fabs(hi) > 65504.0f || !(hi > z)) continue;
+      ++tried;
+      CAPTURE(z);
+      CAPTURE(hi);
+      std::uint16_t p[2] = {0, 0};
+      REQUIRE(Q::fit(z, hi, p));
+      const auto P = Q::load(p);
+      REQUIRE(double(P.zero) + double(levels) * P.scale >= double(hi));
+    }
+  }
   // Ranges whose (hi − zero) / levels rounds down onto a bf16 value (about one draw in a million
-  // above): fit must move the scale one bf16 step up, or the levels fall short of hi.
+  // above), and three of the kind just drawn: fit must move the scale one bf16 step up, or the
+  // levels fall short of hi.
   struct Range {
     std::uint32_t max_code;
     float lo, hi;
   };
   for (const Range r : {Range{3, -0x1.ae746ep-18f, 0x1.c80004p-19f}, Range{7, -0x1.4a0174p+11f, 0x1.9a0002p+11f},
-                        Range{7, -0x1.07455ep+4f, 0x1.380002p+3f}}) {
+                        Range{7, -0x1.07455ep+4f, 0x1.380002p+3f}, Range{3, 0x1.86p-8f, 0x1.4a00c4p+9f},
+                        Range{7, -0x1.a8p-9f, 0x1.19bfccp+10f}, Range{15, -0x1.1ep-12f, 0x1.085ff8p+9f}}) {
     if (Q::scheme != Scheme::Asymmetric || Q::max_code != r.max_code) continue;
     CAPTURE(r.lo);
     std::uint16_t p[2] = {0, 0};

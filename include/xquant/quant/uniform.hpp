@@ -96,14 +96,25 @@ struct Uniform {
     if (top > zero) {
       scale = bf16_to_float(float_to_bf16_toward((top - zero) / levels, true));
       if (scale < kMinScale) scale = kMinScale;
-      // The division rounded down onto a bf16 value: one step up.
-      if (fmaf(levels, scale, zero) < top)
+      // The division rounded down onto a bf16 value: one step up. (levels·scale is exact: 8 by 8
+      // significant bits. Its sum with the zero is compared exactly: rounded, it can land on top
+      // when the levels fall short of it by less than half an ulp.)
+      if (sum_below(levels * scale, zero, top))
         scale = bf16_to_float(static_cast<std::uint16_t>(float_to_bf16_toward(scale, true) + 1u));
     }
     if (std::fabs(zero) < scale * 0x1p-20f) zero = 0.0f;
     out[0] = float_to_bf16_toward(scale, true);  // (exact: both have 8 significant bits by now)
     if constexpr (S == Scheme::Asymmetric) out[1] = float_to_bf16_toward(zero, false);
     return true;
+  }
+
+  /// Whether the exact a + b is below t: the rounded sum decides unless it equals t, then the
+  /// sign of its rounding error (Knuth's two-sum, exact in IEEE float arithmetic).
+  XQ_HOST_DEVICE static bool sum_below(float a, float b, float t) {
+    const float s = a + b;
+    if (s != t) return s < t;  // rounding is monotone and t a float: the exact sum is on s's side
+    const float bb = s - a;
+    return (a - (s - bb)) + (b - bb) < 0.0f;
   }
 
   XQ_HOST_DEVICE static Params load(const std::uint16_t* p) {
