@@ -480,15 +480,34 @@ static __global__ void add_length_kernel(int* length, int seq0, int count, int n
   if (i < count) length[seq0 + i] += n;
 }
 
+/// The values of (seq, tok, j..j+7) in a per-channel stream's fp16 window (its open group).
+template <class Q>
+__device__ __forceinline__ void window8(const StreamView<Q>& v, index_t seq, index_t tok, index_t j, float (&out)[8]) {
+  const std::uint16_t* w = v.window_row(seq, tok) + j;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = half_to_float(w[i]);
+}
+
+/// Per-channel streams: the parameters of channels j..j+7 in tok's token group, 8·ppg consecutive
+/// values, 16-byte aligned (j % 8 == 0): read in 16-byte loads.
+template <class Q>
+__device__ __forceinline__ void channel_params8(const StreamView<Q>& v, index_t seq, index_t tok, index_t j,
+                                                typename Q::Params (&P)[8]) {
+  uint4 pv[Q::params_per_group];
+#pragma unroll
+  for (int k = 0; k < Q::params_per_group; ++k) pv[k] = __ldg(reinterpret_cast<const uint4*>(v.param(seq, tok, j)) + k);
+  const std::uint16_t* p = reinterpret_cast<const std::uint16_t*>(pv);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) P[i] = Q::load(p + i * Q::params_per_group);
+}
+
 /// Value of (seq, tok, j..j+7) of a stream: from codes, or (per-channel, newest tokens) the window.
 template <class Q>
 __device__ __forceinline__ void dequant8(const StreamView<Q>& v, index_t seq, index_t tok, index_t j, index_t quantized,
                                          float (&out)[8]) {
   if constexpr (Q::axis == Axis::Channel) {
     if (tok >= quantized) {
-      const std::uint16_t* w = v.window_row(seq, tok) + j;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) out[i] = half_to_float(w[i]);
+      window8(v, seq, tok, j, out);
       return;
     }
   }
@@ -499,14 +518,10 @@ __device__ __forceinline__ void dequant8(const StreamView<Q>& v, index_t seq, in
 #pragma unroll
     for (int i = 0; i < 8; ++i) out[i] = Q::decode(static_cast<std::uint32_t>(w >> (i * Q::bits)) & mask, P);
   } else {
-    // The 8 channels' parameters are 8·ppg consecutive fp16 values, 16-byte aligned (j % 8 == 0).
-    uint4 pv[Q::params_per_group];
+    typename Q::Params P[8];
+    channel_params8(v, seq, tok, j, P);
 #pragma unroll
-    for (int k = 0; k < Q::params_per_group; ++k) pv[k] = __ldg(reinterpret_cast<const uint4*>(v.param(seq, tok, j)) + k);
-    const std::uint16_t* p = reinterpret_cast<const std::uint16_t*>(pv);
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-      out[i] = Q::decode(static_cast<std::uint32_t>(w >> (i * Q::bits)) & mask, Q::load(p + i * Q::params_per_group));
+    for (int i = 0; i < 8; ++i) out[i] = Q::decode(static_cast<std::uint32_t>(w >> (i * Q::bits)) & mask, P[i]);
   }
 }
 
@@ -559,14 +574,13 @@ __global__ void __launch_bounds__(dq::kThreads)
     dequantize_channel_kernel(StreamView<Q> v, index_t begin, index_t count, int tile_rows, unsigned tiles,
                               O* __restrict__ out, index_t ldo) {
   static_assert(Q::axis == Axis::Channel, "dequantize_channel_kernel: per-channel streams");
-  constexpr int PPG = Q::params_per_group;
   const index_t seq = blockIdx.x / tiles, r0 = static_cast<index_t>(blockIdx.x % tiles) * tile_rows;
   const int rows = static_cast<int>(count - r0 < tile_rows ? count - r0 : tile_rows);
   const index_t len = v.length[seq], quantized = StreamView<Q>::quantized(len, v.group);
   O* const out0 = out + (seq * count + r0) * ldo;
   for (index_t j = threadIdx.x * 8; j < v.width; j += dq::kThreads * 8) {
-    float s[8], z[8];
-    index_t group = -1;  // the token group whose parameters s, z hold
+    typename Q::Params P[8];
+    index_t group = -1;  // the token group whose parameters P holds
     for (int i0 = 0; i0 < rows; i0 += dq::kBatch) {
       std::uint64_t w[dq::kBatch];
 #pragma unroll
@@ -583,25 +597,15 @@ __global__ void __launch_bounds__(dq::kThreads)
 #pragma unroll
           for (int k = 0; k < 8; ++k) x[k] = 0.0f;
         } else if (tok >= quantized) {  // the open group: the fp16 window
-          const std::uint16_t* h = v.window_row(seq, tok) + j;
-#pragma unroll
-          for (int k = 0; k < 8; ++k) x[k] = half_to_float(h[k]);
+          window8(v, seq, tok, j, x);
         } else {
           if ((tok >> v.group_shift) != group) {
             group = tok >> v.group_shift;
-            // The 8 channels' parameters are 8·ppg consecutive fp16 values, 16-byte aligned (j % 8 == 0).
-            uint4 pv[PPG];
-#pragma unroll
-            for (int k = 0; k < PPG; ++k) pv[k] = __ldg(reinterpret_cast<const uint4*>(v.param(seq, tok, j)) + k);
-            const std::uint16_t* p = reinterpret_cast<const std::uint16_t*>(pv);
-#pragma unroll
-            for (int k = 0; k < 8; ++k) {
-              const auto P = Q::load(p + k * PPG);
-              s[k] = P.scale, z[k] = P.zero;
-            }
+            channel_params8(v, seq, tok, j, P);
           }
 #pragma unroll
-          for (int k = 0; k < 8; ++k) x[k] = dequant_code<Q, 0>(static_cast<std::uint32_t>(w[i] >> (k * Q::bits)), s[k], z[k]);
+          for (int k = 0; k < 8; ++k)
+            x[k] = dequant_code<Q, 0>(static_cast<std::uint32_t>(w[i] >> (k * Q::bits)), P[k].scale, P[k].zero);
         }
         store8(out0 + (i0 + i) * ldo + j, x);
       }
