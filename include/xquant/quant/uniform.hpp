@@ -93,16 +93,19 @@ struct Uniform {
     } else {
       top = (-lo > hi) ? -lo : hi;
     }
+    // The zero as stored under `s`: below 2^-20 of it, 0.
+    auto stored_zero = [zero](float s) { return std::fabs(zero) < s * 0x1p-20f ? 0.0f : zero; };
     if (top > zero) {
       scale = bf16_to_float(float_to_bf16_toward((top - zero) / levels, true));
       if (scale < kMinScale) scale = kMinScale;
-      // The division rounded down onto a bf16 value: one step up. (levels·scale is exact: 8 by 8
-      // significant bits. Its sum with the zero is compared exactly: rounded, it can land on top
-      // when the levels fall short of it by less than half an ulp.)
-      if (sum_below(levels * scale, zero, top))
+      // The division rounded down onto a bf16 value: one step up. The top level is compared with
+      // the zero as stored and exactly (levels·scale is exact, 8 by 8 significant bits; rounded,
+      // its sum with the zero can land on top when it falls short by less than half an ulp). The
+      // step is far more than any such shortfall, so a zero that it gets flushed does no harm.
+      if (sum_below(levels * scale, stored_zero(scale), top))
         scale = bf16_to_float(static_cast<std::uint16_t>(float_to_bf16_toward(scale, true) + 1u));
     }
-    if (std::fabs(zero) < scale * 0x1p-20f) zero = 0.0f;
+    zero = stored_zero(scale);
     out[0] = float_to_bf16_toward(scale, true);  // (exact: both have 8 significant bits by now)
     if constexpr (S == Scheme::Asymmetric) out[1] = float_to_bf16_toward(zero, false);
     return true;
