@@ -191,7 +191,9 @@ TEST_CASE_TEMPLATE("cuda quantize/append matches the CPU reference bit for bit",
                    XQ_QUANTIZERS(Axis::Channel, Scheme::Asymmetric), XQ_QUANTIZERS(Axis::Channel, Scheme::Symmetric),
                    xq::quant::Uniform<4, Axis::Token, Scheme::Asymmetric, xq::ParamBits::Bf16>,
                    xq::quant::Uniform<2, Axis::Token, Scheme::Symmetric, xq::ParamBits::Bf16>,
-                   xq::quant::Uniform<4, Axis::Channel, Scheme::Asymmetric, xq::ParamBits::Bf16>) {
+                   xq::quant::Uniform<4, Axis::Channel, Scheme::Asymmetric, xq::ParamBits::Bf16>,
+                   xq::quant::Uniform<8, Axis::Token, Scheme::Asymmetric, xq::ParamBits::Bf16>,
+                   xq::quant::Uniform<8, Axis::Channel, Scheme::Symmetric, xq::ParamBits::Bf16>) {
   check_all<Q>();
 }
 
