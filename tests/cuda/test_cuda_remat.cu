@@ -102,9 +102,10 @@ void check_remat(index_t group) {
     const Operand o(rng, c.n, width, c.bias, c.head_dim ? &drope : nullptr);
     const xc::RematOperand& op = o.op;
     const auto ref = remat_reference(xhat, begin, end, width, o.w, c.n, c.bias ? o.bias.data() : nullptr, c.head_dim);
-    // remat_fused's kernel: wgmma for 2/4-bit streams with per-token groups >= 64 or per-channel
-    // groups >= 32 on sm_90a builds.
-    const bool wgmma = xc::sm90a_kernels() && (Q::bits == 2 || Q::bits == 4) &&
+    // remat_fused's kernel: wgmma for 2/4-bit streams and 8-bit per-token ones, with per-token
+    // groups >= 64 or per-channel groups >= 32, on sm_90a builds.
+    const bool wgmma = xc::sm90a_kernels() &&
+                       (Q::bits == 2 || Q::bits == 4 || (Q::bits == 8 && Q::axis == Axis::Token)) &&
                        group >= (Q::axis == Axis::Token ? 64 : 32);
     CHECK(xc::fused_remat_kernel(st, begin, end) ==
           (wgmma ? xc::FusedRematKernel::Wgmma : xc::FusedRematKernel::Mma));
@@ -158,13 +159,14 @@ namespace {
 /// per-channel ones by chan_scale and dequant_chan (the four channels given the same parameters);
 /// ParamBits::Bf16 quantizers by dequant_step_pair under row_pairs or chan_pairs.
 template <class Q>
-__global__ void dequant_positions_kernel(const std::uint32_t* words, const std::uint32_t* params, int n, float* out) {
+__global__ void dequant_positions_kernel(const std::uint64_t* words, const std::uint32_t* params, int n, float* out) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const std::uint32_t u = words[i];
   namespace d = xc::detail;
+  using Word = typename d::StepCodes<Q::bits>::Word;  // 64 bits for 8-bit codes
+  const Word u = static_cast<Word>(words[i]);
   const std::uint32_t q = Q::params_per_group == 2 ? params[i] : params[i] & 0xFFFFu;  // as chan_words reads them
-  if constexpr (d::bf16_params<Q>) {
+  if constexpr (d::packed_decode<Q>) {
     std::uint32_t pair[2];  // columns (2c, 2c+1) and (2c+8, 2c+9)
     if constexpr (Q::axis == Axis::Token) {
       const auto p = d::row_pairs(params[i]);
@@ -202,12 +204,14 @@ void check_dequant_positions() {
   INFO("seed ", seed, " bits ", Q::bits, " symmetric ", Q::scheme == xq::Scheme::Symmetric, " per-channel ",
        Q::axis == Axis::Channel);
   const int n = 1 << 16;
-  std::vector<std::uint32_t> words(n), params(n);
+  std::vector<std::uint64_t> words(n);
+  std::vector<std::uint32_t> params(n);
   std::uniform_int_distribution<std::uint32_t> any;
+  using Word = typename xc::detail::StepCodes<Q::bits>::Word;
   std::uniform_real_distribution<float> mag(-30.0f, 16.0f), unit(-1.0f, 1.0f);
   std::uniform_int_distribution<int> ex(-14, 14);
   for (int i = 0; i < n; ++i) {
-    words[i] = any(rng);
+    words[i] = static_cast<Word>(any(rng) | static_cast<std::uint64_t>(any(rng)) << 32);
     if constexpr (xc::detail::bf16_params<Q>) {
       const float m = std::ldexp(1.0f, ex(rng)), centre = i % 3 == 0 ? 0.0f : unit(rng) * std::ldexp(1.0f, ex(rng));
       float lo = centre + m * unit(rng), hi = centre + m * unit(rng);
@@ -224,7 +228,8 @@ void check_dequant_positions() {
     const std::uint16_t hs = i % 97 == 0 ? 0 : xq::float_to_half(s), hz = xq::float_to_half(z);
     params[i] = hs | (static_cast<std::uint32_t>(hz) << 16);
   }
-  xc::DeviceBuffer<std::uint32_t> dw(n), dp(n);
+  xc::DeviceBuffer<std::uint64_t> dw(n);
+  xc::DeviceBuffer<std::uint32_t> dp(n);
   dw.upload(words.data(), n, nullptr);
   dp.upload(params.data(), n, nullptr);
   xc::DeviceBuffer<float> out(4 * n);
@@ -238,9 +243,9 @@ void check_dequant_positions() {
     const std::uint16_t p[2] = {static_cast<std::uint16_t>(params[i]), static_cast<std::uint16_t>(params[i] >> 16)};
     const auto P = Q::load(p);
     for (int k = 0; k < 4; ++k) {
-      const std::uint32_t code = (words[i] >> C::offset(k)) & Q::max_code;
+      const auto code = static_cast<std::uint32_t>((words[i] >> C::offset(k)) & Q::max_code);
       const float decoded = Q::decode(code, P);  // rounded to bf16 (nearest even) for the packed decode
-      const float want = xc::detail::bf16_params<Q> ? xqcuda::to_float(xqcuda::from_float<xc::bf16>(decoded)) : decoded;
+      const float want = xc::detail::packed_decode<Q> ? xqcuda::to_float(xqcuda::from_float<xc::bf16>(decoded)) : decoded;
       if (std::memcmp(&want, &got[4 * i + k], 4) != 0 && ++mismatches <= 5)
         MESSAGE("word ", words[i], " position ", k, ": ", got[4 * i + k], " != decode ", want);
     }
@@ -361,6 +366,10 @@ TEST_CASE("cuda remat wgmma: dequantization equals Q::decode bit for bit") {
   check_dequant_positions<xq::quant::Uniform<2, Axis::Channel>>();
   check_dequant_positions<xq::quant::Uniform<4, Axis::Channel, xq::Scheme::Symmetric>>();
   check_dequant_positions<xq::quant::Uniform<2, Axis::Channel, xq::Scheme::Symmetric>>();
+  check_dequant_positions<xq::quant::Uniform<8>>();
+  check_dequant_positions<xq::quant::Uniform<8, Axis::Token, xq::Scheme::Symmetric>>();
+  // (bf16 parameters, 8-bit codes: the float decode, not the packed one)
+  check_dequant_positions<xq::quant::Uniform<8, Axis::Token, xq::Scheme::Asymmetric, xq::ParamBits::Bf16>>();
 }
 TEST_CASE("cuda remat wgmma: the packed decode of ParamBits::Bf16 quantizers equals bf16(Q::decode) bit for bit") {
   using xq::ParamBits;
@@ -384,6 +393,10 @@ TEST_CASE("cuda remat wgmma: ParamBits::Bf16 quantizers (the packed decode)") {
 }
 TEST_CASE("cuda remat wgmma: 4-bit, groups of 128") { check_wgmma_remat<xq::quant::Uniform<4>>(128); }
 TEST_CASE("cuda remat wgmma: 2-bit, groups of 64") { check_wgmma_remat<xq::quant::Uniform<2>>(64); }
+TEST_CASE("cuda remat wgmma: 8-bit, groups of 128, and 8-bit symmetric with bf16 parameters, groups of 64") {
+  check_wgmma_remat<xq::quant::Uniform<8>>(128);
+  check_wgmma_remat<xq::quant::Uniform<8, Axis::Token, xq::Scheme::Symmetric, xq::ParamBits::Bf16>>(64);
+}
 TEST_CASE("cuda remat wgmma: 4-bit symmetric, groups of 256") {
   check_wgmma_remat<xq::quant::Uniform<4, Axis::Token, xq::Scheme::Symmetric>>(256);
 }

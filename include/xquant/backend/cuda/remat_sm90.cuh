@@ -40,9 +40,9 @@
 // The same kernel serves the decode attention (kScores): its epilogue rotates each K row in the
 // accumulators and dots it with the queries of the tile's two KV heads (score_tile), so only the
 // scores leave the block.
-// Applies to 2- and 4-bit quantizers and width % 64 == 0, per-token groups of >= 64 (a k step lies
-// in one group) and per-channel groups of >= 32 (a tile's 128 rows span at most 5 token groups);
-// remat_fused falls back to the portable mainloop otherwise.
+// Applies to 2- and 4-bit quantizers, 8-bit per-token ones, and width % 64 == 0, per-token groups
+// of >= 64 (a k step lies in one group) and per-channel groups of >= 32 (a tile's 128 rows span at
+// most 5 token groups); remat_fused falls back to the portable mainloop otherwise.
 
 #include "dequant.cuh"
 #include "epilogue.cuh"
@@ -85,20 +85,30 @@ inline constexpr int kFreeAt = 2;  // even (see the kernel)
 template <class Q, bool kScores = false>
 inline constexpr int kSmemBytes = STAGES * kStageTx<Q> + (kScores ? 0 : kOutTileBytes) + (2 * STAGES + 2) * 8 + 1024;
 
-/// Quantizers the kernel handles.
+/// Quantizers the kernel handles: 2 and 4 bits, and 8-bit per-token streams (per-channel ones
+/// would not fit shared memory: 8 KB of codes and the parameter tile in each of the four stages).
 template <class Q>
-inline constexpr bool supports = Q::bits == 4 || Q::bits == 2;
+inline constexpr bool supports = Q::bits == 4 || Q::bits == 2 || (Q::bits == 8 && Q::axis == Axis::Token);
 }  // namespace wg
 
-/// The four codes a thread needs from one row for one 16-wide k step, gathered into one word `u`
+/// Quantizers whose codes the kernel decodes two at a time (dequant_pair): bf16 parameters and
+/// codes of up to 4 bits. 8-bit codes do not fit a bf16 mantissa; with bf16 parameters they take
+/// the float decode, which is Q::decode bit for bit for either kind of parameter.
+template <class Q>
+inline constexpr bool packed_decode = bf16_params<Q> && Q::bits <= 4;
+
+/// The four codes a thread needs from one row for one 16-wide k step, gathered into one Word `u`
 /// at bit offsets offset(0..3) (columns 2c, 2c+1, 2c+8, 2c+9). 4-bit: byte c of each of the
-/// step's two code words; 2-bit: the step's word shifted right by 4c.
+/// step's two code words; 2-bit: the step's word shifted right by 4c; 8-bit: bytes 2c, 2c+1 of the
+/// step's first two words and of its last two, in two 32-bit halves (a code is decoded from its
+/// half: dequant_magic needs it below bit 23).
 template <int Bits>
 struct StepCodes;
 /// For dequant_pair, pair<I> places the codes of columns 2c, 2c+1 (I = 0) or 2c+8, 2c+9 (I = 1)
 /// at bits 0 and 16 + kPairHigh of a word.
 template <>
 struct StepCodes<4> {
+  using Word = std::uint32_t;
   static constexpr int offset(int i) { return 4 * i; }
   static constexpr std::uint32_t kMask = 0xF;
   __device__ __forceinline__ static std::uint32_t gather(const std::uint32_t* w, int step, int c) {
@@ -113,6 +123,7 @@ struct StepCodes<4> {
 };
 template <>
 struct StepCodes<2> {
+  using Word = std::uint32_t;
   static constexpr int offset(int i) { return (i & 1) * 2 + (i >> 1) * 16; }
   static constexpr std::uint32_t kMask = 0x3;
   __device__ __forceinline__ static std::uint32_t gather(const std::uint32_t* w, int step, int c) {
@@ -125,6 +136,26 @@ struct StepCodes<2> {
     return __byte_perm(u, 0u, I == 0 ? 0x0000u : 0x0202u);
   }
 };
+template <>
+struct StepCodes<8> {
+  using Word = std::uint64_t;
+  static constexpr int offset(int i) { return (i & 1) * 8 + (i >> 1) * 32; }
+  static constexpr std::uint32_t kMask = 0xFF;
+  __device__ __forceinline__ static std::uint64_t gather(const std::uint32_t* w, int step, int c) {
+    const unsigned sel = static_cast<unsigned>(2 * c | (2 * c + 1) << 4);  // bytes 2c, 2c+1 of a word pair
+    return __byte_perm(w[4 * step], w[4 * step + 1], sel) |
+           static_cast<std::uint64_t>(__byte_perm(w[4 * step + 2], w[4 * step + 3], sel)) << 32;
+  }
+};
+/// The 32-bit half of a StepCodes word that holds code position I, and I's offset in it.
+template <int Bits, int I>
+__device__ __forceinline__ std::uint32_t code_half(typename StepCodes<Bits>::Word u) {
+  return static_cast<std::uint32_t>(u >> (StepCodes<Bits>::offset(I) & ~31));
+}
+template <int Bits>
+constexpr int half_offset(int i) {
+  return StepCodes<Bits>::offset(i) & 31;
+}
 
 /// One row's group parameters, the scale pre-multiplied by 2^-offset(i) for each code position
 /// (exact: a power-of-two scaling of an fp16 value stays a normal float), converted by param_float.
@@ -132,10 +163,10 @@ struct RowScale {
   float s[4];
   float z;
 };
-/// `scale` times 2^-offset(i): what dequant_at takes for code position i.
+/// `scale` times 2^-offset(i) (within its half): what dequant_at takes for code position i.
 template <int Bits>
 __device__ __forceinline__ float step_scale(float scale, int i) {
-  return offset_scale(scale, StepCodes<Bits>::offset(i));
+  return offset_scale(scale, half_offset<Bits>(i));
 }
 template <class Q>
 __device__ __forceinline__ RowScale row_scale(std::uint32_t prm) {
@@ -149,16 +180,16 @@ __device__ __forceinline__ RowScale row_scale(std::uint32_t prm) {
 
 /// dequant_bits at code position I of a StepCodes word; `s` is the scale times 2^-offset(I).
 template <class Q, int I>
-__device__ __forceinline__ float dequant_at(std::uint32_t u, float s, float z) {
-  return dequant_bits<Q, StepCodes<Q::bits>::offset(I)>(u, s, z);
+__device__ __forceinline__ float dequant_at(typename StepCodes<Q::bits>::Word u, float s, float z) {
+  return dequant_bits<Q, half_offset<Q::bits>(I)>(code_half<Q::bits, I>(u), s, z);
 }
 /// dequant_code at code position I of a StepCodes word; `s` is the scale.
 template <class Q, int I>
-__device__ __forceinline__ float dequant_chan(std::uint32_t u, float s, float z) {
-  return dequant_code<Q, StepCodes<Q::bits>::offset(I)>(u, s, z);
+__device__ __forceinline__ float dequant_chan(typename StepCodes<Q::bits>::Word u, float s, float z) {
+  return dequant_code<Q, half_offset<Q::bits>(I)>(code_half<Q::bits, I>(u), s, z);
 }
 template <class Q, int I>
-__device__ __forceinline__ float dequant_one(std::uint32_t u, const RowScale& r) {
+__device__ __forceinline__ float dequant_one(typename StepCodes<Q::bits>::Word u, const RowScale& r) {
   return dequant_at<Q, I>(u, r.s[I], r.z);
 }
 
@@ -343,7 +374,13 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
   using C = StepCodes<Q::bits>;
   constexpr int RB = kCodeRowBytes<Q>;
   constexpr bool kChannel = Q::axis == Axis::Channel;
-  constexpr bool kPairs = bf16_params<Q>;  // ParamBits::Bf16: two codes per dequant_pair
+  constexpr bool kPairs = packed_decode<Q>;  // two codes per dequant_pair
+  // 8-bit codes take 16 registers a row and k tile: they are read half a tile at a time (the next
+  // tile's steps 0-1 during step 2, this tile's steps 2-3 during step 0), so that no more are live
+  // than the narrower codes keep (read a whole tile ahead, as those are, ptxas spilled 68 bytes).
+  // Per-token only (wg::supports), whose k loop reads no parameters from the stage.
+  constexpr bool kHalves = Q::bits == 8;
+  static_assert(!kHalves || !kChannel, "remat_wgmma: per-channel streams read a whole k tile's codes at once");
   constexpr int PPG = Q::params_per_group;
   extern __shared__ unsigned char smem_raw[];
   // The swizzled W tiles need 1024-byte alignment; dynamic shared memory guarantees only 16.
@@ -526,8 +563,9 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         }
       }
     };
-    auto prefetch_codes = [&](int kt, auto P) {  // tile kt's codes into set P
-      sm90::mbar_wait(&full[stage_of(kt)], phase_of(kt));
+    // Tile kt's codes into set P: 16-byte loads [From, To) of each row (From = 0 waits for the stage).
+    auto prefetch_codes = [&](int kt, auto P, auto From, auto To) {
+      if constexpr (decltype(From)::value == 0) sm90::mbar_wait(&full[stage_of(kt)], phase_of(kt));
       // The address: this thread's row offset (live through the kernel) plus the stage's base (the
       // same for the warp), so that ptxas can address [row + uniform] without a temporary register.
       // With a temporary, the next build reused it and waited for these loads to read it, which sit
@@ -536,7 +574,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
 #pragma unroll
-        for (int i = 0; i < RB / 16; ++i) {
+        for (int i = decltype(From)::value; i < decltype(To)::value; ++i) {
           const std::uint32_t a = code_row + stage_base + static_cast<std::uint32_t>(r * 8 * RB + 16 * i);
           asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                        : "=r"(cw[P][r][4 * i]), "=r"(cw[P][r][4 * i + 1]), "=r"(cw[P][r][4 * i + 2]),
@@ -562,7 +600,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     // Step k of the k tile whose codes and scales are in set P (and, per-channel, parameter slot
     // k % 2 and window pointers wrow0/1).
     auto build = [&](int k, auto P, std::uint32_t(&a)[4], auto G) {
-      const std::uint32_t u0 = C::gather(cw[P][0], k, c), u1 = C::gather(cw[P][1], k, c);
+      const typename C::Word u0 = C::gather(cw[P][0], k, c), u1 = C::gather(cw[P][1], k, c);
       if constexpr (!kChannel && kPairs) {
         const PairScale &rs0 = rs[P][0], &rs1 = rs[P][1];
         a[0] = dequant_step_pair<Q, 0>(u0, rs0), a[1] = dequant_step_pair<Q, 0>(u1, rs1);
@@ -606,9 +644,13 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     };
     using Even = std::integral_constant<int, 0>;
     using Odd = std::integral_constant<int, 1>;
+    // The loads of a row's codes: all of a k tile's, or (kHalves) its steps 0-1 and 2-3.
+    constexpr auto kFirst = std::integral_constant<int, 0>{};
+    constexpr auto kMid = std::integral_constant<int, kHalves ? RB / 32 : RB / 16>{};
+    constexpr auto kLast = std::integral_constant<int, RB / 16>{};
     std::uint32_t a[2][4];
     prefetch_scales(0, Even{});
-    prefetch_codes(0, Even{});
+    prefetch_codes(0, Even{}, kFirst, kMid);
     // k tile kt, its codes and scales in set P (kt's parity).
     auto k_tile = [&](int kt, auto P, auto G) {
       constexpr auto N = std::integral_constant<int, 1 - decltype(P)::value>{};  // the next tile's set
@@ -630,7 +672,12 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         // The next tile's codes, loaded while this step's wgmma runs: loaded after the wait, just
         // before the next issue, the build's first instruction waited for the loads to read their
         // address register, whose name it reused (ncu, NOTES item 46).
-        if (k == 1 && kt + 1 < KT) prefetch_codes(kt + 1, N);
+        if constexpr (kHalves) {
+          if (k == 0) prefetch_codes(kt, P, kMid, kLast);
+          if (k == 2 && kt + 1 < KT) prefetch_codes(kt + 1, N, kFirst, kMid);
+        } else {
+          if (k == 1 && kt + 1 < KT) prefetch_codes(kt + 1, N, kFirst, kLast);
+        }
         sm90::wgmma_wait<1>();  // the previous step has retired: its slot (nxt) is free
 #pragma unroll
         for (int r = 0; r < 4; ++r) sm90::fence_operand(nxt[r]);
