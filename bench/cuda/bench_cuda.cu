@@ -1,7 +1,7 @@
 // GPU benchmarks of the CUDA backend, each with its baseline in the same binary:
 //   append  — quantize + append a prefill chunk, as a fraction of a device-to-device copy of X;
 //   remat   — fused dequantize + GEMM + RoPE vs cuBLAS bf16 GEMM on an unquantized X (and the
-//             simple dequantize-then-cuBLAS path); remat8: the same over 8-bit streams;
+//             simple dequantize-then-cuBLAS path); remat38: the same over 3- and 8-bit streams;
 //   dequant — X̂ to bf16 (remat_simple's first step), as a fraction of a device-to-device copy;
 //   decode  — attention with absorbed values vs materialize-then-attend, and vs FP16-KV attention.
 // Shapes: Llama-2-7B layer (d 4096, 32 × 128, MHA), Llama-3.1-8B (8 KV heads) with X cached, and
@@ -34,6 +34,7 @@ using U4 = xq::quant::Uniform<4>;
 using U2 = xq::quant::Uniform<2>;
 using C4 = xq::quant::Uniform<4, xq::Axis::Channel>;
 using C2 = xq::quant::Uniform<2, xq::Axis::Channel>;
+using U3 = xq::quant::Uniform<3>;
 using U8 = xq::quant::Uniform<8>;
 /// Q with group parameters of 8 significant bits (ParamBits::Bf16): the wgmma kernel's packed decode.
 template <class Q>
@@ -372,32 +373,39 @@ void bench_remat_row(benchmark::State& st, Shape s, int B, index_t L) {
   if (t.ms[6] > 0) st.counters["frac2b"] = t.ms[0] / t.ms[6];
 }
 
-// 8-bit per-token streams (X shapes only: the latent keys are per-channel, which the wgmma kernel
-// takes at 2 and 4 bits): cuBLAS, the wgmma kernel, the portable fused kernel (what remat_fused ran
-// for 8-bit streams before the wgmma kernel took them) and the simple path, in turn.
-void bench_remat8_row(benchmark::State& st, Shape s, int B, index_t L) {
+// 3- and 8-bit per-token streams (X shapes only: the latent keys are per-channel and run at 2 and 4
+// bits): cuBLAS, then per width the wgmma kernel, the portable fused kernel (what remat_fused ran
+// for these streams before the wgmma kernel took them) and the simple path, all in turn.
+void bench_remat38_row(benchmark::State& st, Shape s, int B, index_t L) {
   const index_t w = s.key_width(), N = s.Hkv * 128, M = B * L;
   auto W = random_buffer<xc::bf16>(static_cast<std::size_t>(N * w), 0.02f);
   auto X = random_buffer<xc::bf16>(static_cast<std::size_t>(M * w));
   xc::DeviceBuffer<xc::bf16> out(static_cast<std::size_t>(M * N));
   const xc::RematOperand op{W.data(), N, 0, nullptr, &rope()};
+  auto c3 = make_cache<U3, U3>(s, B, L);
   auto c8 = make_cache<U8, U8>(s, B, L);
   xc::DeviceBuffer<xc::bf16> scratch;
+  auto portable = [&](auto& c) {
+    const bool was = std::exchange(xc::detail::remat_wgmma_disabled, true);
+    xc::remat_fused(*c.k, 0, L, op, out.data(), N, nullptr);
+    xc::detail::remat_wgmma_disabled = was;
+  };
   const Timed t = time_calls(
       st, {{"cublas", [&] { xc::gemm_bf16_nt(blas(), M, N, w, X.data(), w, W.data(), w, out.data(), N, nullptr); }},
+           {"fused3", [&] { xc::remat_fused(*c3.k, 0, L, op, out.data(), N, nullptr); }},
+           {"portable3", [&] { portable(c3); }},
+           {"simple3", [&] { xc::remat_simple(*c3.k, 0, L, op, out.data(), N, blas(), scratch, nullptr); }},
            {"fused8", [&] { xc::remat_fused(*c8.k, 0, L, op, out.data(), N, nullptr); }},
-           {"portable8",
-            [&] {
-              const bool was = std::exchange(xc::detail::remat_wgmma_disabled, true);
-              xc::remat_fused(*c8.k, 0, L, op, out.data(), N, nullptr);
-              xc::detail::remat_wgmma_disabled = was;
-            }},
+           {"portable8", [&] { portable(c8); }},
            {"simple8", [&] { xc::remat_simple(*c8.k, 0, L, op, out.data(), N, blas(), scratch, nullptr); }}});
-  g_ms[key("remat8_cublas", s, B, L, 16)] = t.ms[0];
-  g_ms[key("remat_fused", s, B, L, 8)] = t.ms[1];
-  g_ms[key("remat_portable", s, B, L, 8)] = t.ms[2];
-  g_ms[key("remat_simple", s, B, L, 8)] = t.ms[3];
-  if (t.ms[1] > 0) st.counters["frac8"] = t.ms[0] / t.ms[1];
+  g_ms[key("remat38_cublas", s, B, L, 16)] = t.ms[0];
+  const char* what[] = {"remat_fused", "remat_portable", "remat_simple"};
+  for (int i = 0; i < 3; ++i) {
+    g_ms[key(what[i], s, B, L, 3)] = t.ms[1 + i];
+    g_ms[key(what[i], s, B, L, 8)] = t.ms[4 + i];
+  }
+  if (t.ms[1] > 0) st.counters["frac3"] = t.ms[0] / t.ms[1];
+  if (t.ms[4] > 0) st.counters["frac8"] = t.ms[0] / t.ms[4];
 }
 
 // ---- dequantize -------------------------------------------------------------------------------
@@ -581,7 +589,7 @@ void register_rows(const Shape& s) {
       benchmark::RegisterBenchmark(("dequant/" + os.str()).c_str(), bench_dequant_row<Q4K, Q4V, Q2K, Q2V>, s, B, L)
           ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
       if (!s.latent)
-        benchmark::RegisterBenchmark(("remat8/" + os.str()).c_str(), bench_remat8_row, s, B, L)
+        benchmark::RegisterBenchmark(("remat38/" + os.str()).c_str(), bench_remat38_row, s, B, L)
             ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
     }
 }
@@ -664,22 +672,23 @@ std::string table() {
         }
         os << " |\n";
       }
-  os << "\nRemat GEMM over 8-bit per-token streams (X shapes); times in ms; fraction = cuBLAS bf16 time / the call's "
-        "time; portable = the fused kernel before Hopper (what remat_fused ran for 8-bit streams before the wgmma "
-        "kernel took them):\n\n| shape | B | L | cuBLAS bf16 | fused 8b | frac | portable 8b | frac | simple 8b | frac |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n";
+  os << "\nRemat GEMM over 3- and 8-bit per-token streams (X shapes); times in ms; fraction = cuBLAS bf16 time / "
+        "the call's time; portable = the fused kernel before Hopper (what remat_fused ran for these streams before "
+        "the wgmma kernel took them):\n\n| shape | B | L | bits | cuBLAS bf16 | fused (wgmma) | frac | portable | frac | "
+        "simple | frac |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
   for (const Shape& s : kShapes)
     for (int B : {1, 8})
-      for (index_t L : {index_t(4096), index_t(32768)}) {
-        if (s.latent) continue;
-        const double cb = get(key("remat8_cublas", s, B, L, 16));
-        os << "| " << s.name << " | " << B << " | " << L / 1024 << "k | " << fmt(cb, 3);
-        for (const char* what : {"remat_fused", "remat_portable", "remat_simple"}) {
-          const double m = get(key(what, s, B, L, 8));
-          os << " | " << fmt(m, 3) << " | " << fmt(cb / m);
+      for (index_t L : {index_t(4096), index_t(32768)})
+        for (int bits : {3, 8}) {
+          if (s.latent) continue;
+          const double cb = get(key("remat38_cublas", s, B, L, 16));
+          os << "| " << s.name << " | " << B << " | " << L / 1024 << "k | " << bits << " | " << fmt(cb, 3);
+          for (const char* what : {"remat_fused", "remat_portable", "remat_simple"}) {
+            const double m = get(key(what, s, B, L, bits));
+            os << " | " << fmt(m, 3) << " | " << fmt(cb / m);
+          }
+          os << " |\n";
         }
-        os << " |\n";
-      }
   os << "\nDequantize X̂ of all cached tokens to bf16 (remat_simple's first step), bandwidth as a fraction of a "
         "device-to-device copy of the bf16 output (codes and parameters read + bf16 written; the copy moves 2 × the "
         "output):\n\n| shape | B | L | copy GB/s | 4-bit GB/s | 4-bit frac | 2-bit GB/s | 2-bit frac |\n"

@@ -195,8 +195,10 @@ TEST_CASE("cuda decode attention, absorbed values: GQA (4 query heads per KV hea
 TEST_CASE("cuda decode attention, absorbed values: MHA, 2-bit") {
   check_decode<xq::quant::Uniform<2>, xq::quant::Uniform<2>>({4, 4, 128}, false);
 }
-TEST_CASE("cuda decode attention, absorbed values: 8-bit (the wgmma scores of 8-bit keys)") {
+TEST_CASE("cuda decode attention, absorbed values: 8- and 3-bit (the wgmma scores of such keys)") {
   check_decode<xq::quant::Uniform<8>, xq::quant::Uniform<8>>({8, 2, 128}, false);
+  check_decode<xq::quant::Uniform<3>, xq::quant::Uniform<3>>({8, 2, 128}, false);
+  check_decode<xq::quant::Uniform<3, Axis::Channel>, xq::quant::Uniform<4>>({8, 2, 128}, true);
 }
 TEST_CASE("cuda decode attention, absorbed values: 8 and 3 query heads per KV head, widths not multiples of 256") {
   check_decode<xq::quant::Uniform<4>, xq::quant::Uniform<4>>({16, 2, 128}, false, 640);

@@ -102,10 +102,9 @@ void check_remat(index_t group) {
     const Operand o(rng, c.n, width, c.bias, c.head_dim ? &drope : nullptr);
     const xc::RematOperand& op = o.op;
     const auto ref = remat_reference(xhat, begin, end, width, o.w, c.n, c.bias ? o.bias.data() : nullptr, c.head_dim);
-    // remat_fused's kernel: wgmma for 2/4-bit streams and 8-bit per-token ones, with per-token
-    // groups >= 64 or per-channel groups >= 32, on sm_90a builds.
-    const bool wgmma = xc::sm90a_kernels() &&
-                       (Q::bits == 2 || Q::bits == 4 || (Q::bits == 8 && Q::axis == Axis::Token)) &&
+    // remat_fused's kernel: wgmma for 2/3/4-bit streams and 8-bit per-token ones, with per-token
+    // groups >= 64 or per-channel groups >= 32, on sm_90a builds (width 512 suits 3-bit codes too).
+    const bool wgmma = xc::sm90a_kernels() && (Q::bits <= 4 || (Q::bits == 8 && Q::axis == Axis::Token)) &&
                        group >= (Q::axis == Axis::Token ? 64 : 32);
     CHECK(xc::fused_remat_kernel(st, begin, end) ==
           (wgmma ? xc::FusedRematKernel::Wgmma : xc::FusedRematKernel::Mma));
@@ -366,9 +365,13 @@ TEST_CASE("cuda remat wgmma: dequantization equals Q::decode bit for bit") {
   check_dequant_positions<xq::quant::Uniform<2, Axis::Channel>>();
   check_dequant_positions<xq::quant::Uniform<4, Axis::Channel, xq::Scheme::Symmetric>>();
   check_dequant_positions<xq::quant::Uniform<2, Axis::Channel, xq::Scheme::Symmetric>>();
+  check_dequant_positions<xq::quant::Uniform<3>>();
+  check_dequant_positions<xq::quant::Uniform<3, Axis::Channel>>();
+  check_dequant_positions<xq::quant::Uniform<3, Axis::Token, xq::Scheme::Symmetric>>();
   check_dequant_positions<xq::quant::Uniform<8>>();
   check_dequant_positions<xq::quant::Uniform<8, Axis::Token, xq::Scheme::Symmetric>>();
-  // (bf16 parameters, 8-bit codes: the float decode, not the packed one)
+  // (bf16 parameters, 3- and 8-bit codes: the float decode, not the packed one)
+  check_dequant_positions<xq::quant::Uniform<3, Axis::Channel, xq::Scheme::Asymmetric, xq::ParamBits::Bf16>>();
   check_dequant_positions<xq::quant::Uniform<8, Axis::Token, xq::Scheme::Asymmetric, xq::ParamBits::Bf16>>();
 }
 TEST_CASE("cuda remat wgmma: the packed decode of ParamBits::Bf16 quantizers equals bf16(Q::decode) bit for bit") {
@@ -393,6 +396,12 @@ TEST_CASE("cuda remat wgmma: ParamBits::Bf16 quantizers (the packed decode)") {
 }
 TEST_CASE("cuda remat wgmma: 4-bit, groups of 128") { check_wgmma_remat<xq::quant::Uniform<4>>(128); }
 TEST_CASE("cuda remat wgmma: 2-bit, groups of 64") { check_wgmma_remat<xq::quant::Uniform<2>>(64); }
+TEST_CASE("cuda remat wgmma: 3-bit, groups of 128, 3-bit symmetric with bf16 parameters, groups of 64, and 3-bit "
+          "per-channel, groups of 32") {
+  check_wgmma_remat<xq::quant::Uniform<3>>(128);
+  check_wgmma_remat<xq::quant::Uniform<3, Axis::Token, xq::Scheme::Symmetric, xq::ParamBits::Bf16>>(64);
+  check_wgmma_remat<xq::quant::Uniform<3, Axis::Channel>>(32);
+}
 TEST_CASE("cuda remat wgmma: 8-bit, groups of 128, and 8-bit symmetric with bf16 parameters, groups of 64") {
   check_wgmma_remat<xq::quant::Uniform<8>>(128);
   check_wgmma_remat<xq::quant::Uniform<8, Axis::Token, xq::Scheme::Symmetric, xq::ParamBits::Bf16>>(64);

@@ -40,9 +40,10 @@
 // The same kernel serves the decode attention (kScores): its epilogue rotates each K row in the
 // accumulators and dots it with the queries of the tile's two KV heads (score_tile), so only the
 // scores leave the block.
-// Applies to 2- and 4-bit quantizers, 8-bit per-token ones, and width % 64 == 0, per-token groups
-// of >= 64 (a k step lies in one group) and per-channel groups of >= 32 (a tile's 128 rows span at
-// most 5 token groups); remat_fused falls back to the portable mainloop otherwise.
+// Applies to 2-, 3- and 4-bit quantizers, 8-bit per-token ones, and width % 64 == 0 (3-bit: % 128,
+// for TMA's 16-byte row stride), per-token groups of >= 64 (a k step lies in one group) and
+// per-channel groups of >= 32 (a tile's 128 rows span at most 5 token groups); remat_fused falls
+// back to the portable mainloop otherwise.
 
 #include "dequant.cuh"
 #include "epilogue.cuh"
@@ -58,7 +59,14 @@ inline constexpr int kConsumerWarps = 8;                 // two warpgroups of 64
 inline constexpr int THREADS = 32 * kConsumerWarps + 128;  // + a producer warpgroup (one thread works)
 inline constexpr int kBTileBytes = BN * BK * 2;  // 32 KB, a multiple of the 1024-byte swizzle atom
 template <class Q>
-inline constexpr int kCodeRowBytes = BK * Q::bits / 8;  // one row's codes of a k step
+inline constexpr int kCodeRowBytes = BK * Q::bits / 8;  // one row's codes of a k tile in the stream
+/// A row's codes of a k tile in a stage: TMA boxes start at multiples of 16 bytes, so a 3-bit k
+/// tile's 24 bytes (at byte 24·kt of the row) come in a box of 32 from byte 24·kt rounded down to
+/// 16: odd k tiles' codes start 8 bytes in (kCodeSkip). Other widths' k tiles are whole boxes.
+template <class Q>
+inline constexpr int kCodeTileRow = kCodeRowBytes<Q> % 16 == 0 ? kCodeRowBytes<Q> : 32;
+template <class Q>
+inline constexpr int kCodeSkip = kCodeRowBytes<Q> % 16 == 0 ? 0 : kCodeRowBytes<Q> % 16;
 inline constexpr int kMinChannelGroup = 32;
 /// Per-channel streams: token groups whose parameters a stage holds (128 rows from any token on
 /// span at most BM / group + 1 groups), each row the k step's 64 channels.
@@ -67,7 +75,7 @@ inline constexpr int kParamRows = Q::axis == Axis::Channel ? BM / kMinChannelGro
 template <class Q>
 inline constexpr int kParamTileBytes = kParamRows<Q> * BK * Q::params_per_group * 2;
 template <class Q>
-inline constexpr int kStageTx = kBTileBytes + BM * kCodeRowBytes<Q> + kParamTileBytes<Q>;  // bytes a stage receives
+inline constexpr int kStageTx = kBTileBytes + BM * kCodeTileRow<Q> + kParamTileBytes<Q>;  // bytes a stage receives
 inline constexpr int kOutBoxCols = 64;                      // 128 bytes of bf16: the swizzle's row
 inline constexpr int kOutBoxBytes = BM * kOutBoxCols * 2;   // 16 KB
 inline constexpr int kOutTileBytes = BN / kOutBoxCols * kOutBoxBytes;  // 64 KB, the staged output tile
@@ -85,23 +93,25 @@ inline constexpr int kFreeAt = 2;  // even (see the kernel)
 template <class Q, bool kScores = false>
 inline constexpr int kSmemBytes = STAGES * kStageTx<Q> + (kScores ? 0 : kOutTileBytes) + (2 * STAGES + 2) * 8 + 1024;
 
-/// Quantizers the kernel handles: 2 and 4 bits, and 8-bit per-token streams (per-channel ones
+/// Quantizers the kernel handles: 2, 3 and 4 bits, and 8-bit per-token streams (per-channel ones
 /// would not fit shared memory: 8 KB of codes and the parameter tile in each of the four stages).
 template <class Q>
-inline constexpr bool supports = Q::bits == 4 || Q::bits == 2 || (Q::bits == 8 && Q::axis == Axis::Token);
+inline constexpr bool supports = Q::bits <= 4 || (Q::bits == 8 && Q::axis == Axis::Token);
 }  // namespace wg
 
 /// Quantizers whose codes the kernel decodes two at a time (dequant_pair): bf16 parameters and
-/// codes of up to 4 bits. 8-bit codes do not fit a bf16 mantissa; with bf16 parameters they take
-/// the float decode, which is Q::decode bit for bit for either kind of parameter.
+/// 2- or 4-bit codes. 8-bit codes do not fit a bf16 mantissa, 3-bit ones have no pair placement
+/// (StepCodes::pair); with bf16 parameters they take the float decode, which is Q::decode bit for
+/// bit for either kind of parameter.
 template <class Q>
-inline constexpr bool packed_decode = bf16_params<Q> && Q::bits <= 4;
+inline constexpr bool packed_decode = bf16_params<Q> && (Q::bits == 2 || Q::bits == 4);
 
 /// The four codes a thread needs from one row for one 16-wide k step, gathered into one Word `u`
 /// at bit offsets offset(0..3) (columns 2c, 2c+1, 2c+8, 2c+9). 4-bit: byte c of each of the
 /// step's two code words; 2-bit: the step's word shifted right by 4c; 8-bit: bytes 2c, 2c+1 of the
 /// step's first two words and of its last two, in two 32-bit halves (a code is decoded from its
-/// half: dequant_magic needs it below bit 23).
+/// half: dequant_magic needs it below bit 23); 3-bit: the 30 bits from bit 6c of the step's 48,
+/// and the same shifted right by 16.
 template <int Bits>
 struct StepCodes;
 /// For dequant_pair, pair<I> places the codes of columns 2c, 2c+1 (I = 0) or 2c+8, 2c+9 (I = 1)
@@ -134,6 +144,21 @@ struct StepCodes<2> {
   template <int I>
   __device__ __forceinline__ static std::uint32_t pair(std::uint32_t u) {
     return __byte_perm(u, 0u, I == 0 ? 0x0000u : 0x0202u);
+  }
+};
+template <>
+struct StepCodes<3> {
+  using Word = std::uint64_t;
+  static constexpr int offset(int i) { return (i & 1) * 3 + (i >> 1) * 40; }
+  static constexpr std::uint32_t kMask = 0x7;
+  // A k tile's 64 codes are 6 words; step s's 48 bits start at word 3s/2, at bit 16 for odd s.
+  __device__ __forceinline__ static std::uint64_t gather(const std::uint32_t* w, int step, int c) {
+    const int j = 3 * step / 2;
+    const std::uint32_t lo = step & 1 ? __byte_perm(w[j], w[j + 1], 0x5432u) : w[j];
+    const std::uint32_t hi = step & 1 ? w[j + 1] >> 16 : w[j + 1];
+    // Columns 2c, 2c+1 at bits 0, 3 and 2c+8, 2c+9 at bits 24, 27 (6c + 30 <= 48: within lo, hi).
+    const std::uint32_t win = __funnelshift_r(lo, hi, static_cast<unsigned>(6 * c));
+    return win | static_cast<std::uint64_t>(win >> 16) << 32;
   }
 };
 template <>
@@ -372,7 +397,9 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
 #if XQ_SM90A
   using namespace wg;
   using C = StepCodes<Q::bits>;
-  constexpr int RB = kCodeRowBytes<Q>;
+  constexpr int RB = kCodeRowBytes<Q>;  // a row's codes of a k tile in the stream
+  constexpr int RS = kCodeTileRow<Q>;   // and in a stage
+  static_assert(kCodeSkip<Q> + RB <= RS, "remat_wgmma: a k tile's codes must lie in its box");
   constexpr bool kChannel = Q::axis == Axis::Channel;
   constexpr bool kPairs = packed_decode<Q>;  // two codes per dequant_pair
   // 8-bit codes take 16 registers a row and k tile: they are read half a tile at a time (the next
@@ -387,8 +414,8 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
   unsigned char* smem = smem_raw + ((1024 - (sm90::smem_addr(smem_raw) & 1023)) & 1023);
   unsigned char* const b_tiles = smem;                            // STAGES × 32 KB
   unsigned char* const out_tile = smem + STAGES * kBTileBytes;    // 64 KB, 1024-byte aligned (swizzle)
-  unsigned char* const code_tiles = out_tile + (kScores ? 0 : kOutTileBytes);  // STAGES × BM × RB
-  unsigned char* const param_tiles = code_tiles + STAGES * BM * RB;  // STAGES × kParamTileBytes (per-channel)
+  unsigned char* const code_tiles = out_tile + (kScores ? 0 : kOutTileBytes);  // STAGES × BM × RS
+  unsigned char* const param_tiles = code_tiles + STAGES * BM * RS;  // STAGES × kParamTileBytes (per-channel)
   std::uint64_t* const full = reinterpret_cast<std::uint64_t*>(param_tiles + STAGES * kParamTileBytes<Q>);
   std::uint64_t* const empty = full + STAGES;
   std::uint64_t* const tab_full = empty + STAGES;  // the tile's RoPE tables have landed (tables)
@@ -428,7 +455,7 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
           if (i >= STAGES) sm90::mbar_wait(&empty[s], (i / STAGES - 1) & 1u);
           sm90::mbar_arrive_expect_tx(&full[s], kStageTx<Q>);
           sm90::tma_load_2d(b_tiles + s * kBTileBytes, &w_map, kt * BK, n0, &full[s]);
-          sm90::tma_load_3d(code_tiles + s * BM * RB, &code_map, kt * RB, begin + m0, seq, &full[s]);
+          sm90::tma_load_3d(code_tiles + s * BM * RS, &code_map, kt * RB & ~15, begin + m0, seq, &full[s]);
           if constexpr (kChannel)  // the parameters of the token groups from the tile's first row on
             sm90::tma_load_3d(param_tiles + s * kParamTileBytes<Q>, &param_map, kt * BK * PPG,
                               (begin + m0) >> v.group_shift, seq, &full[s]);
@@ -539,12 +566,12 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     // register sets by the tile's parity, a compile-time index (the k-tile loop body is written
     // for an even and an odd tile): with one set copied into the other at each tile's end, the
     // copies (~30 moves) sat between two wgmma issues (ncu, NOTES item 46).
-    std::uint32_t cw[2][2][RB / 4];  // [tile parity][row lr0, lr1]
+    std::uint32_t cw[2][2][RS / 4];  // [tile parity][row lr0, lr1]
     // This thread's row offset in a stage. Per-channel, made opaque to ptxas so that it stays live:
     // that kernel recomputed it for each tile into a temporary that the next build reused (NOTES
     // item 50; the per-token kernel keeps it live as it is).
     const std::uint32_t codes_smem = sm90::smem_addr(code_tiles);
-    std::uint32_t code_row = static_cast<std::uint32_t>(lr0 * RB);
+    std::uint32_t code_row = static_cast<std::uint32_t>(lr0 * RS);
     if constexpr (kChannel) asm volatile("mov.b32 %0, %0;" : "+r"(code_row));
     // (ParamBits::Bf16 quantizers: the scales as bf16 pairs, for dequant_pair.)
     std::conditional_t<kPairs, PairScale, RowScale> rs[2][2];
@@ -570,12 +597,12 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
       // same for the warp), so that ptxas can address [row + uniform] without a temporary register.
       // With a temporary, the next build reused it and waited for these loads to read it, which sit
       // behind the wgmma in the memory pipeline (ncu, NOTES item 46: the mainloop's top stall).
-      const std::uint32_t stage_base = codes_smem + static_cast<std::uint32_t>(stage_of(kt) * BM * RB);
+      const std::uint32_t stage_base = codes_smem + static_cast<std::uint32_t>(stage_of(kt) * BM * RS);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
 #pragma unroll
         for (int i = decltype(From)::value; i < decltype(To)::value; ++i) {
-          const std::uint32_t a = code_row + stage_base + static_cast<std::uint32_t>(r * 8 * RB + 16 * i);
+          const std::uint32_t a = code_row + stage_base + static_cast<std::uint32_t>(r * 8 * RS + 16 * i);
           asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                        : "=r"(cw[P][r][4 * i]), "=r"(cw[P][r][4 * i + 1]), "=r"(cw[P][r][4 * i + 2]),
                          "=r"(cw[P][r][4 * i + 3])
@@ -600,7 +627,9 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     // Step k of the k tile whose codes and scales are in set P (and, per-channel, parameter slot
     // k % 2 and window pointers wrow0/1).
     auto build = [&](int k, auto P, std::uint32_t(&a)[4], auto G) {
-      const typename C::Word u0 = C::gather(cw[P][0], k, c), u1 = C::gather(cw[P][1], k, c);
+      // (The k tile's parity is P's: odd 3-bit k tiles start kCodeSkip bytes into their box.)
+      constexpr int skip = decltype(P)::value * kCodeSkip<Q> / 4;
+      const typename C::Word u0 = C::gather(cw[P][0] + skip, k, c), u1 = C::gather(cw[P][1] + skip, k, c);
       if constexpr (!kChannel && kPairs) {
         const PairScale &rs0 = rs[P][0], &rs1 = rs[P][1];
         a[0] = dequant_step_pair<Q, 0>(u0, rs0), a[1] = dequant_step_pair<Q, 0>(u1, rs1);
@@ -646,8 +675,8 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
     using Odd = std::integral_constant<int, 1>;
     // The loads of a row's codes: all of a k tile's, or (kHalves) its steps 0-1 and 2-3.
     constexpr auto kFirst = std::integral_constant<int, 0>{};
-    constexpr auto kMid = std::integral_constant<int, kHalves ? RB / 32 : RB / 16>{};
-    constexpr auto kLast = std::integral_constant<int, RB / 16>{};
+    constexpr auto kMid = std::integral_constant<int, kHalves ? RS / 32 : RS / 16>{};
+    constexpr auto kLast = std::integral_constant<int, RS / 16>{};
     std::uint32_t a[2][4];
     prefetch_scales(0, Even{});
     prefetch_codes(0, Even{}, kFirst, kMid);
@@ -843,7 +872,9 @@ bool remat_wgmma_applies(const DeviceStreamShape& s, index_t count) {
     return false;
   } else {
     const index_t min_group = Q::axis == Axis::Channel ? wg::kMinChannelGroup : wg::BK;
-    return s.width % wg::BK == 0 && s.group >= min_group && count < (index_t(1) << 30) && !remat_wgmma_disabled &&
+    // (TMA takes the code rows at a stride of a multiple of 16 bytes: 3-bit streams need width % 128 == 0.)
+    return s.width % wg::BK == 0 && Q::code_bytes(s.width) % 16 == 0 && s.group >= min_group &&
+           count < (index_t(1) << 30) && !remat_wgmma_disabled &&
            sm90a_kernels();
   }
 }
@@ -865,7 +896,7 @@ void launch_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, const 
                                static_cast<cuuint64_t>(s.batch)};
   const cuuint64_t cstrides[2] = {static_cast<cuuint64_t>(x.code_bytes()),
                                   static_cast<cuuint64_t>(x.code_bytes() * s.capacity)};
-  const cuuint32_t cbox[3] = {static_cast<cuuint32_t>(kCodeRowBytes<Q>), BM, 1};
+  const cuuint32_t cbox[3] = {static_cast<cuuint32_t>(kCodeTileRow<Q>), BM, 1};
   const CUtensorMap code_map = sm90::tensor_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, x.codes().data(), cdims, cstrides,
                                                 cbox, CU_TENSOR_MAP_SWIZZLE_NONE);
   CUtensorMap param_map = code_map;  // unused by per-token streams
