@@ -120,7 +120,6 @@ template <>
 struct StepCodes<4> {
   using Word = std::uint32_t;
   static constexpr int offset(int i) { return 4 * i; }
-  static constexpr std::uint32_t kMask = 0xF;
   __device__ __forceinline__ static std::uint32_t gather(const std::uint32_t* w, int step, int c) {
     return __byte_perm(w[2 * step], w[2 * step + 1], static_cast<unsigned>(c | ((c + 4) << 4)));
   }
@@ -135,7 +134,6 @@ template <>
 struct StepCodes<2> {
   using Word = std::uint32_t;
   static constexpr int offset(int i) { return (i & 1) * 2 + (i >> 1) * 16; }
-  static constexpr std::uint32_t kMask = 0x3;
   __device__ __forceinline__ static std::uint32_t gather(const std::uint32_t* w, int step, int c) {
     return w[step] >> (4 * c);
   }
@@ -150,7 +148,6 @@ template <>
 struct StepCodes<3> {
   using Word = std::uint64_t;
   static constexpr int offset(int i) { return (i & 1) * 3 + (i >> 1) * 40; }
-  static constexpr std::uint32_t kMask = 0x7;
   // A k tile's 64 codes are 6 words; step s's 48 bits start at word 3s/2, at bit 16 for odd s.
   __device__ __forceinline__ static std::uint64_t gather(const std::uint32_t* w, int step, int c) {
     const int j = 3 * step / 2;
@@ -165,7 +162,6 @@ template <>
 struct StepCodes<8> {
   using Word = std::uint64_t;
   static constexpr int offset(int i) { return (i & 1) * 8 + (i >> 1) * 32; }
-  static constexpr std::uint32_t kMask = 0xFF;
   __device__ __forceinline__ static std::uint64_t gather(const std::uint32_t* w, int step, int c) {
     const unsigned sel = static_cast<unsigned>(2 * c | (2 * c + 1) << 4);  // bytes 2c, 2c+1 of a word pair
     return __byte_perm(w[4 * step], w[4 * step + 1], sel) |
