@@ -402,6 +402,19 @@ TEST_CASE("cuda remat wgmma: 3-bit, groups of 128, 3-bit symmetric with bf16 par
   check_wgmma_remat<xq::quant::Uniform<3, Axis::Token, xq::Scheme::Symmetric, xq::ParamBits::Bf16>>(64);
   check_wgmma_remat<xq::quant::Uniform<3, Axis::Channel>>(32);
 }
+TEST_CASE("cuda remat wgmma: 3-bit rows of a width that is not a multiple of 128 take the portable kernel") {
+  // TMA needs a 16-byte row stride: 320 3-bit codes are 120 bytes, 384 are 144.
+  XQ_REQUIRE_DEVICE();
+  std::uint64_t seed;
+  auto rng = xqtest::make_rng(seed);
+  INFO("seed ", seed);
+  xc::DeviceStream<xq::quant::Uniform<3>> odd({1, 256, 320, 64}), even({1, 256, 384, 64});
+  fill(odd, rng, 200, 200, 0);
+  fill(even, rng, 200, 200, 0);
+  CHECK(xc::fused_remat_kernel(odd, 0, 200) == xc::FusedRematKernel::Mma);
+  if (xc::sm90a_kernels()) CHECK(xc::fused_remat_kernel(even, 0, 200) == xc::FusedRematKernel::Wgmma);
+  else MESSAGE("no sm_90a code for this device: remat_fused runs the portable kernel");
+}
 TEST_CASE("cuda remat wgmma: 8-bit, groups of 128, and 8-bit symmetric with bf16 parameters, groups of 64") {
   check_wgmma_remat<xq::quant::Uniform<8>>(128);
   check_wgmma_remat<xq::quant::Uniform<8, Axis::Token, xq::Scheme::Symmetric, xq::ParamBits::Bf16>>(64);
