@@ -336,29 +336,44 @@ const xc::DeviceRope& rope() {
 }
 
 // ---- remat GEMM -----------------------------------------------------------------------------
+/// What a remat row's calls share: W (N × width), an unquantized X of the row's M × width for the
+/// cuBLAS baseline, the output and the operand (RoPE at head width 128, no bias).
+struct RematInputs {
+  index_t w, N, M;
+  xc::DeviceBuffer<xc::bf16> W, X, out;
+  xc::RematOperand op;
+  RematInputs(const Shape& s, int B, index_t L)
+      : w(s.key_width()), N(s.Hkv * 128), M(B * L), W(random_buffer<xc::bf16>(static_cast<std::size_t>(N * w), 0.02f)),
+        X(random_buffer<xc::bf16>(static_cast<std::size_t>(M * w))), out(static_cast<std::size_t>(M * N)),
+        op{W.data(), N, 0, nullptr, &rope()} {}
+  void cublas() { xc::gemm_bf16_nt(blas(), M, N, w, X.data(), w, W.data(), w, out.data(), N, nullptr); }
+  template <class Q>
+  void fused(const xc::DeviceStream<Q>& x, index_t L) { xc::remat_fused(x, 0, L, op, out.data(), N, nullptr); }
+  template <class Q>
+  void simple(const xc::DeviceStream<Q>& x, index_t L, xc::DeviceBuffer<xc::bf16>& scratch) {
+    xc::remat_simple(x, 0, L, op, out.data(), N, blas(), scratch, nullptr);
+  }
+};
+
 // One row (shape, B, L) times in turn: cuBLAS bf16 on an unquantized X of the same shape (the
 // baseline), the fused kernel at 4 and 2 bits (fp16 parameters, then 8-bit ones: ParamBits::Bf16),
 // and the simple path (X̂ dequantized to bf16 in device memory, then cuBLAS) at 4 and 2 bits.
 template <class Q4K, class Q4V, class Q2K, class Q2V>
 void bench_remat_row(benchmark::State& st, Shape s, int B, index_t L) {
-  const index_t w = s.key_width(), N = s.Hkv * 128, M = B * L;
-  auto W = random_buffer<xc::bf16>(static_cast<std::size_t>(N * w), 0.02f);
-  auto X = random_buffer<xc::bf16>(static_cast<std::size_t>(M * w));
-  xc::DeviceBuffer<xc::bf16> out(static_cast<std::size_t>(M * N));
-  const xc::RematOperand op{W.data(), N, 0, nullptr, &rope()};
+  RematInputs in(s, B, L);
   auto c4 = make_cache<Q4K, Q4V>(s, B, L);
   auto c2 = make_cache<Q2K, Q2V>(s, B, L);
   auto c4b = make_cache<Bf16Params<Q4K>, Q4V>(s, B, L);
   auto c2b = make_cache<Bf16Params<Q2K>, Q2V>(s, B, L);
   xc::DeviceBuffer<xc::bf16> scratch;
   const Timed t = time_calls(
-      st, {{"cublas", [&] { xc::gemm_bf16_nt(blas(), M, N, w, X.data(), w, W.data(), w, out.data(), N, nullptr); }},
-           {"fused4", [&] { xc::remat_fused(*c4.k, 0, L, op, out.data(), N, nullptr); }},
-           {"fused2", [&] { xc::remat_fused(*c2.k, 0, L, op, out.data(), N, nullptr); }},
-           {"simple4", [&] { xc::remat_simple(*c4.k, 0, L, op, out.data(), N, blas(), scratch, nullptr); }},
-           {"simple2", [&] { xc::remat_simple(*c2.k, 0, L, op, out.data(), N, blas(), scratch, nullptr); }},
-           {"fused4b", [&] { xc::remat_fused(*c4b.k, 0, L, op, out.data(), N, nullptr); }},
-           {"fused2b", [&] { xc::remat_fused(*c2b.k, 0, L, op, out.data(), N, nullptr); }}});
+      st, {{"cublas", [&] { in.cublas(); }},
+           {"fused4", [&] { in.fused(*c4.k, L); }},
+           {"fused2", [&] { in.fused(*c2.k, L); }},
+           {"simple4", [&] { in.simple(*c4.k, L, scratch); }},
+           {"simple2", [&] { in.simple(*c2.k, L, scratch); }},
+           {"fused4b", [&] { in.fused(*c4b.k, L); }},
+           {"fused2b", [&] { in.fused(*c2b.k, L); }}});
   g_ms[key("remat_cublas", s, B, L, 16)] = t.ms[0];
   g_ms[key("remat_fused", s, B, L, 4)] = t.ms[1];
   g_ms[key("remat_fused", s, B, L, 2)] = t.ms[2];
@@ -366,7 +381,7 @@ void bench_remat_row(benchmark::State& st, Shape s, int B, index_t L) {
   g_ms[key("remat_simple", s, B, L, 2)] = t.ms[4];
   g_ms[key("remat_fused_bf16p", s, B, L, 4)] = t.ms[5];
   g_ms[key("remat_fused_bf16p", s, B, L, 2)] = t.ms[6];
-  st.counters["cublas_TFLOP/s"] = 2.0 * M * N * w / t.ms[0] / 1e9;
+  st.counters["cublas_TFLOP/s"] = 2.0 * in.M * in.N * in.w / t.ms[0] / 1e9;
   if (t.ms[1] > 0) st.counters["frac4"] = t.ms[0] / t.ms[1];
   if (t.ms[2] > 0) st.counters["frac2"] = t.ms[0] / t.ms[2];
   if (t.ms[5] > 0) st.counters["frac4b"] = t.ms[0] / t.ms[5];
@@ -377,27 +392,23 @@ void bench_remat_row(benchmark::State& st, Shape s, int B, index_t L) {
 // bits): cuBLAS, then per width the wgmma kernel, the portable fused kernel (what remat_fused ran
 // for these streams before the wgmma kernel took them) and the simple path, all in turn.
 void bench_remat38_row(benchmark::State& st, Shape s, int B, index_t L) {
-  const index_t w = s.key_width(), N = s.Hkv * 128, M = B * L;
-  auto W = random_buffer<xc::bf16>(static_cast<std::size_t>(N * w), 0.02f);
-  auto X = random_buffer<xc::bf16>(static_cast<std::size_t>(M * w));
-  xc::DeviceBuffer<xc::bf16> out(static_cast<std::size_t>(M * N));
-  const xc::RematOperand op{W.data(), N, 0, nullptr, &rope()};
+  RematInputs in(s, B, L);
   auto c3 = make_cache<U3, U3>(s, B, L);
   auto c8 = make_cache<U8, U8>(s, B, L);
   xc::DeviceBuffer<xc::bf16> scratch;
   auto portable = [&](auto& c) {
     const bool was = std::exchange(xc::detail::remat_wgmma_disabled, true);
-    xc::remat_fused(*c.k, 0, L, op, out.data(), N, nullptr);
+    in.fused(*c.k, L);
     xc::detail::remat_wgmma_disabled = was;
   };
   const Timed t = time_calls(
-      st, {{"cublas", [&] { xc::gemm_bf16_nt(blas(), M, N, w, X.data(), w, W.data(), w, out.data(), N, nullptr); }},
-           {"fused3", [&] { xc::remat_fused(*c3.k, 0, L, op, out.data(), N, nullptr); }},
+      st, {{"cublas", [&] { in.cublas(); }},
+           {"fused3", [&] { in.fused(*c3.k, L); }},
            {"portable3", [&] { portable(c3); }},
-           {"simple3", [&] { xc::remat_simple(*c3.k, 0, L, op, out.data(), N, blas(), scratch, nullptr); }},
-           {"fused8", [&] { xc::remat_fused(*c8.k, 0, L, op, out.data(), N, nullptr); }},
+           {"simple3", [&] { in.simple(*c3.k, L, scratch); }},
+           {"fused8", [&] { in.fused(*c8.k, L); }},
            {"portable8", [&] { portable(c8); }},
-           {"simple8", [&] { xc::remat_simple(*c8.k, 0, L, op, out.data(), N, blas(), scratch, nullptr); }}});
+           {"simple8", [&] { in.simple(*c8.k, L, scratch); }}});
   g_ms[key("remat38_cublas", s, B, L, 16)] = t.ms[0];
   const char* what[] = {"remat_fused", "remat_portable", "remat_simple"};
   for (int i = 0; i < 3; ++i) {
