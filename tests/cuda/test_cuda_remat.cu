@@ -156,13 +156,13 @@ namespace {
 /// `params`, writing what each thread's four positions decode to (the A values; before bf16
 /// rounding, except for the packed decode): per-token streams by row_scale and dequant_one,
 /// per-channel ones by chan_scale and dequant_chan (the four channels given the same parameters);
-/// ParamBits::Bf16 quantizers by dequant_step_pair under row_pairs or chan_pairs.
+/// 2- and 4-bit ParamBits::Bf16 quantizers by dequant_step_pair under row_pairs or chan_pairs.
 template <class Q>
 __global__ void dequant_positions_kernel(const std::uint64_t* words, const std::uint32_t* params, int n, float* out) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   namespace d = xc::detail;
-  using Word = typename d::StepCodes<Q::bits>::Word;  // 64 bits for 8-bit codes
+  using Word = typename d::StepCodes<Q::bits>::Word;  // 64 bits for 3- and 8-bit codes
   const Word u = static_cast<Word>(words[i]);
   const std::uint32_t q = Q::params_per_group == 2 ? params[i] : params[i] & 0xFFFFu;  // as chan_words reads them
   if constexpr (d::packed_decode<Q>) {
