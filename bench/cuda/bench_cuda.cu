@@ -388,13 +388,14 @@ void bench_remat_row(benchmark::State& st, Shape s, int B, index_t L) {
   if (t.ms[6] > 0) st.counters["frac2b"] = t.ms[0] / t.ms[6];
 }
 
-// 3- and 8-bit per-token streams (X shapes only: the latent keys are per-channel and run at 2 and 4
-// bits): cuBLAS, then per width the wgmma kernel, the portable fused kernel (what remat_fused ran
-// for these streams before the wgmma kernel took them) and the simple path, all in turn.
+// 3- and 8-bit key streams (Q3K, Q8K: per-token for X, per-channel for the latent keys): cuBLAS,
+// then per width the wgmma kernel, the portable fused kernel (what remat_fused ran for these
+// streams before the wgmma kernel took them) and the simple path, all in turn.
+template <class Q3K, class Q8K>
 void bench_remat38_row(benchmark::State& st, Shape s, int B, index_t L) {
   RematInputs in(s, B, L);
-  auto c3 = make_cache<U3, U3>(s, B, L);
-  auto c8 = make_cache<U8, U8>(s, B, L);
+  auto c3 = make_cache<Q3K, U3>(s, B, L);
+  auto c8 = make_cache<Q8K, U8>(s, B, L);
   xc::DeviceBuffer<xc::bf16> scratch;
   auto portable = [&](auto& c) {
     const bool was = std::exchange(xc::detail::remat_wgmma_disabled, true);
@@ -599,9 +600,10 @@ void register_rows(const Shape& s) {
           ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
       benchmark::RegisterBenchmark(("dequant/" + os.str()).c_str(), bench_dequant_row<Q4K, Q4V, Q2K, Q2V>, s, B, L)
           ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
-      if (!s.latent)
-        benchmark::RegisterBenchmark(("remat38/" + os.str()).c_str(), bench_remat38_row, s, B, L)
-            ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
+      using Q3K = xq::quant::Uniform<3, Q4K::axis>;
+      using Q8K = xq::quant::Uniform<8, Q4K::axis>;
+      benchmark::RegisterBenchmark(("remat38/" + os.str()).c_str(), bench_remat38_row<Q3K, Q8K>, s, B, L)
+          ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
     }
 }
 
@@ -683,7 +685,7 @@ std::string table() {
         }
         os << " |\n";
       }
-  os << "\nRemat GEMM over 3- and 8-bit per-token streams (X shapes); times in ms; fraction = cuBLAS bf16 time / "
+  os << "\nRemat GEMM over 3- and 8-bit streams (per-token X; the latent keys per channel); times in ms; fraction = cuBLAS bf16 time / "
         "the call's time; portable = the fused kernel before Hopper (what remat_fused ran for these streams before "
         "the wgmma kernel took them):\n\n| shape | B | L | bits | cuBLAS bf16 | fused (wgmma) | frac | portable | frac | "
         "simple | frac |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
@@ -691,7 +693,6 @@ std::string table() {
     for (int B : {1, 8})
       for (index_t L : {index_t(4096), index_t(32768)})
         for (int bits : {3, 8}) {
-          if (s.latent) continue;
           const double cb = get(key("remat38_cublas", s, B, L, 16));
           os << "| " << s.name << " | " << B << " | " << L / 1024 << "k | " << bits << " | " << fmt(cb, 3);
           for (const char* what : {"remat_fused", "remat_portable", "remat_simple"}) {

@@ -122,6 +122,9 @@ void check_decode(const xq::AttentionShape& a, bool latent, index_t d = 512, ind
     auto r = reference(bf(xk[b]), wk_in, xv[b], wv_in, wk, wv, bv, qb, lens[b], a);
     ref.insert(ref.end(), r.begin(), r.end());
   }
+  // (Every key stream of these tests is one the wgmma scores serve: width 512 or dkv 256, groups of 128.)
+  if (xc::sm90a_kernels()) CHECK(xc::detail::absorbed_wgmma_applies<QK, QV>(ks.shape(), vs.shape(), 300));
+  else MESSAGE("no sm_90a code for this device: attend_absorbed runs the portable kernel");
   // attend_absorbed's two paths: on sm_90a the wgmma scores + absorb_values kernels (splits: the
   // token splits of P·X̂v), also with the scores kernel's grid capped at 2 blocks, so that each
   // block works through several tiles in turn; elsewhere (and here with the switch) the portable
@@ -199,6 +202,7 @@ TEST_CASE("cuda decode attention, absorbed values: 8- and 3-bit (the wgmma score
   check_decode<xq::quant::Uniform<8>, xq::quant::Uniform<8>>({8, 2, 128}, false);
   check_decode<xq::quant::Uniform<3>, xq::quant::Uniform<3>>({8, 2, 128}, false);
   check_decode<xq::quant::Uniform<3, Axis::Channel>, xq::quant::Uniform<4>>({8, 2, 128}, true);
+  check_decode<xq::quant::Uniform<8, Axis::Channel>, xq::quant::Uniform<4>>({8, 2, 128}, true);
 }
 TEST_CASE("cuda decode attention, absorbed values: 8 and 3 query heads per KV head, widths not multiples of 256") {
   check_decode<xq::quant::Uniform<4>, xq::quant::Uniform<4>>({16, 2, 128}, false, 640);

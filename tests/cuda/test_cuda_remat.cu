@@ -102,10 +102,9 @@ void check_remat(index_t group) {
     const Operand o(rng, c.n, width, c.bias, c.head_dim ? &drope : nullptr);
     const xc::RematOperand& op = o.op;
     const auto ref = remat_reference(xhat, begin, end, width, o.w, c.n, c.bias ? o.bias.data() : nullptr, c.head_dim);
-    // remat_fused's kernel: wgmma for 2/3/4-bit streams and 8-bit per-token ones, with per-token
-    // groups >= 64 or per-channel groups >= 32, on sm_90a builds (width 512 suits 3-bit codes too).
-    const bool wgmma = xc::sm90a_kernels() && (Q::bits <= 4 || (Q::bits == 8 && Q::axis == Axis::Token)) &&
-                       group >= (Q::axis == Axis::Token ? 64 : 32);
+    // remat_fused's kernel: wgmma for every bit width, with per-token groups >= 64 or per-channel
+    // groups >= 32, on sm_90a builds (width 512 suits 3-bit codes too).
+    const bool wgmma = xc::sm90a_kernels() && group >= (Q::axis == Axis::Token ? 64 : 32);
     CHECK(xc::fused_remat_kernel(st, begin, end) ==
           (wgmma ? xc::FusedRematKernel::Wgmma : xc::FusedRematKernel::Mma));
     xc::DeviceBuffer<xc::bf16> out(static_cast<std::size_t>(B * count * c.n));
@@ -141,6 +140,7 @@ TEST_CASE("cuda remat: 4-bit per-token") { check_remat<xq::quant::Uniform<4>>(12
 TEST_CASE("cuda remat: 2-bit per-token, groups of 32") { check_remat<xq::quant::Uniform<2>>(32); }
 TEST_CASE("cuda remat: 3-bit per-token") { check_remat<xq::quant::Uniform<3>>(64); }
 TEST_CASE("cuda remat: 8-bit per-token") { check_remat<xq::quant::Uniform<8>>(128); }
+TEST_CASE("cuda remat: 8-bit per-channel") { check_remat<xq::quant::Uniform<8, Axis::Channel>>(128); }
 TEST_CASE("cuda remat: 4-bit per-channel, fp16 window rows") {
   check_remat<xq::quant::Uniform<4, Axis::Channel>>(128);
 }
@@ -253,7 +253,7 @@ void check_dequant_positions() {
 }
 
 /// The wgmma kernel against the float64 reference and against the simple path (cuBLAS on the
-/// same bf16 X̂): several ring wraps (width 1024 = 16 k steps, 4 stages), partial row and column
+/// same bf16 X̂): several ring wraps (width 1024 = 16 k tiles, 3 or 4 stages), partial row and column
 /// tiles, two sequences, bias and RoPE; a long range and a one-token range. Storage is poisoned
 /// (NaN parameters) before the appends, and the output buffer has poisoned rows past its end.
 /// Per-channel streams: the range starts inside a token group (tiles and warps straddle groups)
@@ -370,9 +370,12 @@ TEST_CASE("cuda remat wgmma: dequantization equals Q::decode bit for bit") {
   check_dequant_positions<xq::quant::Uniform<3, Axis::Token, xq::Scheme::Symmetric>>();
   check_dequant_positions<xq::quant::Uniform<8>>();
   check_dequant_positions<xq::quant::Uniform<8, Axis::Token, xq::Scheme::Symmetric>>();
+  check_dequant_positions<xq::quant::Uniform<8, Axis::Channel>>();
+  check_dequant_positions<xq::quant::Uniform<8, Axis::Channel, xq::Scheme::Symmetric>>();
   // (bf16 parameters, 3- and 8-bit codes: the float decode, not the packed one)
   check_dequant_positions<xq::quant::Uniform<3, Axis::Channel, xq::Scheme::Asymmetric, xq::ParamBits::Bf16>>();
   check_dequant_positions<xq::quant::Uniform<8, Axis::Token, xq::Scheme::Asymmetric, xq::ParamBits::Bf16>>();
+  check_dequant_positions<xq::quant::Uniform<8, Axis::Channel, xq::Scheme::Symmetric, xq::ParamBits::Bf16>>();
 }
 TEST_CASE("cuda remat wgmma: the packed decode of ParamBits::Bf16 quantizers equals bf16(Q::decode) bit for bit") {
   using xq::ParamBits;
@@ -419,6 +422,12 @@ TEST_CASE("cuda remat wgmma: 8-bit, groups of 128, and 8-bit symmetric with bf16
   check_wgmma_remat<xq::quant::Uniform<8>>(128);
   check_wgmma_remat<xq::quant::Uniform<8, Axis::Token, xq::Scheme::Symmetric, xq::ParamBits::Bf16>>(64);
 }
+TEST_CASE("cuda remat wgmma: 8-bit per-channel (a 3-stage ring), groups of 128, and symmetric with bf16 parameters, "
+          "groups of 32") {
+  static_assert(xc::detail::wg::kStages<xq::quant::Uniform<8, Axis::Channel>> == 3);
+  check_wgmma_remat<xq::quant::Uniform<8, Axis::Channel>>(128);
+  check_wgmma_remat<xq::quant::Uniform<8, Axis::Channel, xq::Scheme::Symmetric, xq::ParamBits::Bf16>>(32);
+}
 TEST_CASE("cuda remat wgmma: 4-bit symmetric, groups of 256") {
   check_wgmma_remat<xq::quant::Uniform<4, Axis::Token, xq::Scheme::Symmetric>>(256);
 }
@@ -442,6 +451,7 @@ TEST_CASE("cuda remat wgmma: an odd number of 64-wide k tiles (width 320)") {
   // without its partner, and the persistent grid's next tile then starts on an odd ring step.
   check_wgmma_remat<xq::quant::Uniform<4>>(64, 320);
   check_wgmma_remat<xq::quant::Uniform<2, Axis::Channel>>(128, 320);
+  check_wgmma_remat<xq::quant::Uniform<8, Axis::Channel>>(128, 320);  // and a 3-stage ring
 }
 TEST_CASE("cuda remat wgmma: one and two 64-wide k tiles (widths 64, 128)") {
   // The staged output tile is freed, and the RoPE tables loaded into it, at k tiles clamped to
@@ -449,6 +459,7 @@ TEST_CASE("cuda remat wgmma: one and two 64-wide k tiles (widths 64, 128)") {
   // tile right after issuing its first k tile (a deadlock would hang here, not fail).
   check_wgmma_remat<xq::quant::Uniform<4>>(64, 64);
   check_wgmma_remat<xq::quant::Uniform<4, Axis::Channel>>(32, 128);
+  check_wgmma_remat<xq::quant::Uniform<8, Axis::Channel>>(32, 128);  // a 3-stage ring
 }
 
 TEST_CASE("cuda remat and dequantize refuse pageable host memory the device cannot read, and take pinned memory") {

@@ -154,9 +154,8 @@ EpilogueArgs check_remat(const DeviceStream<Q>& x, index_t begin, index_t end, c
 
 /// Which kernel remat_fused runs.
 enum class FusedRematKernel {
-  Wgmma,  ///< Hopper wgmma, X̂ dequantized into registers (sm_90a build on an sm_90 device; 2/3/4-bit
-          ///< and 8-bit per-token streams, width % 64 == 0 (3-bit: % 128), per-token groups >= 64,
-          ///< per-channel groups >= 32)
+  Wgmma,  ///< Hopper wgmma, X̂ dequantized into registers (sm_90a build on an sm_90 device; 2/3/4/8-bit
+          ///< streams, width % 64 == 0 (3-bit: % 128), per-token groups >= 64, per-channel groups >= 32)
   Mma     ///< portable tensor-core mainloop (WMMA), X̂ staged in shared memory; measured on an H200
           ///< at 0.22-0.25 of cuBLAS per-token and 0.11-0.14 per-channel, where remat_simple ran
           ///< 3-5x faster (docs/BENCHMARKS.md): prefer remat_simple wherever this kernel is chosen
@@ -170,7 +169,7 @@ FusedRematKernel fused_remat_kernel(const DeviceStream<Q>& x, index_t begin, ind
 
 /// out = RoPE(X̂·Wᵀ + bias) for tokens [begin, end) of every sequence, in one fused kernel
 /// (X̂ never leaves the chip). Needs width % 64 == 0 and, for per-token groups, group >= 32.
-/// On Hopper (sm_90a build) 2/3/4-bit and 8-bit per-token streams take the wgmma kernel
+/// On Hopper (sm_90a build) 2/3/4/8-bit streams take the wgmma kernel
 /// (remat_sm90.cuh). Elsewhere (fused_remat_kernel() == FusedRematKernel::Mma) the portable
 /// kernel is 3-5x slower than remat_simple on an H200: call remat_simple there.
 /// \tparam Q the stream's quantizer, quant::Uniform<Bits, Axis, Scheme, ParamBits> (deduced)

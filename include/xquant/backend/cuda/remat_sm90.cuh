@@ -7,7 +7,8 @@
 // persistent (one block per SM, tiles N-tile fastest), so the producer loads the next tile while
 // the consumers store this one.
 //   - W (bf16, N × width, K-major as nn.Linear stores it) and the tile's packed codes arrive by
-//     bulk tensor copies (TMA) into a 4-stage shared-memory ring, each stage completing on an
+//     bulk tensor copies (TMA) into a 4-stage shared-memory ring (3 for per-channel 8-bit streams,
+//     whose fourth stage would not fit beside the staged output tile), each stage completing on an
 //     mbarrier; W lands 128-byte swizzled, the layout wgmma reads through its descriptor.
 //   - Each thread turns its rows' codes into the bf16 A fragment of wgmma m64n256k16 (rows g and
 //     g+8 of its warp's 16, columns 2c, 2c+1, 2c+8, 2c+9 of each 16-wide k step; g = lane/4,
@@ -40,7 +41,7 @@
 // The same kernel serves the decode attention (kScores): its epilogue rotates each K row in the
 // accumulators and dots it with the queries of the tile's two KV heads (score_tile), so only the
 // scores leave the block.
-// Applies to 2-, 3- and 4-bit quantizers, 8-bit per-token ones, and width % 64 == 0 (3-bit: % 128,
+// Applies to 2-, 3-, 4- and 8-bit quantizers and width % 64 == 0 (3-bit: % 128,
 // for TMA's 16-byte row stride), per-token groups of >= 64 (a k step lies in one group) and
 // per-channel groups of >= 32 (a tile's 128 rows span at most 5 token groups); remat_fused falls
 // back to the portable mainloop otherwise.
@@ -54,7 +55,7 @@
 namespace xquant::cuda::detail {
 
 namespace wg {
-inline constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;
+inline constexpr int BM = 128, BN = 256, BK = 64;
 inline constexpr int kConsumerWarps = 8;                 // two warpgroups of 64 rows each
 inline constexpr int THREADS = 32 * kConsumerWarps + 128;  // + a producer warpgroup (one thread works)
 inline constexpr int kBTileBytes = BN * BK * 2;  // 32 KB, a multiple of the 1024-byte swizzle atom
@@ -88,15 +89,24 @@ inline constexpr int kSinBox = 2;
 /// during k tile kFreeAt, and the producer loads the tables after it has loaded k tile kFreeAt +
 /// STAGES, when the consumers have passed kFreeAt (so it never waits for them), or the last k tile.
 inline constexpr int kFreeAt = 2;  // even (see the kernel)
-/// Shared memory of the kernel: the ring, the staged output tile (not for the decode scores, which
-/// leave the block as a few floats per row), the barriers and the alignment slack.
+/// Shared memory of the kernel with a ring of `stages`: the ring, the staged output tile (not for
+/// the decode scores, which leave the block as a few floats per row), the barriers and the
+/// alignment slack.
+template <class Q, bool kScores>
+constexpr int smem_bytes(int stages) {
+  return stages * kStageTx<Q> + (kScores ? 0 : kOutTileBytes) + (2 * stages + 2) * 8 + 1024;
+}
+inline constexpr int kSmemLimit = 227 * 1024;  // sm_90's shared memory per block
+/// The ring's stages: 4, or 3 where 4 would not fit (per-channel 8-bit streams beside the staged
+/// output tile: 235 600 bytes).
 template <class Q, bool kScores = false>
-inline constexpr int kSmemBytes = STAGES * kStageTx<Q> + (kScores ? 0 : kOutTileBytes) + (2 * STAGES + 2) * 8 + 1024;
+inline constexpr int kStages = smem_bytes<Q, kScores>(4) <= kSmemLimit ? 4 : 3;
+template <class Q, bool kScores = false>
+inline constexpr int kSmemBytes = smem_bytes<Q, kScores>(kStages<Q, kScores>);
 
-/// Quantizers the kernel handles: 2, 3 and 4 bits, and 8-bit per-token streams (per-channel ones
-/// would not fit shared memory: 8 KB of codes and the parameter tile in each of the four stages).
+/// Quantizers the kernel handles: 2, 3, 4 and 8 bits.
 template <class Q>
-inline constexpr bool supports = Q::bits <= 4 || (Q::bits == 8 && Q::axis == Axis::Token);
+inline constexpr bool supports = Q::bits <= 4 || Q::bits == 8;
 }  // namespace wg
 
 /// Quantizers whose codes the kernel decodes two at a time (dequant_pair): bf16 parameters and
@@ -396,14 +406,13 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
   constexpr int RB = kCodeRowBytes<Q>;  // a row's codes of a k tile in the stream
   constexpr int RS = kCodeTileRow<Q>;   // and in a stage
   static_assert(kCodeSkip<Q> + RB <= RS, "remat_wgmma: a k tile's codes must lie in its box");
+  constexpr int STAGES = kStages<Q, kScores>;
   constexpr bool kChannel = Q::axis == Axis::Channel;
   constexpr bool kPairs = packed_decode<Q>;  // two codes per dequant_pair
   // 8-bit codes take 16 registers a row and k tile: they are read half a tile at a time (the next
   // tile's steps 0-1 during step 2, this tile's steps 2-3 during step 0), so that no more are live
   // than the narrower codes keep (read a whole tile ahead, as those are, ptxas spilled 68 bytes).
-  // Per-token only (wg::supports), whose k loop reads no parameters from the stage.
   constexpr bool kHalves = Q::bits == 8;
-  static_assert(!kHalves || !kChannel, "remat_wgmma: per-channel streams read a whole k tile's codes at once");
   constexpr int PPG = Q::params_per_group;
   extern __shared__ unsigned char smem_raw[];
   // The swizzled W tiles need 1024-byte alignment; dynamic shared memory guarantees only 16.
@@ -689,18 +698,20 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         sm90::wgmma_fence();
         sm90::wgmma_m64n256k16_rs(acc, cur, desc0 + 2 * k);  // +32 bytes per 16-wide k step
         sm90::wgmma_commit();
-        // Step k + 2's parameters, into the slot build(k) has used (k tile kt + 1's stage arrived
-        // in step 1, before its codes were read). Before the codes: loads leave in order, and the
-        // parameters are needed a step sooner (ncu: their conversion waited behind the code loads).
-        if (k < 2) fetch_params(kt, k + 2, G);
-        else if (kt + 1 < KT) fetch_params(kt + 1, k - 2, G);
+        // Step k + 2's parameters, into the slot build(k) has used (k tile kt + 1's stage has
+        // arrived: its codes were read in step 1, or step 2 by kHalves, which reads them first).
+        // Otherwise before the codes: loads leave in order, and the parameters are needed a step
+        // sooner (ncu: their conversion waited behind the code loads).
         // The next tile's codes, loaded while this step's wgmma runs: loaded after the wait, just
         // before the next issue, the build's first instruction waited for the loads to read their
         // address register, whose name it reused (ncu, NOTES item 46).
         if constexpr (kHalves) {
           if (k == 0) prefetch_codes(kt, P, kMid, kLast);
           if (k == 2 && kt + 1 < KT) prefetch_codes(kt + 1, N, kFirst, kMid);
-        } else {
+        }
+        if (k < 2) fetch_params(kt, k + 2, G);
+        else if (kt + 1 < KT) fetch_params(kt + 1, k - 2, G);
+        if constexpr (!kHalves) {
           if (k == 1 && kt + 1 < KT) prefetch_codes(kt + 1, N, kFirst, kLast);
         }
         sm90::wgmma_wait<1>();  // the previous step has retired: its slot (nxt) is free
@@ -880,8 +891,8 @@ template <class Q, bool kScores>
 void launch_wgmma(const DeviceStream<Q>& x, index_t begin, index_t count, const bf16* w, index_t ldw, index_t N,
                   const EpilogueArgs& e, bf16* out, index_t ldo, const ScoreArgs& sc, cudaStream_t stream) {
   using namespace wg;
-  static_assert(kSmemBytes<Q, kScores> <= 227 * 1024, "remat_wgmma: over sm_90's 227 KB of shared memory per block");
-  static_assert(STAGES * kBTileBytes % 1024 == 0, "remat_wgmma: the staged output tile must start 1024-byte aligned");
+  static_assert(kSmemBytes<Q, kScores> <= kSmemLimit, "remat_wgmma: over sm_90's 227 KB of shared memory per block");
+  static_assert(kStages<Q, kScores> * kBTileBytes % 1024 == 0, "remat_wgmma: the staged output tile must start 1024-byte aligned");
   const auto& s = x.shape();
   const cuuint64_t wdims[2] = {static_cast<cuuint64_t>(s.width), static_cast<cuuint64_t>(N)};
   const cuuint64_t wstrides[1] = {static_cast<cuuint64_t>(ldw) * 2};
