@@ -169,9 +169,9 @@ FusedRematKernel fused_remat_kernel(const DeviceStream<Q>& x, index_t begin, ind
 
 /// out = RoPE(X̂·Wᵀ + bias) for tokens [begin, end) of every sequence, in one fused kernel
 /// (X̂ never leaves the chip). Needs width % 64 == 0 and, for per-token groups, group >= 32.
-/// On Hopper (sm_90a build) 2/3/4/8-bit streams take the wgmma kernel
-/// (remat_sm90.cuh). Elsewhere (fused_remat_kernel() == FusedRematKernel::Mma) the portable
-/// kernel is 3-5x slower than remat_simple on an H200: call remat_simple there.
+/// On Hopper (sm_90a build) 2/3/4/8-bit streams take the wgmma kernel (remat_sm90.cuh). Elsewhere
+/// (fused_remat_kernel() == FusedRematKernel::Mma) the portable kernel is 3-5x slower than
+/// remat_simple on an H200: call remat_simple there.
 /// \tparam Q the stream's quantizer, quant::Uniform<Bits, Axis, Scheme, ParamBits> (deduced)
 template <class Q>
 void remat_fused(const DeviceStream<Q>& x, index_t begin, index_t end, const RematOperand& op, bf16* out, index_t ldo,

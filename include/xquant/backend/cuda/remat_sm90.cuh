@@ -41,10 +41,10 @@
 // The same kernel serves the decode attention (kScores): its epilogue rotates each K row in the
 // accumulators and dots it with the queries of the tile's two KV heads (score_tile), so only the
 // scores leave the block.
-// Applies to 2-, 3-, 4- and 8-bit quantizers and width % 64 == 0 (3-bit: % 128,
-// for TMA's 16-byte row stride), per-token groups of >= 64 (a k step lies in one group) and
-// per-channel groups of >= 32 (a tile's 128 rows span at most 5 token groups); remat_fused falls
-// back to the portable mainloop otherwise.
+// Applies to 2-, 3-, 4- and 8-bit quantizers and width % 64 == 0 (3-bit: % 128, for TMA's 16-byte
+// row stride), per-token groups of >= 64 (a k step lies in one group) and per-channel groups of
+// >= 32 (a tile's 128 rows span at most 5 token groups); remat_fused falls back to the portable
+// mainloop otherwise.
 
 #include "dequant.cuh"
 #include "epilogue.cuh"
@@ -698,13 +698,14 @@ __global__ void __launch_bounds__(wg::THREADS, 1)
         sm90::wgmma_fence();
         sm90::wgmma_m64n256k16_rs(acc, cur, desc0 + 2 * k);  // +32 bytes per 16-wide k step
         sm90::wgmma_commit();
-        // Step k + 2's parameters, into the slot build(k) has used (k tile kt + 1's stage has
-        // arrived: its codes were read in step 1, or step 2 by kHalves, which reads them first).
-        // Otherwise before the codes: loads leave in order, and the parameters are needed a step
-        // sooner (ncu: their conversion waited behind the code loads).
         // The next tile's codes, loaded while this step's wgmma runs: loaded after the wait, just
         // before the next issue, the build's first instruction waited for the loads to read their
         // address register, whose name it reused (ncu, NOTES item 46).
+        // Step k + 2's parameters, into the slot build(k) has used. Their k tile's stage must have
+        // arrived: the first code load of k tile kt + 1 waits for it, in step 1, or in step 2 for
+        // kHalves, whose loads therefore come first. Otherwise the parameters come before the
+        // codes: loads leave in order, and the parameters are needed a step sooner (ncu: their
+        // conversion waited behind the code loads).
         if constexpr (kHalves) {
           if (k == 0) prefetch_codes(kt, P, kMid, kLast);
           if (k == 2 && kt + 1 < KT) prefetch_codes(kt + 1, N, kFirst, kMid);
